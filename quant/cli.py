@@ -1,0 +1,50 @@
+"""Command line: ``python -m quant report`` evaluates the matrix and writes reports/latest.{md,json}."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from quant import report
+from quant.config import DEFAULT_MATRIX, REPO_ROOT, ConfigError, data_dir
+from quant.matrix import load_matrix
+from quant.pipeline import Workbench
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quant", description="Regression suite for quantized LLMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("report", help="evaluate the matrix and write the report")
+    run.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX)
+    run.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
+    run.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
+    run.add_argument("--tier", choices=["cpu", "gpu"], default=None,
+                     help="which models to run (default: gpu when CUDA is available, else cpu)")
+    run.add_argument("-k", dest="select", default=None, help="only cases whose id contains this text")
+    run.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        matrix = load_matrix(args.matrix)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tier = args.tier or ("gpu" if device == "cuda" else "cpu")
+        selected = [c for c in matrix.cases if not args.select or args.select in c.id]
+        cases = [c for c in selected if c.model.tier == tier]
+        skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
+        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
+        result = report.build(workbench, cases, skipped, "quant " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    except ConfigError as error:
+        print(f"quant: {error}", file=sys.stderr)
+        return 2
+    json_path, md_path = report.write(result, args.out)
+    print(report.markdown(result))
+    print(f"\nwrote {md_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

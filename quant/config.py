@@ -1,0 +1,113 @@
+"""Configuration: quantization configs, the matrix file, and where data and caches live."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MATRIX = REPO_ROOT / "matrix.yaml"
+TASKS_FILE = Path(__file__).resolve().parent / "tasks.yaml"
+
+DATA_DIR_ENV = "QUANT_DATA_DIR"
+CACHE_DIR_ENV = "QUANT_CACHE_DIR"
+
+
+class ConfigError(ValueError):
+    """A configuration value the user can fix; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize the linears of a model's decoder blocks.
+
+    ``group_size`` None means one group per output channel (per-channel). ``layer_overrides`` maps a
+    substring of a layer name (e.g. ``down_proj``) to field overrides, or to ``"skip"`` to keep that
+    layer in full precision.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = True
+    # GPTQ (Frantar et al. 2023)
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    # GSQ / AWQ (Lin et al. 2024)
+    alpha_grid: int = 20
+    clip_search: bool = False
+    search_tokens: int = 2048  # calibration tokens (seeded sample) scored per alpha / clip candidate
+    # Calibration: samples x tokens drawn from the WikiText-2 test text outside the evaluation windows.
+    calib_samples: int = 128
+    calib_tokens: int = 512
+    calib_seed: int = 0
+    layer_overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits={self.bits}: supported bit widths are 2..8")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise ConfigError(f"group_size={self.group_size}: use an even group size >= 2, or null for per-channel")
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent={self.damp_percent}: must lie in (0, 1)")
+
+    @property
+    def label(self) -> str:
+        """Short name such as ``w4g128-sym`` or ``w8-asym`` (per-channel)."""
+        group = f"g{self.group_size}" if self.group_size else ""
+        return f"w{self.bits}{group}-{'sym' if self.sym else 'asym'}"
+
+    def for_layer(self, layer_name: str) -> QuantConfig | None:
+        """The config that applies to one layer, or None when that layer stays in full precision."""
+        config = self
+        for pattern, override in self.layer_overrides:
+            if pattern in layer_name:
+                if override == "skip":
+                    return None
+                config = dataclasses.replace(config, **dict(override), layer_overrides=())
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "quant config") -> QuantConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
+        data = dict(data)
+        overrides = data.pop("layer_overrides", {}) or {}
+        if isinstance(overrides, dict):
+            overrides = tuple((k, v if v == "skip" else tuple(sorted(v.items()))) for k, v in overrides.items())
+        return cls(**data, layer_overrides=tuple(overrides))
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The local evaluation-data folder (``--data-dir`` or ``QUANT_DATA_DIR``), or None to use the hub."""
+    value = explicit or os.environ.get(DATA_DIR_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{DATA_DIR_ENV}/--data-dir points at {path}, which is not a folder")
+    return path
+
+
+def cache_dir() -> Path:
+    """Root of the on-disk cache of quantized models and evaluation results (``QUANT_CACHE_DIR``)."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or REPO_ROOT / ".cache").expanduser().resolve()

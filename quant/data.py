@@ -1,0 +1,189 @@
+"""Evaluation data: GSM8K, BoolQ, MS MARCO (TREC DL 2019/2020 passage ranking) and WikiText-2.
+
+Each loader reads the files described in the shared data README from one folder (``QUANT_DATA_DIR`` or
+``--data-dir``), or, with no folder set, the usual Hugging Face dataset id (needs ``pip install
+datasets`` and a reachable hub). Every item is a dict with a stable string ``id``. A malformed row fails
+with the file, line and field named.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quant.config import DATA_DIR_ENV, ConfigError
+
+Item = dict[str, Any]
+
+
+class DataError(ValueError):
+    """A data file or row the user can fix; the message names file, line and field."""
+
+
+def _read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (is {DATA_DIR_ENV} pointing at the shared data folder?)")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            for field, kind in required.items():
+                if field not in row:
+                    raise DataError(f"{path}:{line_number}: missing field {field!r}")
+                if not isinstance(row[field], kind):
+                    raise DataError(f"{path}:{line_number}: field {field!r} has type {type(row[field]).__name__}")
+            rows.append((line_number, row))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _hub(dataset_id: str, *args: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            f"no local data folder is set and the `datasets` package is missing: set {DATA_DIR_ENV}=/path/to/data "
+            f"(or --data-dir), or `pip install datasets` to read {dataset_id} from the hub"
+        ) from None
+    try:
+        return list(datasets.load_dataset(dataset_id, *args, split=split))
+    except Exception as error:  # the hub's own errors vary: offline, gated, renamed
+        raise ConfigError(f"cannot read {dataset_id} from the hub ({error}); set {DATA_DIR_ENV} to local data") from None
+
+
+GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
+
+
+def load_gsm8k(data_dir: Path | None) -> list[Item]:
+    """GSM8K test split (1319 problems): question, worked answer, and the final number after ``####``."""
+    if data_dir is None:
+        rows = list(enumerate(_hub("openai/gsm8k", "main", split="test"), start=1))
+        path = Path("openai/gsm8k")
+    else:
+        path = data_dir / "gsm8k" / "test.jsonl"
+        rows = _read_jsonl(path, {"question": str, "answer": str})
+    items = []
+    for line_number, row in rows:
+        match = GSM8K_ANSWER.search(row["answer"])
+        if not match:
+            raise DataError(f"{path}:{line_number}: field 'answer' has no final '#### <number>' line")
+        items.append({"id": f"gsm8k-{line_number - 1}", "question": row["question"], "answer": row["answer"],
+                      "target": match.group(1)})
+    return items
+
+
+def load_boolq(data_dir: Path | None) -> list[Item]:
+    """BoolQ dev split (3270 questions); labels normalised to bool from "true"/"false", true/false or 0/1."""
+    if data_dir is None:
+        rows = list(enumerate(_hub("google/boolq", split="validation"), start=1))
+        path = Path("google/boolq")
+    else:
+        path = data_dir / "boolq" / "val.jsonl"
+        rows = _read_jsonl(path, {"question": str, "passage": str})
+    items = []
+    for line_number, row in rows:
+        label = row.get("label", row.get("answer"))
+        if isinstance(label, str) and label.lower() in ("true", "false"):
+            label = label.lower() == "true"
+        elif isinstance(label, (bool, int)) and label in (0, 1):
+            label = bool(label)
+        else:
+            raise DataError(f"{path}:{line_number}: field 'label' must be true/false, got {label!r}")
+        items.append({"id": f"boolq-{row.get('idx', line_number - 1)}", "question": row["question"],
+                      "passage": row["passage"], "label": label})
+    return items
+
+
+def load_msmarco(data_dir: Path | None) -> list[Item]:
+    """MS MARCO passage ranking, TREC DL 2019 + 2020 (97 queries, BM25 top-100 each, graded labels 0-3,
+    None for unjudged). From the hub: MS MARCO v1.1 validation, where ``is_selected`` passages get label 3."""
+    if data_dir is None:
+        items = []
+        for row in _hub("microsoft/ms_marco", "v1.1", split="validation"):
+            passages = row["passages"]
+            candidates = [
+                {"docid": str(i), "bm25_rank": i + 1, "text": text, "label": 3 if selected else 0}
+                for i, (text, selected) in enumerate(zip(passages["passage_text"], passages["is_selected"]))
+            ]
+            items.append({"id": f"msmarco-{row['query_id']}", "query": row["query"], "candidates": candidates})
+        return items
+    path = data_dir / "msmarco" / "dl19_dl20_bm25top100_labeled.jsonl"
+    items = []
+    for line_number, row in _read_jsonl(path, {"set": str, "qid": (str, int), "query": str, "candidates": list}):
+        candidates = []
+        for position, candidate in enumerate(row["candidates"]):
+            for field, kind in (("docid", (str, int)), ("bm25_rank", int), ("text", str)):
+                if not isinstance(candidate.get(field), kind):
+                    raise DataError(f"{path}:{line_number}: candidates[{position}].{field} missing or malformed")
+            label = candidate.get("label")
+            if label is not None and label not in (0, 1, 2, 3):
+                raise DataError(f"{path}:{line_number}: candidates[{position}].label must be 0-3 or null, got {label!r}")
+            candidates.append({"docid": str(candidate["docid"]), "bm25_rank": candidate["bm25_rank"],
+                               "text": candidate["text"], "label": label})
+        candidates.sort(key=lambda c: c["bm25_rank"])
+        items.append({"id": f"{row['set']}-{row['qid']}", "query": row["query"], "candidates": candidates})
+    return items
+
+
+def load_wikitext(data_dir: Path | None) -> list[Item]:
+    """WikiText-2 raw test text as one item. Locally the official ``wiki.test.raw`` file as is (the
+    llama.cpp convention); from the hub the test rows joined with "" (the same text)."""
+    if data_dir is None:
+        text = "".join(row["text"] for row in _hub("Salesforce/wikitext", "wikitext-2-raw-v1", split="test"))
+    else:
+        path = data_dir / "wikitext2" / "wiki.test.raw"
+        if not path.is_file():
+            raise DataError(f"{path}: file not found (is {DATA_DIR_ENV} pointing at the shared data folder?)")
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"{path}:1: the file is empty")
+    return [{"id": "wikitext2-test", "text": text}]
+
+
+LOADERS: dict[str, Callable[[Path | None], list[Item]]] = {
+    "gsm8k": load_gsm8k,
+    "boolq": load_boolq,
+    "msmarco": load_msmarco,
+    "wikitext": load_wikitext,
+}
+
+
+def load(name: str, data_dir: Path | None) -> list[Item]:
+    try:
+        loader = LOADERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown data loader {name!r}; known: {sorted(LOADERS)}") from None
+    return loader(data_dir)
+
+
+def subset(items: list[Item], limit: int | None, seed: int, exclude: set[str] = frozenset()) -> list[Item]:
+    """A deterministic sample: a seeded permutation of the items, minus ``exclude``, cut to ``limit``.
+    A larger limit with the same seed is a superset of a smaller one."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    chosen = [items[i] for i in order if items[i]["id"] not in exclude]
+    return chosen if limit is None else chosen[:limit]
+
+
+def calibration_windows(token_ids: torch.Tensor, samples: int, tokens: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``tokens`` tokens drawn (seeded) from the second half of a tokenized text
+    [samples, tokens]. Perplexity windows are taken from the start of the same text and never reach it."""
+    half = len(token_ids) // 2
+    if len(token_ids) - half <= tokens:
+        raise DataError(f"calibration text too short: {len(token_ids)} tokens for {tokens}-token windows")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(half, len(token_ids) - tokens, (samples,), generator=generator)
+    return torch.stack([token_ids[s : s + tokens] for s in starts])

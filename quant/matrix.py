@@ -1,0 +1,73 @@
+"""The regression matrix (``matrix.yaml``) expanded into cases with readable ids."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from quant.config import DEFAULT_MATRIX, ConfigError, QuantConfig, load_yaml
+from quant.models import ModelSpec, parse_models
+from quant.tasks import TaskSpec, load_tasks
+
+GATE_FIELDS = ("retention_min", "ppl_ratio_max", "chance_margin", "min_correct", "agreement_min", "strict")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One quantize-then-evaluate regression case: model x quantization config x task, with its gate."""
+
+    model: ModelSpec
+    quant_name: str
+    quant: QuantConfig
+    task: TaskSpec
+    cadence: str
+    gate: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return f"{self.model.name}-{self.quant_name}-{self.task.name}"
+
+
+@dataclasses.dataclass
+class Matrix:
+    path: Path
+    seed: int
+    profiles: dict[str, dict[str, dict[str, int]]]
+    models: dict[str, ModelSpec]
+    quant: dict[str, QuantConfig]
+    tasks: dict[str, TaskSpec]
+    cases: list[Case]
+
+    def limits(self, profile: str, tier: str) -> dict[str, int]:
+        try:
+            return self.profiles[profile][tier]
+        except KeyError:
+            raise ConfigError(f"{self.path}: no profiles.{profile}.{tier}; known profiles: {sorted(self.profiles)}") from None
+
+
+def load_matrix(path: Path = DEFAULT_MATRIX) -> Matrix:
+    raw = load_yaml(path)
+    models = parse_models(raw.get("models", {}))
+    quant = {name: QuantConfig.from_dict(entry, where=f"{path} quant.{name}") for name, entry in raw.get("quant", {}).items()}
+    tasks = load_tasks()
+    defaults = raw.get("defaults", {})
+    cases: dict[str, Case] = {}
+    for number, entry in enumerate(raw.get("cases", []), start=1):
+        where = f"{path} cases[{number}]"
+        unknown = set(entry) - {"models", "quant", "tasks", "cadence", *GATE_FIELDS}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+        gate = {**defaults, **{k: v for k, v in entry.items() if k in GATE_FIELDS}}
+        for model_name in entry["models"]:
+            for quant_name in entry["quant"]:
+                for task_name in entry["tasks"]:
+                    for kind, name, known in (("model", model_name, models), ("quant", quant_name, quant),
+                                              ("task", task_name, tasks)):
+                        if name not in known:
+                            raise ConfigError(f"{where}: unknown {kind} {name!r}; known: {sorted(known)}")
+                    case = Case(models[model_name], quant_name, quant[quant_name], tasks[task_name],
+                                entry.get("cadence", "default"), gate)
+                    if case.id in cases:
+                        raise ConfigError(f"{where}: case {case.id} is already defined by an earlier entry")
+                    cases[case.id] = case
+    return Matrix(path, raw.get("seed", 0), raw.get("profiles", {}), models, quant, tasks, list(cases.values()))

@@ -1,0 +1,224 @@
+"""What every quantization method shares: the integer grid, the group-size fallback, the per-layer log,
+and walking a model's decoder blocks with calibration activations."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from quant.config import QuantConfig
+from quant.qlinear import QuantLinear
+
+log = logging.getLogger("quant")
+
+
+# ---- the integer grid (the "Quantizer" of the GPTQ reference code) -------------------------------------
+
+def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero-point of the min/max grid for ``w`` [rows, cols]; both [rows, 1].
+
+    The range always contains 0 (as in the GPTQ reference). The scale is rounded to fp16 first, because
+    fp16 is what QuantLinear stores and codes must be chosen against the scale that will be used, and it
+    is rounded up, so the grid still spans the range and no weight is clipped by more than half a step.
+    """
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    dead = (xmin == 0) & (xmax == 0)
+    xmin[dead], xmax[dead] = -1.0, 1.0
+    exact = ((xmax - xmin) / maxq).clamp(min=torch.finfo(torch.float16).tiny)
+    half = exact.half()
+    half = torch.where(half.float() < exact, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    scale = half.float()
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale.unsqueeze(1), zero.unsqueeze(1)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` on the grid: clamp(round(w / scale) + zero, 0, 2**bits - 1)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def effective_group_size(in_features: int, group_size: int | None) -> tuple[int, str | None]:
+    """The group size a layer really uses, and why it differs from the requested one (None if it does not).
+
+    Fallback for widths the group size does not divide (smollm2's 576 at g128): halve the group size
+    until it divides, so groups stay contiguous, equal-sized and a power-of-two multiple that int4
+    kernels accept (576 -> 64); if no even size >= 16 divides, fall back to one group per channel.
+    """
+    if group_size is None or group_size == in_features:
+        return in_features, None
+    if group_size > in_features:
+        return in_features, f"in_features {in_features} < group size {group_size} -> per-channel"
+    size = group_size
+    while size >= 16 and in_features % size:
+        size //= 2
+    if size >= 16 and in_features % size == 0:
+        return size, None if size == group_size else f"in_features {in_features} % {group_size} != 0 -> g{size}"
+    return in_features, f"in_features {in_features} has no group size <= {group_size} -> per-channel"
+
+
+def rtn_codes(
+    weight: torch.Tensor, bits: int, group_size: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: codes [out, in], scales and zeros [out, in / group_size]."""
+    rows, cols = weight.shape
+    grouped = weight.float().reshape(rows * (cols // group_size), group_size)
+    scale, zero = find_params(grouped, bits, sym)
+    q = quantize(grouped, scale, zero, bits)
+    return q.reshape(rows, cols), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+# ---- the per-layer log ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LayerRecord:
+    """One quantized (or skipped) layer: what was asked, what was used, and what it cost."""
+
+    name: str
+    shape: tuple[int, int]
+    bits: int | None
+    group_size_requested: int | None
+    group_size: int | None
+    fallback: str | None
+    seconds: float
+    weight_error: float | None = None  # relative Frobenius error ||W - W_hat|| / ||W||
+    output_error: float | None = None  # relative calibration output error ||WX - W_hat X|| / ||WX||
+    damp_percent: float | None = None
+    note: str | None = None
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def pack_layer(
+    name: str,
+    linear: nn.Linear,
+    config: QuantConfig,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    started: float,
+    input_scale: torch.Tensor | None = None,
+    **record: Any,
+) -> tuple[QuantLinear, LayerRecord]:
+    """Pack codes into a QuantLinear and log the layer's weight error against the original weight."""
+    qlayer = QuantLinear.from_quantized(
+        q, scales, zeros, config.bits, group_size, config.sym,
+        None if linear.bias is None else linear.bias.detach(), input_scale,
+    ).to(linear.weight.device)
+    weight = linear.weight.detach().float()
+    error = (qlayer.dequantize() - weight).norm() / weight.norm().clamp(min=1e-12)
+    requested = config.group_size
+    fallback = effective_group_size(linear.in_features, requested)[1]
+    entry = LayerRecord(
+        name, tuple(weight.shape), config.bits, requested, group_size, fallback,
+        time.perf_counter() - started, weight_error=float(error), **record,
+    )
+    return qlayer, entry
+
+
+# ---- the interface ---------------------------------------------------------------------------------------
+
+class Quantizer(abc.ABC):
+    """One quantization method. ``quantize`` replaces the model's decoder-block linears in place."""
+
+    name: str
+    needs_calibration: bool = False
+
+    @abc.abstractmethod
+    def quantize(
+        self, model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None
+    ) -> list[LayerRecord]:
+        """Quantize ``model`` in place; ``calibration`` is token ids [samples, tokens] where needed."""
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks (LLaMA, Qwen2, Phi, ... all keep them at ``model.model.layers``)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers"):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(model).__name__}: no decoder blocks found at model.layers / transformer.h")
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def quantizable_layers(model: nn.Module, config: QuantConfig) -> Iterator[tuple[str, nn.Linear, QuantConfig | None]]:
+    """(full name, linear, layer config or None for a layer kept in full precision) per block linear."""
+    blocks = decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    for index, block in enumerate(blocks):
+        for name, linear in block_linears(block).items():
+            full_name = f"{prefix}.{index}.{name}"
+            yield full_name, linear, config.for_layer(full_name)
+
+
+def skipped_record(name: str, linear: nn.Linear, config: QuantConfig) -> LayerRecord:
+    return LayerRecord(
+        name, tuple(linear.weight.shape), None, config.group_size, None, None, 0.0,
+        note="kept in full precision by layer_overrides",
+    )
+
+
+# ---- sequential calibration over blocks (shared by GPTQ and GSQ) -----------------------------------------
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering the first block, one tensor per calibration batch, and the keyword arguments
+    (rotary embeddings, mask) the model passes every block."""
+    blocks = decoder_blocks(model)
+    captured: list[torch.Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def capture(_module: nn.Module, args: tuple, block_kwargs: dict) -> None:
+        hidden = args[0] if args else block_kwargs.pop("hidden_states")
+        captured.append(hidden)
+        kwargs.update({k: v for k, v in block_kwargs.items() if k not in ("past_key_values", "past_key_value")})
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            try:
+                model(calibration[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    return captured, kwargs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """The block's outputs for each batch of hidden states."""
+    outputs = []
+    for hidden in inputs:
+        out = block(hidden, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs

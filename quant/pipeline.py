@@ -1,0 +1,221 @@
+"""The work behind a regression case: load the baseline once, build (or reload) quantized models, evaluate
+tasks, each step cached on disk; then compare quantized with baseline on the same items."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from quant import stats
+from quant.cache import cached_dir, cached_json
+from quant.config import QuantConfig
+from quant.data import calibration_windows
+from quant.matrix import Case, Matrix
+from quant.methods import LayerRecord, get_method
+from quant.methods.base import replace_module
+from quant.models import ModelSpec, load_model
+from quant.qlinear import QuantLinear, dequantized_weights
+from quant.tasks import TaskResult, TaskSpec, evaluate, perplexity_windows, select_items
+
+log = logging.getLogger("quant")
+
+CALIBRATION_SOURCE = "wikitext"
+
+
+@dataclasses.dataclass
+class Quantized:
+    model: torch.nn.Module
+    records: list[LayerRecord]
+    quantize_seconds: float
+    calibration: str | None
+
+
+@dataclasses.dataclass
+class Comparison:
+    """A case's outcome: both results on the same items and the statistics that gate it."""
+
+    case: Case
+    metric: str
+    baseline: TaskResult
+    quantized: TaskResult
+    retention: float | None
+    interval: tuple[float, float] | None
+    verdict: stats.Verdict
+    extra: dict[str, Any]
+
+
+class Workbench:
+    """Per-process state: loaded baselines, quantized models and item subsets, backed by the disk cache."""
+
+    def __init__(self, matrix: Matrix, profile: str, data_dir: Path | None, device: str = "cpu") -> None:
+        self.matrix, self.profile, self.data_dir, self.device = matrix, profile, data_dir, device
+        self._baselines: dict[str, tuple[torch.nn.Module, Any]] = {}
+        self._quantized: dict[tuple[str, str], Quantized] = {}
+        self._items: dict[tuple[str, str], list[dict]] = {}
+
+    # ---- models ----
+    def baseline(self, spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
+        if spec.name not in self._baselines:
+            self._baselines[spec.name] = load_model(spec, self.device)
+        return self._baselines[spec.name]
+
+    def limits(self, spec: ModelSpec) -> dict[str, Any]:
+        return self.matrix.limits(self.profile, spec.tier)
+
+    def task(self, spec: ModelSpec, task_name: str) -> TaskSpec:
+        """The task with the profile's option overrides (e.g. a shorter generation budget on CPU)."""
+        task = self.matrix.tasks[task_name]
+        overrides = self.limits(spec).get("options", {}).get(task_name, {})
+        return dataclasses.replace(task, options={**task.options, **overrides})
+
+    def calibration_config(self, spec: ModelSpec, config: QuantConfig) -> QuantConfig:
+        return dataclasses.replace(config, calib_samples=self.limits(spec).get("calib_samples", config.calib_samples))
+
+    def calibration(self, spec: ModelSpec, config: QuantConfig) -> torch.Tensor:
+        """Calibration token ids from the WikiText-2 test text, outside the evaluation windows."""
+        _, tokenizer = self.baseline(spec)
+        text = select_items(self.matrix.tasks[CALIBRATION_SOURCE], self.data_dir, None, 0)[0]["text"]
+        ids = torch.cat(perplexity_windows(tokenizer, text, 1))
+        return calibration_windows(ids, config.calib_samples, config.calib_tokens, config.calib_seed)
+
+    def quantized(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:
+        config = self.calibration_config(spec, config)
+        key = (spec.name, quant_name)
+        if key not in self._quantized:
+            self._quantized[key] = self._build_quantized(spec, config)
+        return self._quantized[key]
+
+    def _build_quantized(self, spec: ModelSpec, config: QuantConfig) -> Quantized:
+        baseline, _ = self.baseline(spec)
+        method = get_method(config.method)
+        calibration = (f"wikitext2 test, second half: {config.calib_samples} x {config.calib_tokens} tokens, "
+                       f"seed {config.calib_seed}") if method.needs_calibration else None
+        parts = {"model": spec.fingerprint(), "quant": config.to_dict(), "data": self._data_fingerprint()
+                 if method.needs_calibration else None}
+
+        def build(folder: Path) -> None:
+            model = copy.deepcopy(baseline)
+            started = time.perf_counter()
+            log.info("quantizing %s with %s (%s)", spec.name, config.method, config.label)
+            records = method.quantize(model, config, self.calibration(spec, config) if method.needs_calibration else None)
+            seconds = time.perf_counter() - started
+            save_safetensors(model, str(folder / "model.safetensors"))
+            meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds}
+            (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
+
+        folder = cached_dir("quantized", parts, build)
+        meta = json.loads((folder / "quantization_log.json").read_text())
+        records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
+        model = restore_quantized(baseline, records, folder / "model.safetensors")
+        return Quantized(model, records, meta["quantize_seconds"], calibration)
+
+    def _data_fingerprint(self) -> str:
+        path = self.data_dir / "wikitext2" / "wiki.test.raw" if self.data_dir else None
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else "hub:Salesforce/wikitext"
+
+    # ---- evaluation ----
+    def items(self, spec: ModelSpec, task_name: str) -> list[dict]:
+        key = (spec.tier, task_name)
+        if key not in self._items:
+            limit = None if self.matrix.tasks[task_name].kind == "perplexity" else self.limits(spec).get(task_name)
+            self._items[key] = select_items(self.matrix.tasks[task_name], self.data_dir, limit, self.matrix.seed)
+        return self._items[key]
+
+    def evaluate(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> TaskResult:
+        """The task's result for the baseline (``quant_name`` None) or a quantized model, cached on disk."""
+        task = self.task(spec, task_name)
+        items = self.items(spec, task_name)
+        limit = self.limits(spec).get(task_name)
+        config = None if quant_name is None else self.calibration_config(spec, self.matrix.quant[quant_name])
+        parts = {
+            "model": spec.fingerprint(), "quant": None if config is None else config.to_dict(),
+            "task": dataclasses.asdict(task), "items": hashlib.sha256(
+                json.dumps([item["id"] for item in items]).encode()).hexdigest()[:16],
+            "limit": limit, "device": self.device,
+        }
+
+        def compute() -> dict:
+            _, tokenizer = self.baseline(spec)
+            model = self.baseline(spec)[0] if config is None else self.quantized(spec, quant_name, config).model
+            label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
+            started = time.perf_counter()
+            with dequantized_weights(model):
+                result = evaluate(model, tokenizer, task, items, limit=limit, label=label)
+            log.info("%s: %s in %.1fs", label, result.metrics, time.perf_counter() - started)
+            return dataclasses.asdict(result)
+
+        return TaskResult(**cached_json("results", parts, compute))
+
+    def compare(self, case: Case, metric: str | None = None) -> Comparison:
+        """Quantized vs baseline on the same items, with the paired statistics and the gate's verdict."""
+        baseline = self.evaluate(case.model, case.task.name)
+        quantized = self.evaluate(case.model, case.task.name, case.quant_name)
+        return self.judge(case, baseline, quantized, metric)
+
+    @staticmethod
+    def judge(case: Case, baseline: TaskResult, quantized: TaskResult, metric: str | None = None) -> Comparison:
+        """The statistics and the gate's verdict for two results on the same items."""
+        metric = metric or headline_metric(case)
+        base_value, quant_value = baseline.metrics[metric], quantized.metrics[metric]
+        value = stats.retention(base_value, quant_value, metric)
+        interval = stats.retention_interval(baseline.items, quantized.items, metric)
+        gate = case.gate
+        chance = stats.chance_rate(baseline.items)
+        extra: dict[str, Any] = {"chance": chance, "agreement": stats.agreement(baseline.items, quantized.items)}
+        flips = stats.flips(baseline.items, quantized.items)
+        if flips:
+            extra["flips"] = flips
+            extra["mcnemar_p"] = stats.mcnemar_exact(flips["correct_to_wrong"], flips["wrong_to_correct"])
+        if case.task.kind == "choice" and len(case.task["choices"]) == 2:
+            labels = [item["label"] for item in baseline.items]
+            extra["roc_auc_baseline"] = stats.roc_auc([i["score"] for i in baseline.items], labels)
+            extra["roc_auc_quantized"] = stats.roc_auc([i["score"] for i in quantized.items], labels)
+        informative = True
+        fallback = None
+        if chance is not None:
+            informative = base_value >= chance + gate["chance_margin"]
+            fallback = ("agreement with the baseline", extra["agreement"], gate["agreement_min"])
+        elif case.task.kind == "generate":
+            informative = sum(bool(i["correct"]) for i in baseline.items) >= gate["min_correct"]
+            # A model that solves almost nothing can still be damaged: it stops producing answers at all.
+            extra["answered_baseline"] = stats.answered_rate(baseline.items)
+            extra["answered_quantized"] = stats.answered_rate(quantized.items)
+            format_retention = extra["answered_quantized"] / max(extra["answered_baseline"], 1e-9)
+            fallback = ("answer-format retention", format_retention, gate["retention_min"])
+        threshold = 1 / gate["ppl_ratio_max"] if stats.lower_is_better(metric) else gate["retention_min"]
+        verdict = stats.judge(metric, base_value, quant_value, interval, baseline.n, threshold, informative,
+                              fallback, gate["strict"])
+        return Comparison(case, metric, baseline, quantized, value, interval, verdict, extra)
+
+
+def headline_metric(case: Case) -> str:
+    return case.task.metric if case.task.kind != "generate" else next(iter(case.task["extract"]))
+
+
+def restore_quantized(baseline: torch.nn.Module, records: list[LayerRecord], path: Path) -> torch.nn.Module:
+    """Rebuild a quantized model from the baseline's skeleton and its saved tensors (bit-identical)."""
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    model = copy.deepcopy(baseline)
+    for record in records:
+        if record.bits is None:
+            continue
+        linear = model.get_submodule(record.name)
+        out_features, in_features = record.shape
+        qlayer = QuantLinear(
+            in_features, out_features, record.bits, record.group_size, sym=f"{record.name}.qzeros" not in keys,
+            bias=linear.bias is not None, input_scale=f"{record.name}.input_scale" in keys,
+        )
+        replace_module(model, record.name, qlayer)
+    load_safetensors(model, str(path))
+    return model

@@ -1,0 +1,162 @@
+"""The report: one flat row per model x method x task x metric, written as JSON and Markdown."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from quant.matrix import Case
+from quant.pipeline import Comparison, Workbench
+from quant.perf import model_bytes
+
+log = logging.getLogger("quant")
+
+NOTES = [
+    "smollm2-135m's baseline is itself a dequantized 4-bit model (GGUF Q4_1: groups of 32 along the input, "
+    "float minimum). The integer zero-point grids here do not reproduce that grid, so re-quantizing it is not "
+    "lossless even at 8 bits, and its losses are larger than quantizing an fp16 model would cost.",
+    "Group sizes that do not divide a layer's input width fall back per layer to the largest halving that does "
+    "(576 at g128 -> g64; 6 of 7 linears per smollm2 block); `fallback_layers` counts them.",
+    "GPTQ and GSQ calibrate on windows drawn from the second half of the WikiText-2 test text; perplexity is "
+    "measured on the first windows of the same raw file (wiki.test.raw as is, the llama.cpp convention), which "
+    "never reach the calibration half.",
+    "MS MARCO here is the TREC DL 2019/2020 passage-ranking set (BM25 top-100, graded labels), re-ranked over "
+    "the BM25 top-k by query likelihood; it is not the QnA v1.1 split of the reference study.",
+    "Retention is quantized / baseline (baseline / quantized for perplexity) with a 95% paired-bootstrap "
+    "interval over items (2,000 resamples, seed 0). Rows whose baseline does not beat chance are "
+    "'uninformative' and are gated on agreement with the baseline instead.",
+    "Accuracy is computed with weights dequantized once per evaluation (bit-identical to the per-call "
+    "reference); memory is measured on the packed model.",
+]
+
+
+def describe(comparison: Comparison) -> str:
+    """The failure message of a regression case: both scores, retention and its interval, the item count."""
+    c = comparison
+    interval = f" [95% CI {c.interval[0]:.3f}, {c.interval[1]:.3f}]" if c.interval else ""
+    retention = "undefined" if c.retention is None else f"{c.retention:.3f}"
+    lines = [
+        f"{c.case.id}: {c.verdict.status}: {c.verdict.reason}",
+        f"  {c.metric}: baseline {c.baseline.metrics[c.metric]:.4f}, quantized {c.quantized.metrics[c.metric]:.4f}, "
+        f"retention {retention}{interval}, n={c.baseline.n}",
+    ]
+    lines += [f"  {key}: {value}" for key, value in c.extra.items()]
+    return "\n".join(lines)
+
+
+def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
+    """Report rows of one case, one per metric of its task; a case that cannot run gives skipped rows."""
+    metrics = list(case.task["extract"]) if case.task.kind == "generate" else (
+        ["ndcg@10", "mrr@10"] if case.task.kind == "rerank" else [case.task.metric])
+    base = {"model": case.model.name, "method": case.quant.method, "config": case.quant.label,
+            "quant": case.quant_name, "task": case.task.name}
+    try:
+        comparisons = [workbench.compare(case, metric) for metric in metrics]
+        baseline_model, _ = workbench.baseline(case.model)
+        quantized = workbench.quantized(case.model, case.quant_name, case.quant)
+    except Exception as error:  # one broken case must not lose the rest of the report
+        log.error("%s: %s", case.id, error)
+        return [{**base, "metric": metric, "skipped_reason": f"{type(error).__name__}: {error}"} for metric in metrics]
+    bytes_baseline, bytes_quantized = model_bytes(baseline_model), model_bytes(quantized.model)
+    rows = []
+    for comparison in comparisons:
+        extra = comparison.extra
+        flips = extra.get("flips") or {}
+        rows.append({
+            **base, "metric": comparison.metric,
+            "baseline": comparison.baseline.metrics[comparison.metric],
+            "quantized": comparison.quantized.metrics[comparison.metric],
+            "retention": comparison.retention,
+            "retention_ci_low": comparison.interval[0] if comparison.interval else None,
+            "retention_ci_high": comparison.interval[1] if comparison.interval else None,
+            "n": comparison.baseline.n,
+            "model_bytes_baseline": bytes_baseline, "model_bytes_quantized": bytes_quantized,
+            "memory_reduction": bytes_baseline / bytes_quantized,
+            "verdict": comparison.verdict.status, "verdict_reason": comparison.verdict.reason,
+            "flips_correct_to_wrong": flips.get("correct_to_wrong"),
+            "flips_wrong_to_correct": flips.get("wrong_to_correct"),
+            "mcnemar_p": extra.get("mcnemar_p"), "chance": extra.get("chance"),
+            "agreement": extra.get("agreement"),
+            "roc_auc_baseline": extra.get("roc_auc_baseline"), "roc_auc_quantized": extra.get("roc_auc_quantized"),
+            "quantize_seconds": quantized.quantize_seconds, "calibration": quantized.calibration,
+            "fallback_layers": sum(r.fallback is not None for r in quantized.records),
+            "quantized_layers": sum(r.bits is not None for r in quantized.records),
+            "skipped_reason": None,
+        })
+    return rows
+
+
+def skipped_rows(case: Case, reason: str) -> list[dict[str, Any]]:
+    return [{"model": case.model.name, "method": case.quant.method, "config": case.quant.label,
+             "quant": case.quant_name, "task": case.task.name, "metric": case.task.metric, "skipped_reason": reason}]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    header = ["model", "method", "config", "task", "metric", "n", "baseline", "quantized", "retention [95% CI]",
+              "flips (c→w / w→c)", "McNemar p", "chance", "MB base → quant (×)", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in report["rows"]:
+        if row.get("skipped_reason"):
+            cells = [row["model"], row["method"], row["config"], row["task"], row["metric"]] + \
+                    [""] * (len(header) - 6) + [f"skipped: {row['skipped_reason']}"]
+        else:
+            interval = (f" [{row['retention_ci_low']:.3f}, {row['retention_ci_high']:.3f}]"
+                        if row["retention_ci_low"] is not None else "")
+            flips = ("–" if row["flips_correct_to_wrong"] is None
+                     else f"{row['flips_correct_to_wrong']} / {row['flips_wrong_to_correct']}")
+            memory = (f"{row['model_bytes_baseline'] / 1e6:.0f} → {row['model_bytes_quantized'] / 1e6:.0f} "
+                      f"({row['memory_reduction']:.2f}×)")
+            cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
+                     _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval, flips,
+                     _fmt(row["mcnemar_p"]), _fmt(row["chance"]), memory, row["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def quantization_table(report: dict[str, Any]) -> str:
+    seen, lines = set(), ["| model | quant | config | quantize s | calibration | fallback layers |", "|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        key = (row["model"], row["quant"])
+        if key in seen or row.get("skipped_reason"):
+            continue
+        seen.add(key)
+        lines.append(f"| {row['model']} | {row['quant']} | {row['config']} | {row['quantize_seconds']:.1f} | "
+                     f"{row['calibration'] or 'none'} | {row['fallback_layers']} / {row['quantized_layers']} |")
+    return "\n".join(lines)
+
+
+def write(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / "latest.json", folder / "latest.md"
+    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    machine = ", ".join(f"{k}={v}" for k, v in report["machine"].items())
+    text = [
+        "# quant report", "", f"Command: `{report['command']}`  ", f"Profile: `{report['profile']}`  ",
+        f"Machine: {machine}", "", markdown(report), "", "## Quantization", "", quantization_table(report), "",
+        "## Notes", "", *[f"- {note}" for note in NOTES], "",
+    ]
+    md_path.write_text("\n".join(text))
+    return json_path, md_path
+
+
+def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str]], command: str) -> dict[str, Any]:
+    from quant.perf import machine_facts
+
+    rows = []
+    for number, case in enumerate(cases, start=1):
+        log.info("case %d/%d: %s", number, len(cases), case.id)
+        rows += case_rows(workbench, case)
+    for case, reason in skipped:
+        rows += skipped_rows(case, reason)
+    return {"machine": machine_facts(workbench.device), "command": command, "profile": workbench.profile,
+            "rows": rows}

@@ -1,0 +1,187 @@
+"""Metrics and statistics on per-item results: ranking metrics, paired bootstrap intervals for retention,
+McNemar's exact test, flips, ROC-AUC, chance rates, and the gate's verdict."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def ndcg_at_k(grades: Sequence[int], all_grades: Sequence[int], k: int) -> float:
+    """nDCG@k with graded gains (2^rel - 1), ideal order taken over all judged candidates of the query."""
+    def dcg(values: Sequence[int]) -> float:
+        return sum((2**g - 1) / math.log2(rank + 2) for rank, g in enumerate(values[:k]))
+
+    ideal = dcg(sorted(all_grades, reverse=True))
+    return dcg(grades) / ideal if ideal > 0 else 0.0
+
+
+def mrr_at_k(relevant: Sequence[bool], k: int) -> float:
+    return next((1.0 / (rank + 1) for rank, hit in enumerate(relevant[:k]) if hit), 0.0)
+
+
+# ---- aggregates over per-item records, so the bootstrap can resample items ---------------------------
+
+def _aggregate(metric: str) -> Callable[[dict[str, np.ndarray]], float]:
+    """How a task's headline metric is computed from per-item columns."""
+    if metric == "perplexity":
+        return lambda c: float(np.exp(c["nll"].sum() / c["tokens"].sum()))
+    if metric == "mrr@10":
+        return lambda c: float(c["mrr"].mean())
+    if metric == "ndcg@10":
+        return lambda c: float(c["score"].mean())
+    if metric in ("accuracy",):
+        return lambda c: float(c["correct"].mean())
+    return lambda c: float(c[f"correct_{metric}"].mean())  # generation extractions (strict-match, ...)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric == "perplexity"
+
+
+def _columns(items: list[dict]) -> dict[str, np.ndarray]:
+    keys = [k for k, v in items[0].items() if isinstance(v, (bool, int, float)) and not isinstance(v, str)]
+    return {k: np.array([item[k] for item in items], dtype=float) for k in keys}
+
+
+def _paired(baseline: list[dict], quantized: list[dict]) -> tuple[dict, dict]:
+    ids = [item["id"] for item in baseline]
+    if ids != [item["id"] for item in quantized]:
+        raise ValueError("paired statistics need the same items in the same order for both models")
+    return _columns(baseline), _columns(quantized)
+
+
+def retention(base_value: float, quant_value: float, metric: str) -> float | None:
+    """quantized / baseline for higher-is-better metrics, baseline / quantized for perplexity; None when
+    the baseline scores zero (a 0/n baseline retains nothing measurable)."""
+    numerator, denominator = (base_value, quant_value) if lower_is_better(metric) else (quant_value, base_value)
+    return numerator / denominator if denominator > 0 else None
+
+
+def retention_interval(baseline: list[dict], quantized: list[dict], metric: str,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
+    """95% paired-bootstrap interval of the retention (items resampled jointly for both models)."""
+    base, quant = _paired(baseline, quantized)
+    aggregate = _aggregate(metric)
+    rng = np.random.default_rng(seed)
+    n = len(baseline)
+    values = []
+    for _ in range(resamples):
+        rows = rng.integers(0, n, n)
+        value = retention(aggregate({k: v[rows] for k, v in base.items()}),
+                          aggregate({k: v[rows] for k, v in quant.items()}), metric)
+        if value is not None:
+            values.append(value)
+    if len(values) < resamples / 2:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def flips(baseline: list[dict], quantized: list[dict]) -> dict[str, int] | None:
+    """Items correct -> wrong and wrong -> correct; None for tasks without per-item correctness."""
+    if baseline[0].get("correct") is None:
+        return None
+    base, quant = _paired(baseline, quantized)
+    b, q = base["correct"].astype(bool), quant["correct"].astype(bool)
+    return {"correct_to_wrong": int((b & ~q).sum()), "wrong_to_correct": int((~b & q).sum())}
+
+
+def mcnemar_exact(correct_to_wrong: int, wrong_to_correct: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs against 1/2."""
+    n = correct_to_wrong + wrong_to_correct
+    if n == 0:
+        return 1.0
+    k = min(correct_to_wrong, wrong_to_correct)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def agreement(baseline: list[dict], quantized: list[dict]) -> float | None:
+    """Fraction of items where both models give the same answer (the same top passage, for rankings)."""
+    if "prediction" in baseline[0]:
+        return mean([b["prediction"] == q["prediction"] for b, q in zip(baseline, quantized)])
+    if "ranking" in baseline[0]:
+        return mean([b["ranking"][0] == q["ranking"][0] for b, q in zip(baseline, quantized)])
+    return None
+
+
+def answered_rate(items: list[dict]) -> float:
+    """Share of generations from which an answer could be extracted (the model kept the answer format)."""
+    return mean([item["prediction"] is not None for item in items])
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Threshold-free separability of a score (e.g. log p(yes) - log p(no)); ties count half."""
+    positives = [s for s, y in zip(scores, labels) if y]
+    negatives = [s for s, y in zip(scores, labels) if not y]
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def chance_rate(items: list[dict]) -> float | None:
+    """Majority-class rate of a classification subset (what always answering the commoner label scores)."""
+    if "label" not in items[0]:
+        return None
+    share = mean([bool(item["label"]) for item in items])
+    return max(share, 1 - share)
+
+
+# ---- the gate ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Verdict:
+    """pass / fail / inconclusive / uninformative, the rule that decided, and the numbers behind it."""
+
+    status: str
+    reason: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+
+def judge(
+    metric: str, baseline_value: float, quant_value: float, interval: tuple[float, float] | None, n: int,
+    threshold: float, informative: bool, fallback: tuple[str, float, float] | None = None, strict: bool = False,
+) -> Verdict:
+    """The gate's rule. An uninformative baseline (near chance, or solving almost nothing) is gated on
+    ``fallback`` = (signal name, value, minimum), an agreement-type signal; otherwise the retention interval
+    is held against ``threshold``: fail when the upper bound is below it, pass when the lower bound is above
+    it, and in between fail only when ``strict``, else report how many items would settle it."""
+    value = retention(baseline_value, quant_value, metric)
+    if not informative or value is None:
+        why = (f"baseline {baseline_value:.4g} is not informative" if value is not None
+               else "baseline scores 0, so retention is undefined")
+        if fallback is None:
+            return Verdict("uninformative", why)
+        name, signal, minimum = fallback
+        if signal < minimum:
+            return Verdict("fail", f"{why}; gated on {name}: {signal:.3f} < {minimum}")
+        return Verdict("uninformative", f"{why}; gated on {name}: {signal:.3f} >= {minimum}")
+    if interval is None:
+        status = "pass" if value >= threshold else "fail"
+        return Verdict(status, f"retention {value:.3f} vs {threshold:.3f} (no interval)")
+    low, high = interval
+    if high < threshold:
+        return Verdict("fail", f"retention 95% CI [{low:.3f}, {high:.3f}] lies below {threshold:.3f}")
+    if low >= threshold:
+        return Verdict("pass", f"retention 95% CI [{low:.3f}, {high:.3f}] lies above {threshold:.3f}")
+    if strict:
+        return Verdict("fail", f"strict: retention 95% CI [{low:.3f}, {high:.3f}] straddles {threshold:.3f}")
+    gap = abs(value - threshold)
+    needed = math.ceil(n * ((high - low) / 2 / gap) ** 2) if gap > 0 else None
+    settle = f"about n={needed} would settle it" if needed else "the point estimate sits on the threshold"
+    return Verdict("inconclusive",
+                   f"inconclusive at n={n}: CI [{low:.3f}, {high:.3f}] straddles {threshold:.3f}; {settle}")

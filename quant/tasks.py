@@ -1,0 +1,269 @@
+"""Task evaluators. A task (``tasks.yaml``) is a loader, a prompt and a scorer kind; the four kinds below
+score any task of their shape. Every evaluator returns per-item records, not only an aggregate."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from quant import data, stats
+from quant.config import TASKS_FILE, ConfigError, load_yaml
+
+MAX_CONTEXT = 2048  # tokens; longer contexts are cut from the left (BoolQ passages, few-shot prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    loader: str
+    kind: str
+    metric: str
+    options: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self.options[key]
+        except KeyError:
+            raise ConfigError(f"{TASKS_FILE}: task {self.name!r} needs the field {key!r}") from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    items: list[dict[str, Any]]
+
+    @property
+    def n(self) -> int:
+        return len(self.items)
+
+
+def load_tasks(path: Path = TASKS_FILE) -> dict[str, TaskSpec]:
+    tasks = {}
+    for name, entry in load_yaml(path).items():
+        entry = dict(entry)
+        try:
+            kind, loader, metric = entry.pop("kind"), entry.pop("loader"), entry.pop("metric")
+        except KeyError as error:
+            raise ConfigError(f"{path}: task {name!r} needs the field {error.args[0]!r}") from None
+        if kind not in EVALUATORS:
+            raise ConfigError(f"{path}: task {name!r} has kind {kind!r}; known: {sorted(EVALUATORS)}")
+        tasks[name] = TaskSpec(name, loader, kind, metric, entry)
+    return tasks
+
+
+def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed: int) -> list[dict]:
+    """The task's deterministic evaluation subset (few-shot exemplars excluded)."""
+    items = data.load(task.loader, data_dir)
+    if task.kind == "perplexity":
+        return items  # one text; ``limit`` counts windows, applied by the evaluator
+    chosen = data.subset(items, limit, seed, exclude=set(task.get("fewshot_ids", [])))
+    if task.get("num_fewshot"):
+        prefix = _fewshot_prefix(task, items)
+        chosen = [{**item, "fewshot": prefix} for item in chosen]
+    return chosen
+
+
+def evaluate(model, tokenizer, task: TaskSpec, items: list[dict], limit: int | None = None,
+             label: str = "") -> TaskResult:
+    """Score ``items`` with the task's evaluator; ``label`` names the run in the progress bar."""
+    return EVALUATORS[task.kind](model, tokenizer, task, items, limit=limit, label=label or task.name)
+
+
+# ---- batching helpers -------------------------------------------------------------------------------
+
+def _batches(order: Sequence[int], size: int, label: str, unit: str = "item") -> Iterator[list[int]]:
+    with tqdm(total=len(order), desc=label, unit=unit, mininterval=10, leave=False) as bar:
+        for start in range(0, len(order), size):
+            chunk = list(order[start : start + size])
+            yield chunk
+            bar.update(len(chunk))
+
+
+def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, label: str) -> list[float]:
+    """Sum of log p(continuation | context) for each (context, continuation), batched with right padding."""
+    encoded = []
+    for context, continuation in pairs:
+        cont = _encode(tokenizer, continuation)
+        ctx = _encode(tokenizer, context)[-(MAX_CONTEXT - len(cont)):]
+        encoded.append((ctx, cont))
+    order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+    device = next(model.parameters()).device
+    scores = [0.0] * len(pairs)
+    for chunk in _batches(order, batch_size, label):
+        ids, mask = _pad([encoded[i][0] + encoded[i][1] for i in chunk], tokenizer.pad_token_id, left=False)
+        logprobs = torch.log_softmax(model(ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for row, i in enumerate(chunk):
+            ctx, cont = encoded[i]
+            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+            scores[i] = float(logprobs[row, positions, torch.tensor(cont)].sum())
+    return scores
+
+
+# ---- the four scorer kinds -----------------------------------------------------------------------------
+
+def evaluate_choice(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
+    choices = task["choices"]
+    pairs = [(task["prompt"].format(**item), choice) for item in items for choice in choices]
+    scores = continuation_logprobs(model, tokenizer, pairs, task.get("batch_size", 8), label)
+    records = []
+    for index, item in enumerate(items):
+        logprobs = scores[index * len(choices) : (index + 1) * len(choices)]
+        prediction = max(range(len(choices)), key=logprobs.__getitem__)
+        gold = int(item[task["label_field"]])
+        records.append({
+            "id": item["id"], "prediction": prediction, "label": gold, "correct": prediction == gold,
+            # For two choices: log p(second) - log p(first), the threshold-free score (e.g. yes - no).
+            "score": logprobs[-1] - logprobs[0], "logprobs": logprobs,
+        })
+    return TaskResult(task.name, {"accuracy": stats.mean([r["correct"] for r in records])}, records)
+
+
+def _fewshot_prefix(task: TaskSpec, items: list[dict]) -> str:
+    by_id = {item["id"]: item for item in items}
+    shots = []
+    for shot_id in task.get("fewshot_ids", [])[: task.get("num_fewshot", 0)]:
+        if shot_id not in by_id:
+            raise ConfigError(f"task {task.name!r}: few-shot id {shot_id!r} is not in the data")
+        item = by_id[shot_id]
+        shots.append(task["prompt"].format(**item) + task["fewshot_target"].format(**item))
+    delimiter = task.get("fewshot_delimiter", "\n\n")
+    return delimiter.join(shots) + (delimiter if shots else "")
+
+
+def extract_answer(text: str, regex: str, group_select: int, ignore: Sequence[str]) -> str | None:
+    """lm-evaluation-harness's regex filter: the ``group_select``-th match (first non-empty group), then the
+    ``ignore`` patterns removed; None when nothing matches."""
+    matches = re.findall(regex, text)
+    if not matches:
+        return None
+    match = matches[group_select]
+    if isinstance(match, tuple):
+        match = next((group for group in match if group), "")
+    return normalise_answer(match, ignore)
+
+
+def normalise_answer(text: str, ignore: Sequence[str]) -> str:
+    for pattern in ignore:
+        text = re.sub(pattern, "", text)
+    return text.strip()
+
+
+@torch.no_grad()
+def evaluate_generate(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
+    prompts = [item.get("fewshot", "") + task["prompt"].format(**item) for item in items]
+    encoded = [_encode(tokenizer, p)[-MAX_CONTEXT:] for p in prompts]
+    order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
+    device = next(model.parameters()).device
+    until = task.get("until", [])
+    outputs = [""] * len(items)
+    for chunk in _batches(order, task.get("batch_size", 8), label):
+        ids, mask = _pad([encoded[i] for i in chunk], tokenizer.pad_token_id, left=True)
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=task.get("max_new_tokens", 256),
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, stop_strings=until or None, tokenizer=tokenizer,
+        )
+        for row, i in enumerate(chunk):
+            text = tokenizer.decode(generated[row, ids.shape[1]:], skip_special_tokens=True)
+            for stop in until:
+                text = text.split(stop)[0]
+            outputs[i] = text
+    ignore = task.get("ignore", [])
+    extractors = task["extract"]
+    records = []
+    for item, output in zip(items, outputs):
+        target = normalise_answer(str(item[task["target_field"]]), ignore)
+        record = {"id": item["id"], "output": output, "target": target}
+        for name, rule in extractors.items():
+            answer = extract_answer(output, rule["regex"], rule["group_select"], ignore)
+            record[f"prediction_{name}"] = answer
+            record[f"correct_{name}"] = answer == target
+        headline = next(iter(extractors))
+        record["prediction"], record["correct"] = record[f"prediction_{headline}"], record[f"correct_{headline}"]
+        records.append(record)
+    metrics = {name: stats.mean([r[f"correct_{name}"] for r in records]) for name in extractors}
+    return TaskResult(task.name, metrics, records)
+
+
+def evaluate_rerank(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
+    top_k = task["top_k"]
+    pairs, owners = [], []
+    for index, item in enumerate(items):
+        for candidate in item["candidates"][:top_k]:
+            pairs.append((task["prompt"].format(passage=candidate["text"], **item),
+                          task["continuation"].format(**item)))
+            owners.append((index, candidate))
+    scores = continuation_logprobs(model, tokenizer, pairs, task.get("batch_size", 16), label)
+    ranked: dict[int, list[tuple[float, dict]]] = {}
+    for (index, candidate), score in zip(owners, scores):
+        ranked.setdefault(index, []).append((score, candidate))
+    records = []
+    for index, item in enumerate(items):
+        # Stable sort: ties keep BM25 order, so equal scores never reorder by accident.
+        order = [c for _, c in sorted(ranked[index], key=lambda pair: -pair[0])]
+        grades = [c["label"] or 0 for c in order]
+        all_grades = [c["label"] or 0 for c in item["candidates"]]
+        ndcg = stats.ndcg_at_k(grades, all_grades, 10)
+        mrr = stats.mrr_at_k([g >= task["relevant_min"] for g in grades], 10)
+        records.append({"id": item["id"], "ranking": [c["docid"] for c in order], "score": ndcg, "mrr": mrr,
+                        "correct": None})
+    metrics = {"ndcg@10": stats.mean([r["score"] for r in records]), "mrr@10": stats.mean([r["mrr"] for r in records])}
+    return TaskResult(task.name, metrics, records)
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
+    window = task["window"]
+    windows = perplexity_windows(tokenizer, items[0]["text"], window)[:limit]
+    device = next(model.parameters()).device
+    records = []
+    for chunk in _batches(range(len(windows)), task.get("batch_size", 4), label, unit="window"):
+        ids = torch.stack([windows[i] for i in chunk]).to(device)
+        logprobs = torch.log_softmax(model(ids).logits.float()[:, :-1], -1)
+        nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+        for row, i in enumerate(chunk):
+            records.append({"id": f"window-{i}", "nll": float(nll[row]), "tokens": window - 1,
+                            "score": float(nll[row]) / (window - 1), "correct": None})
+    total_nll = sum(r["nll"] for r in records)
+    total_tokens = sum(r["tokens"] for r in records)
+    return TaskResult(task.name, {"perplexity": math.exp(total_nll / total_tokens)}, records)
+
+
+def perplexity_windows(tokenizer, text: str, window: int) -> list[torch.Tensor]:
+    """Non-overlapping ``window``-token windows from the start of the text (evaluation uses the first ones;
+    calibration draws from the second half of the text, which the evaluation windows never reach)."""
+    ids = torch.tensor(_encode(tokenizer, text))
+    return list(ids[: len(ids) // window * window].view(-1, window))
+
+
+EVALUATORS: dict[str, Callable[..., TaskResult]] = {
+    "choice": evaluate_choice,
+    "generate": evaluate_generate,
+    "rerank": evaluate_rerank,
+    "perplexity": evaluate_perplexity,
+}
