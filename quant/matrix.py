@@ -9,7 +9,7 @@ from quant.config import DEFAULT_MATRIX, ConfigError, QuantConfig, load_yaml
 from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
 
-GATE_FIELDS = ("retention_min", "ppl_ratio_max", "chance_margin", "min_correct", "agreement_min", "strict")
+GATE_FIELDS = ("retention_min", "ppl_ratio_max", "chance_margin", "min_correct", "correlation_min", "strict")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,14 +184,20 @@ class Workbench:
         fallback = None
         if chance is not None:
             informative = base_value >= chance + gate["chance_margin"]
-            fallback = ("agreement with the baseline", extra["agreement"], gate["agreement_min"])
+            # Near chance, the yes/no decisions are coin flips that any perturbation changes; the score
+            # behind them still correlates with the baseline's unless the model is broken.
+            extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
+            fallback = ("score correlation with the baseline", extra["score_correlation"], gate["correlation_min"])
         elif case.task.kind == "generate":
             informative = sum(bool(i["correct"]) for i in baseline.items) >= gate["min_correct"]
             # A model that solves almost nothing can still be damaged: it stops producing answers at all.
             extra["answered_baseline"] = stats.answered_rate(baseline.items)
             extra["answered_quantized"] = stats.answered_rate(quantized.items)
-            format_retention = extra["answered_quantized"] / max(extra["answered_baseline"], 1e-9)
-            fallback = ("answer-format retention", format_retention, gate["retention_min"])
+            # Judged like retention, on its interval: fail only when even the upper bound is below the bar.
+            answered = stats.retention_interval(baseline.items, quantized.items, "answered")
+            extra["answered_retention_ci"] = answered
+            if answered:  # (a baseline that never answers leaves nothing to retain)
+                fallback = ("answer-format retention, 95% CI upper bound", answered[1], gate["retention_min"])
         threshold = 1 / gate["ppl_ratio_max"] if stats.lower_is_better(metric) else gate["retention_min"]
         verdict = stats.judge(metric, base_value, quant_value, interval, baseline.n, threshold, informative,
                               fallback, gate["strict"])

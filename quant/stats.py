@@ -39,8 +39,9 @@ def _aggregate(metric: str) -> Callable[[dict[str, np.ndarray]], float]:
         return lambda c: float(c["mrr"].mean())
     if metric == "ndcg@10":
         return lambda c: float(c["score"].mean())
-    if metric in ("accuracy",):
-        return lambda c: float(c["correct"].mean())
+    if metric in ("accuracy", "answered"):
+        column = "correct" if metric == "accuracy" else metric
+        return lambda c: float(c[column].mean())
     return lambda c: float(c[f"correct_{metric}"].mean())  # generation extractions (strict-match, ...)
 
 
@@ -50,7 +51,10 @@ def lower_is_better(metric: str) -> bool:
 
 def _columns(items: list[dict]) -> dict[str, np.ndarray]:
     keys = [k for k, v in items[0].items() if isinstance(v, (bool, int, float)) and not isinstance(v, str)]
-    return {k: np.array([item[k] for item in items], dtype=float) for k in keys}
+    columns = {k: np.array([item[k] for item in items], dtype=float) for k in keys}
+    if "prediction" in items[0]:  # generations: whether an answer could be extracted at all
+        columns["answered"] = np.array([item["prediction"] is not None for item in items], dtype=float)
+    return columns
 
 
 def _paired(baseline: list[dict], quantized: list[dict]) -> tuple[dict, dict]:
@@ -115,9 +119,20 @@ def agreement(baseline: list[dict], quantized: list[dict]) -> float | None:
     return None
 
 
+def score_correlation(baseline: list[dict], quantized: list[dict]) -> float | None:
+    """Pearson correlation of the per-item threshold-free score (e.g. log p(yes) - log p(no)) between the
+    models: still meaningful when the baseline's decisions are coin flips, and near 0 for a broken model."""
+    if not isinstance(baseline[0].get("score"), float):
+        return None
+    base, quant = _paired(baseline, quantized)
+    if base["score"].std() == 0 or quant["score"].std() == 0:
+        return 0.0
+    return float(np.corrcoef(base["score"], quant["score"])[0, 1])
+
+
 def answered_rate(items: list[dict]) -> float:
     """Share of generations from which an answer could be extracted (the model kept the answer format)."""
-    return mean([item["prediction"] is not None for item in items])
+    return float(_columns(items)["answered"].mean())
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:

