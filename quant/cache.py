@@ -34,8 +34,8 @@ def code_version() -> str:
     """Hash of the source that produces cached results: any change to it invalidates every entry."""
     digest = hashlib.sha256()
     for name in RESULT_MODULES:
-        path = PACKAGE_DIR / name
-        for path in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+        module = PACKAGE_DIR / name
+        for path in sorted(module.glob("*.py")) if module.is_dir() else [module]:
             digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -1,7 +1,6 @@
 """The report: one flat row per model x method x task x metric, written as JSON and Markdown."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path

@@ -1,7 +1,6 @@
 """End-to-end properties on the embedded model (smollm2-135m), sharing the matrix tests' cached results."""
 import copy
 
-import pytest
 import torch
 
 from quant.qlinear import QuantLinear, model_bytes

@@ -214,6 +214,24 @@ def block_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int) -
     return captured, kwargs
 
 
+def sequential_blocks(
+    model: nn.Module, calibration: torch.Tensor | None, method: str
+) -> Iterator[tuple[str, nn.Module, list[torch.Tensor], dict]]:
+    """Walk the decoder blocks in order with their calibration inputs: yields (block name, block, inputs,
+    block kwargs); once the caller has quantized the block, the next block's inputs are this block's
+    outputs, so every block calibrates on what the already-quantized model feeds it."""
+    if calibration is None:
+        raise ValueError(f"{method} needs calibration token ids [samples, tokens]")
+    inputs, kwargs = block_inputs(model, calibration, batch_size=8)
+    blocks = decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    for index, block in enumerate(blocks):
+        started = time.perf_counter()
+        yield f"{prefix}.{index}", block, inputs, kwargs
+        inputs = run_block(block, inputs, kwargs)
+        log.info("%s: block %d/%d done in %.1fs", method, index + 1, len(blocks), time.perf_counter() - started)
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
     """The block's outputs for each batch of hidden states."""

@@ -15,8 +15,8 @@ from torch import nn
 
 from quant.config import QuantConfig
 from quant.methods.base import (
-    LayerRecord, Quantizer, block_inputs, block_linears, decoder_blocks, effective_group_size, find_params,
-    pack_layer, quantize, replace_module, run_block, skipped_record,
+    LayerRecord, Quantizer, block_linears, effective_group_size, find_params, pack_layer, quantize,
+    replace_module, run_block, sequential_blocks, skipped_record,
 )
 
 log = logging.getLogger("quant")
@@ -120,17 +120,11 @@ class GPTQQuantizer(Quantizer):
     def quantize(
         self, model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None
     ) -> list[LayerRecord]:
-        if calibration is None:
-            raise ValueError("GPTQ needs calibration token ids [samples, tokens]")
         records: list[LayerRecord] = []
-        inputs, kwargs = block_inputs(model, calibration, batch_size=8)
-        blocks = decoder_blocks(model)
-        prefix = next(name for name, module in model.named_modules() if module is blocks)
-        for index, block in enumerate(blocks):
-            started = time.perf_counter()
+        for block_name, block, inputs, kwargs in sequential_blocks(model, calibration, self.name):
             targets = {}
             for name, linear in block_linears(block).items():
-                full_name = f"{prefix}.{index}.{name}"
+                full_name = f"{block_name}.{name}"
                 layer_config = config.for_layer(full_name)
                 if layer_config is None:
                     records.append(skipped_record(full_name, linear, config))
@@ -150,8 +144,6 @@ class GPTQQuantizer(Quantizer):
                 record.output_error = output_error(linear.weight, qlayer.dequantize(), gptq.H)
                 replace_module(block, name, qlayer)
                 records.append(record)
-            inputs = run_block(block, inputs, kwargs)
-            log.info("gptq: block %d/%d done in %.1fs", index + 1, len(blocks), time.perf_counter() - started)
         return records
 
 

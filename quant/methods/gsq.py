@@ -18,8 +18,8 @@ from torch import nn
 
 from quant.config import QuantConfig
 from quant.methods.base import (
-    LayerRecord, Quantizer, block_inputs, block_linears, decoder_blocks, dequantize, effective_group_size,
-    pack_layer, replace_module, rtn_codes, run_block, skipped_record,
+    LayerRecord, Quantizer, block_linears, dequantize, effective_group_size, pack_layer, replace_module,
+    rtn_codes, run_block, sequential_blocks, skipped_record,
 )
 
 log = logging.getLogger("quant")
@@ -69,19 +69,13 @@ class GSQ(Quantizer):
     def quantize(
         self, model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None
     ) -> list[LayerRecord]:
-        if calibration is None:
-            raise ValueError("GSQ needs calibration token ids [samples, tokens]")
         model_type = model.config.model_type
         if model_type not in SCALING_GROUPS:
             raise ValueError(f"GSQ: no scaling-group table for model_type {model_type!r}; add it to SCALING_GROUPS")
         records: list[LayerRecord] = []
-        inputs, kwargs = block_inputs(model, calibration, batch_size=8)
-        blocks = decoder_blocks(model)
-        prefix = next(name for name, module in model.named_modules() if module is blocks)
-        for index, block in enumerate(blocks):
-            started = time.perf_counter()
+        for block_name, block, inputs, kwargs in sequential_blocks(model, calibration, self.name):
             layer_configs = {
-                name: config.for_layer(f"{prefix}.{index}.{name}") for name in block_linears(block)
+                name: config.for_layer(f"{block_name}.{name}") for name in block_linears(block)
             }
             # Inputs of every linear, captured once before any scaling: folding is exact, so a group's
             # input changes only by its own 1/s, which the search accounts for.
@@ -95,7 +89,7 @@ class GSQ(Quantizer):
                     if not _fold_scale(block, group.prev, names, scale):
                         explicit_scales.update({n: scale for n in names})
             for name, linear in block_linears(block).items():
-                full_name = f"{prefix}.{index}.{name}"
+                full_name = f"{block_name}.{name}"
                 layer_config = layer_configs[name]
                 if layer_config is None:
                     records.append(skipped_record(full_name, linear, config))
@@ -115,8 +109,6 @@ class GSQ(Quantizer):
                 )
                 replace_module(block, name, qlayer)
                 records.append(record)
-            inputs = run_block(block, inputs, kwargs)
-            log.info("gsq: block %d/%d done in %.1fs", index + 1, len(blocks), time.perf_counter() - started)
         return records
 
 
