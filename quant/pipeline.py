@@ -147,10 +147,11 @@ class Workbench:
         def compute() -> dict:
             _, tokenizer = self.baseline(spec)
             model = self.baseline(spec)[0] if config is None else self.quantized(spec, quant_name, config).model
+            reference = None if config is None else self.evaluate(spec, task_name)
             label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
             started = time.perf_counter()
             with dequantized_weights(model):
-                result = evaluate(model, tokenizer, task, items, limit=limit, label=label)
+                result = evaluate(model, tokenizer, task, items, limit=limit, label=label, reference=reference)
             log.info("%s: %s in %.1fs", label, result.metrics, time.perf_counter() - started)
             return dataclasses.asdict(result)
 
@@ -201,11 +202,21 @@ class Workbench:
         threshold = 1 / gate["ppl_ratio_max"] if stats.lower_is_better(metric) else gate["retention_min"]
         verdict = stats.judge(metric, base_value, quant_value, interval, baseline.n, threshold, informative,
                               fallback, gate["strict"])
+        if "mean_kld" in quantized.metrics:
+            extra.update({k: quantized.metrics[k] for k in ("mean_kld", "p99_kld", "same_top_p")})
+            verdict = stats.judge_divergence(verdict, quantized.metrics, gate.get("kld_max"), gate.get("same_top_min"))
         return Comparison(case, metric, baseline, quantized, value, interval, verdict, extra)
 
 
+def task_metrics(case: Case) -> list[str]:
+    """The metrics a task reports, the headline first."""
+    if case.task.kind == "generate":
+        return list(case.task["extract"])
+    return ["ndcg@10", "mrr@10"] if case.task.kind == "rerank" else [case.task.metric]
+
+
 def headline_metric(case: Case) -> str:
-    return case.task.metric if case.task.kind != "generate" else next(iter(case.task["extract"]))
+    return task_metrics(case)[0]
 
 
 def restore_quantized(baseline: torch.nn.Module, records: list[LayerRecord], path: Path) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.matrix import Case
-from quant.pipeline import Comparison, Workbench
+from quant.pipeline import Comparison, Workbench, task_metrics
 from quant.perf import model_bytes
 
 log = logging.getLogger("quant")
@@ -47,8 +47,7 @@ def describe(comparison: Comparison) -> str:
 
 def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
     """Report rows of one case, one per metric of its task; a case that cannot run gives skipped rows."""
-    metrics = list(case.task["extract"]) if case.task.kind == "generate" else (
-        ["ndcg@10", "mrr@10"] if case.task.kind == "rerank" else [case.task.metric])
+    metrics = task_metrics(case)
     base = {"model": case.model.name, "method": case.quant.method, "config": case.quant.label,
             "quant": case.quant_name, "task": case.task.name}
     try:
@@ -77,7 +76,8 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             "flips_correct_to_wrong": flips.get("correct_to_wrong"),
             "flips_wrong_to_correct": flips.get("wrong_to_correct"),
             "mcnemar_p": extra.get("mcnemar_p"), "chance": extra.get("chance"),
-            "agreement": extra.get("agreement"),
+            "agreement": extra.get("agreement"), "score_correlation": extra.get("score_correlation"),
+            "mean_kld": extra.get("mean_kld"), "p99_kld": extra.get("p99_kld"), "same_top_p": extra.get("same_top_p"),
             "roc_auc_baseline": extra.get("roc_auc_baseline"), "roc_auc_quantized": extra.get("roc_auc_quantized"),
             "quantize_seconds": quantized.quantize_seconds, "calibration": quantized.calibration,
             "fallback_layers": sum(r.fallback is not None for r in quantized.records),
@@ -89,7 +89,8 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
 
 def skipped_rows(case: Case, reason: str) -> list[dict[str, Any]]:
     return [{"model": case.model.name, "method": case.quant.method, "config": case.quant.label,
-             "quant": case.quant_name, "task": case.task.name, "metric": case.task.metric, "skipped_reason": reason}]
+             "quant": case.quant_name, "task": case.task.name, "metric": metric, "skipped_reason": reason}
+            for metric in task_metrics(case)]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -102,7 +103,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     header = ["model", "method", "config", "task", "metric", "n", "baseline", "quantized", "retention [95% CI]",
-              "flips (c→w / w→c)", "McNemar p", "chance", "MB base → quant (×)", "verdict"]
+              "flips (c→w / w→c)", "McNemar p", "chance", "mean KLD / same top", "MB base → quant (×)", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
         if row.get("skipped_reason"):
@@ -113,11 +114,13 @@ def markdown(report: dict[str, Any]) -> str:
                         if row["retention_ci_low"] is not None else "")
             flips = ("–" if row["flips_correct_to_wrong"] is None
                      else f"{row['flips_correct_to_wrong']} / {row['flips_wrong_to_correct']}")
+            divergence = ("–" if row["mean_kld"] is None
+                          else f"{row['mean_kld']:.4f} / {row['same_top_p']:.3f}")
             memory = (f"{row['model_bytes_baseline'] / 1e6:.0f} → {row['model_bytes_quantized'] / 1e6:.0f} "
                       f"({row['memory_reduction']:.2f}×)")
             cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
                      _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval, flips,
-                     _fmt(row["mcnemar_p"]), _fmt(row["chance"]), memory, row["verdict"]]
+                     _fmt(row["mcnemar_p"]), _fmt(row["chance"]), divergence, memory, row["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

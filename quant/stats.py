@@ -200,3 +200,14 @@ def judge(
     settle = f"about n={needed} would settle it" if needed else "the point estimate sits on the threshold"
     return Verdict("inconclusive",
                    f"inconclusive at n={n}: CI [{low:.3f}, {high:.3f}] straddles {threshold:.3f}; {settle}")
+
+
+def judge_divergence(verdict: Verdict, metrics: dict[str, float], kld_max: float | None,
+                     same_top_min: float | None) -> Verdict:
+    """Distribution-level bounds on top of the perplexity verdict: mean KLD and same-top-token rate are
+    low-noise (every token counts), so they are held as plain bounds."""
+    if kld_max is not None and metrics["mean_kld"] > kld_max:
+        return Verdict("fail", f"mean KLD {metrics['mean_kld']:.4f} > {kld_max}; {verdict.reason}")
+    if same_top_min is not None and metrics["same_top_p"] < same_top_min:
+        return Verdict("fail", f"same top token {metrics['same_top_p']:.3f} < {same_top_min}; {verdict.reason}")
+    return verdict

@@ -74,9 +74,11 @@ def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed:
 
 
 def evaluate(model, tokenizer, task: TaskSpec, items: list[dict], limit: int | None = None,
-             label: str = "") -> TaskResult:
-    """Score ``items`` with the task's evaluator; ``label`` names the run in the progress bar."""
-    return EVALUATORS[task.kind](model, tokenizer, task, items, limit=limit, label=label or task.name)
+             label: str = "", reference: TaskResult | None = None) -> TaskResult:
+    """Score ``items`` with the task's evaluator; ``label`` names the run in the progress bar. Evaluators
+    that compare distributions (perplexity: KLD) take the baseline's result as ``reference``."""
+    extra = {"reference": reference} if task.kind == "perplexity" else {}
+    return EVALUATORS[task.kind](model, tokenizer, task, items, limit=limit, label=label or task.name, **extra)
 
 
 # ---- batching helpers -------------------------------------------------------------------------------
@@ -237,21 +239,52 @@ def evaluate_rerank(model, tokenizer, task: TaskSpec, items, limit=None, label="
 
 
 @torch.no_grad()
-def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
-    window = task["window"]
+def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, label="",
+                        reference: TaskResult | None = None) -> TaskResult:
+    """Perplexity over non-overlapping windows. Without ``reference`` (the baseline) each window also keeps
+    its top-k next-token log-probabilities; with it, the llama.cpp ``--kl-divergence`` statistics are
+    computed against them in the same pass: KL(baseline || model) per token over the baseline's top-k plus
+    one bucket for the remaining mass (a lower bound of the full-vocabulary KLD), and the same-top-token rate."""
+    window, top_k = task["window"], task.get("top_k_reference", 10)
     windows = perplexity_windows(tokenizer, items[0]["text"], window)[:limit]
     device = next(model.parameters()).device
+    reference_by_id = {r["id"]: r for r in reference.items} if reference else {}
     records = []
     for chunk in _batches(range(len(windows)), task.get("batch_size", 4), label, unit="window"):
         ids = torch.stack([windows[i] for i in chunk]).to(device)
         logprobs = torch.log_softmax(model(ids).logits.float()[:, :-1], -1)
         nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
         for row, i in enumerate(chunk):
-            records.append({"id": f"window-{i}", "nll": float(nll[row]), "tokens": window - 1,
-                            "score": float(nll[row]) / (window - 1), "correct": None})
+            record = {"id": f"window-{i}", "nll": float(nll[row]), "tokens": window - 1,
+                      "score": float(nll[row]) / (window - 1), "correct": None}
+            if reference is None:
+                top = logprobs[row].topk(top_k, dim=-1)
+                record["top_ids"] = top.indices.tolist()
+                record["top_logprobs"] = [[round(v, 5) for v in token] for token in top.values.tolist()]
+            else:
+                base = reference_by_id[record["id"]]
+                record["kld_tokens"] = [round(v, 6) for v in _top_k_kld(
+                    torch.tensor(base["top_logprobs"]), logprobs[row].gather(-1, torch.tensor(base["top_ids"]).to(device)).cpu()
+                ).tolist()]
+                same = logprobs[row].argmax(-1).cpu() == torch.tensor(base["top_ids"])[:, 0]
+                record["same_top"] = int(same.sum())
+            records.append(record)
     total_nll = sum(r["nll"] for r in records)
     total_tokens = sum(r["tokens"] for r in records)
-    return TaskResult(task.name, {"perplexity": math.exp(total_nll / total_tokens)}, records)
+    metrics = {"perplexity": math.exp(total_nll / total_tokens)}
+    if reference is not None:
+        klds = torch.tensor([v for r in records for v in r["kld_tokens"]])
+        metrics.update({"mean_kld": float(klds.mean()), "p99_kld": float(klds.quantile(0.99)),
+                        "same_top_p": sum(r["same_top"] for r in records) / total_tokens})
+    return TaskResult(task.name, metrics, records)
+
+
+def _top_k_kld(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p || q) over k shared outcomes plus the remaining-mass bucket; [tokens, k] -> [tokens]."""
+    p, q = p_log.exp(), q_log.exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=1e-10)
+    q_rest = (1 - q.sum(-1)).clamp(min=1e-10)
+    return (p * (p_log - q_log)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
 
 
 def perplexity_windows(tokenizer, text: str, window: int) -> list[torch.Tensor]:

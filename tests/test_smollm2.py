@@ -32,8 +32,9 @@ def test_a_broken_quantizer_fails_the_gate(matrix, workbench):
     _, tokenizer = workbench.baseline(case.model)
     task = workbench.task(case.model, "wikitext")
     limit = workbench.limits(case.model)["wikitext"]
-    result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit)
-    verdict = workbench.judge(case, workbench.evaluate(case.model, "wikitext"), result).verdict
+    baseline = workbench.evaluate(case.model, "wikitext")
+    result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit, reference=baseline)
+    verdict = workbench.judge(case, baseline, result).verdict
     assert verdict.failed, verdict.reason
 
 

@@ -1,6 +1,9 @@
 import pytest
 
+import torch
+
 from quant import stats
+from quant.tasks import _top_k_kld
 
 
 def test_mcnemar_exact_matches_the_binomial_test():
@@ -64,3 +67,22 @@ def test_uninformative_rows_are_gated_on_the_fallback_signal():
 
 def test_perplexity_retention_is_inverted():
     assert stats.retention(10.0, 12.5, "perplexity") == pytest.approx(0.8)
+
+
+def test_top_k_kld_is_zero_for_equal_distributions_and_bounded_by_the_full_kld():
+    generator = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(5, 100, generator=generator), -1)
+    q = torch.log_softmax(torch.randn(5, 100, generator=generator), -1)
+    top = p.topk(10, dim=-1).indices
+    assert torch.allclose(_top_k_kld(p.gather(-1, top), p.gather(-1, top)), torch.zeros(5), atol=1e-6)
+    full = (p.exp() * (p - q)).sum(-1)
+    approx = _top_k_kld(p.gather(-1, top), q.gather(-1, top))
+    assert (approx >= -1e-6).all() and (approx <= full + 1e-5).all()
+
+
+def test_divergence_bounds_turn_a_pass_into_a_fail():
+    passed = stats.Verdict("pass", "ok")
+    metrics = {"mean_kld": 0.5, "same_top_p": 0.6}
+    assert stats.judge_divergence(passed, metrics, 0.1, None).failed
+    assert stats.judge_divergence(passed, metrics, None, 0.8).failed
+    assert not stats.judge_divergence(passed, metrics, 1.0, 0.5).failed
