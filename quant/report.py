@@ -25,7 +25,11 @@ NOTES = [
     "the BM25 top-k by query likelihood; it is not the QnA v1.1 split of the reference study.",
     "Retention is quantized / baseline (baseline / quantized for perplexity) with a 95% paired-bootstrap "
     "interval over items (2,000 resamples, seed 0). Rows whose baseline does not beat chance are "
-    "'uninformative' and are gated on agreement with the baseline instead.",
+    "'uninformative' and are gated instead on the correlation of the per-item yes-no score with the baseline's "
+    "(BoolQ) or on keeping the answer format (GSM8K).",
+    "Mean KLD and same-top-token rate compare each quantized model's next-token distribution with the "
+    "baseline's on the WikiText windows, over the baseline's top-10 tokens plus one bucket for the rest of the "
+    "vocabulary (a lower bound of the full KLD).",
     "Accuracy is computed with weights dequantized once per evaluation (bit-identical to the per-call "
     "reference); memory is measured on the packed model.",
 ]
