@@ -1,9 +1,10 @@
 """End-to-end properties on the embedded model (smollm2-135m), sharing the matrix tests' cached results."""
 import copy
 
+import pytest
 import torch
 
-from quant.qlinear import QuantLinear, model_bytes
+from quant.qlinear import QuantLinear, model_bytes, pack_bits
 from quant.tasks import evaluate
 
 MODEL = "smollm2-135m"
@@ -21,14 +22,45 @@ def test_gptq_and_gsq_beat_round_to_nearest_on_wikitext(matrix, workbench):
     assert perplexity["gsq-w4g128"] < perplexity["rtn-w4g128"], perplexity
 
 
+def _double_scales(layer: QuantLinear) -> None:
+    layer.scales.mul_(2)
+
+
+def _round_down(layer: QuantLinear) -> None:
+    """Codes off by one step wherever rounding should have gone up (floor instead of round, roughly half)."""
+    codes = layer.codes().int()
+    generator = torch.Generator().manual_seed(0)
+    up = torch.rand(codes.shape, generator=generator) < 0.5
+    layer.qweight.copy_(pack_bits((codes - up.int()).clamp(min=0), layer.bits))
+
+
+def _transpose_groups(layer: QuantLinear) -> None:
+    """Each group dequantized with another group's scale (group order reversed)."""
+    layer.scales.copy_(layer.scales.flip(1))
+
+
+def _zero_point_off_by_one(layer: QuantLinear) -> None:
+    layer.qzeros.copy_(pack_bits((layer.zeros() + 1).clamp(max=2**layer.bits - 1), layer.bits))
+
+
+def _permutation_not_undone(layer: QuantLinear) -> None:
+    """Columns left in a permuted order, as when an act-order permutation is not undone."""
+    permutation = torch.randperm(layer.in_features, generator=torch.Generator().manual_seed(0))
+    layer.qweight.copy_(pack_bits(layer.codes()[:, permutation], layer.bits))
+
+
+@pytest.mark.parametrize("quant,bug", [
+    ("rtn-w4g128", _double_scales), ("rtn-w4g128", _round_down), ("rtn-w4g128", _transpose_groups),
+    ("rtn-w4g32-asym", _zero_point_off_by_one), ("rtn-w4g128", _permutation_not_undone),
+], ids=["doubled-scales", "wrong-rounding", "transposed-groups", "zero-point-off-by-one", "permutation-not-undone"])
 @torch.no_grad()
-def test_a_broken_quantizer_fails_the_gate(matrix, workbench):
-    """Scales doubled after quantization (a classic packing bug): the suite's own gate must catch it."""
-    case = _case(matrix, "rtn-w4g128", "wikitext")
+def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug):
+    """Known quantizer bugs injected into the packed model: the suite's own WikiText gate must catch each."""
+    case = _case(matrix, quant, "wikitext")
     broken = copy.deepcopy(workbench.quantized(case.model, case.quant_name, case.quant).model)
     for module in broken.modules():
         if isinstance(module, QuantLinear):
-            module.scales.mul_(2)
+            bug(module)
     _, tokenizer = workbench.baseline(case.model)
     task = workbench.task(case.model, "wikitext")
     limit = workbench.limits(case.model)["wikitext"]
@@ -47,3 +79,23 @@ def test_packed_weights_hold_the_memory_they_claim(matrix, workbench):
     bytes_per_weight = sum(model_bytes(m) for m in layers) / weights
     assert bytes_per_weight <= 0.585  # within 10% of the ideal 4.25 bits (issue #4)
     assert model_bytes(baseline) / model_bytes(quantized) >= 3.0  # embeddings stay fp32
+
+
+@torch.no_grad()
+def test_quantize_and_evaluate_again_gives_identical_metrics(matrix, workbench):
+    """The pipeline rerun from scratch (no cache) reproduces the cached result exactly, so gates do not flap."""
+    from quant.methods import get_method
+    from quant.qlinear import dequantized_weights
+
+    case = _case(matrix, "rtn-w4g128", "wikitext")
+    baseline_model, tokenizer = workbench.baseline(case.model)
+    model = copy.deepcopy(baseline_model)
+    get_method("rtn").quantize(model, case.quant)
+    task = workbench.task(case.model, "wikitext")
+    baseline = workbench.evaluate(case.model, "wikitext")
+    with dequantized_weights(model):
+        again = evaluate(model, tokenizer, task, workbench.items(case.model, "wikitext"),
+                         limit=workbench.limits(case.model)["wikitext"], reference=baseline)
+    cached = workbench.evaluate(case.model, "wikitext", case.quant_name)
+    assert again.metrics == cached.metrics
+    assert again.items == cached.items
