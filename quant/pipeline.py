@@ -25,7 +25,7 @@ from quant.methods import LayerRecord, get_method
 from quant.methods.base import replace_module
 from quant.models import ModelSpec, load_model
 from quant.qlinear import QuantLinear, dequantized_weights
-from quant.tasks import TaskResult, TaskSpec, evaluate, perplexity_windows, select_items
+from quant.tasks import TaskResult, TaskSpec, evaluate, perplexity_windows, select_items, uses_reference
 
 log = logging.getLogger("quant")
 
@@ -147,7 +147,7 @@ class Workbench:
         def compute() -> dict:
             _, tokenizer = self.baseline(spec)
             model = self.baseline(spec)[0] if config is None else self.quantized(spec, quant_name, config).model
-            reference = None if config is None else self.evaluate(spec, task_name)
+            reference = self.evaluate(spec, task_name) if config is not None and uses_reference(task) else None
             label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
             started = time.perf_counter()
             with dequantized_weights(model):

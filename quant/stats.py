@@ -52,7 +52,7 @@ def lower_is_better(metric: str) -> bool:
 def _columns(items: list[dict]) -> dict[str, np.ndarray]:
     keys = [k for k, v in items[0].items() if isinstance(v, (bool, int, float)) and not isinstance(v, str)]
     columns = {k: np.array([item[k] for item in items], dtype=float) for k in keys}
-    if "prediction" in items[0]:  # generations: whether an answer could be extracted at all
+    if "output" in items[0]:  # generations: whether an answer could be extracted at all
         columns["answered"] = np.array([item["prediction"] is not None for item in items], dtype=float)
     return columns
 

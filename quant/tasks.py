@@ -73,11 +73,16 @@ def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed:
     return chosen
 
 
+def uses_reference(task: TaskSpec) -> bool:
+    """Whether the task's evaluator compares with the baseline's result (perplexity: KLD)."""
+    return task.kind == "perplexity"
+
+
 def evaluate(model, tokenizer, task: TaskSpec, items: list[dict], limit: int | None = None,
              label: str = "", reference: TaskResult | None = None) -> TaskResult:
     """Score ``items`` with the task's evaluator; ``label`` names the run in the progress bar. Evaluators
-    that compare distributions (perplexity: KLD) take the baseline's result as ``reference``."""
-    extra = {"reference": reference} if task.kind == "perplexity" else {}
+    that compare distributions take the baseline's result as ``reference``."""
+    extra = {"reference": reference} if uses_reference(task) else {}
     return EVALUATORS[task.kind](model, tokenizer, task, items, limit=limit, label=label or task.name, **extra)
 
 
@@ -263,11 +268,11 @@ def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, lab
                 record["top_logprobs"] = [[round(v, 5) for v in token] for token in top.values.tolist()]
             else:
                 base = reference_by_id[record["id"]]
-                record["kld_tokens"] = [round(v, 6) for v in _top_k_kld(
-                    torch.tensor(base["top_logprobs"]), logprobs[row].gather(-1, torch.tensor(base["top_ids"]).to(device)).cpu()
-                ).tolist()]
-                same = logprobs[row].argmax(-1).cpu() == torch.tensor(base["top_ids"])[:, 0]
-                record["same_top"] = int(same.sum())
+                base_ids = torch.tensor(base["top_ids"])
+                quant_logprobs = logprobs[row].gather(-1, base_ids.to(device)).cpu()
+                kld = _top_k_kld(torch.tensor(base["top_logprobs"]), quant_logprobs)
+                record["kld_tokens"] = [round(v, 6) for v in kld.tolist()]
+                record["same_top"] = int((logprobs[row].argmax(-1).cpu() == base_ids[:, 0]).sum())
             records.append(record)
     total_nll = sum(r["nll"] for r in records)
     total_tokens = sum(r["tokens"] for r in records)
