@@ -6,9 +6,13 @@ PY := $(VENV)/bin/python
 export QUANT_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-PYTEST_ARGS ?= -m "not slow"
+# The default run leaves out slow cases and the benchmarks (make bench); both are listed as deselected/skipped.
+PYTEST_ARGS ?= -m "not slow" --benchmark-skip
+# Benchmark history: saved runs under .benchmarks/; compare fails on a median regression beyond this.
+BENCH_ARGS ?= -m "not slow and not gpu"
+BENCH_FAIL ?= median:25%
 
-.PHONY: report test setup clean-cache
+.PHONY: report test setup clean-cache bench bench-compare history
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,15 @@ report: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m pytest tests/benchmarks $(BENCH_ARGS) --benchmark-autosave
+
+bench-compare: setup
+	$(PY) -m pytest tests/benchmarks $(BENCH_ARGS) --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL)
+
+history: setup
+	$(PY) -m quant history
 
 clean-cache:
 	rm -rf .cache

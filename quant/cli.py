@@ -1,4 +1,5 @@
-"""Command line: ``python -m quant report`` evaluates the matrix and writes reports/latest.{md,json}."""
+"""Command line: ``python -m quant report`` evaluates the matrix and writes reports/latest.{md,json};
+``python -m quant history`` plots the saved benchmark runs."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import torch
 
 from quant import report
 from quant.config import DEFAULT_MATRIX, REPO_ROOT, ConfigError, data_dir
+from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.pipeline import Workbench
 
@@ -26,8 +28,19 @@ def main(argv: list[str] | None = None) -> int:
                      help="which models to run (default: gpu when CUDA is available, else cpu)")
     run.add_argument("-k", dest="select", default=None, help="only cases whose id contains this text")
     run.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    history = commands.add_parser("history", help="plot saved benchmark runs (.benchmarks/) to a PNG")
+    history.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
+                         help="pytest-benchmark storage folder (default: .benchmarks)")
+    history.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "history.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.command == "history":
+        try:
+            print(f"wrote {plot_history(args.storage, args.out)}")
+        except FileNotFoundError as error:
+            print(f"quant: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         matrix = load_matrix(args.matrix)
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,7 @@ from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
 
 GATE_FIELDS = ("retention_min", "ppl_ratio_max", "chance_margin", "min_correct", "correlation_min", "strict",
-               "kld_max", "same_top_min")
+               "kld_max", "same_top_min", "snapshot_tolerance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,8 @@ def load_matrix(path: Path = DEFAULT_MATRIX) -> Matrix:
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         gate = {**defaults, **{k: v for k, v in entry.items() if k in GATE_FIELDS}}
+        # a case's snapshot tolerances refine the defaults metric by metric
+        gate["snapshot_tolerance"] = {**defaults.get("snapshot_tolerance", {}), **entry.get("snapshot_tolerance", {})}
         for model_name in entry["models"]:
             for quant_name in entry["quant"]:
                 for task_name in entry["tasks"]:

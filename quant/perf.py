@@ -1,8 +1,18 @@
-"""Performance facts: what machine produced a result, and how much memory a model holds."""
+"""Performance, measured the way a user would feel it: time to first token (prefill of a fixed prompt), per-token
+decode time and tokens per second at batch 1 and at a larger batch, model bytes from the tensors, peak memory.
+
+On CUDA every timed region is bracketed by CUDA events and synchronised; on CPU the thread count is recorded
+with the result. Each figure is the median of ``repeats`` runs after ``warmup`` runs.
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,11 +20,33 @@ import transformers
 
 from quant.qlinear import model_bytes
 
-__all__ = ["machine_facts", "model_bytes"]
+__all__ = ["PerfSettings", "Timer", "decode", "machine_facts", "measure", "model_bytes", "peak_memory", "prefill"]
+
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def machine_facts(device: str = "cpu") -> dict[str, Any]:
-    """Recorded beside every result: device, library versions, thread count."""
+@dataclasses.dataclass(frozen=True)
+class PerfSettings:
+    """How long a measurement runs (matrix.yaml profiles.<profile>.<tier>.perf)."""
+
+    prompt_tokens: int = 512       # the prefill whose time is the time to first token
+    new_tokens: int = 32           # decode steps timed at batch 1
+    batch: int = 8                 # the batch for throughput at load
+    batch_prompt_tokens: int = 128
+    batch_new_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 3
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, int] | None) -> PerfSettings:
+        unknown = set(raw or {}) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown perf setting(s) {sorted(unknown)}")
+        return cls(**(raw or {}))
+
+
+def machine_facts(device: str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Recorded beside every result: device, library versions, thread count, dtype."""
     facts = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -25,6 +57,96 @@ def machine_facts(device: str = "cpu") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "device": device,
     }
+    if dtype is not None:
+        facts["dtype"] = str(dtype).removeprefix("torch.")
     if device.startswith("cuda") and torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name()
     return facts
+
+
+class Timer:
+    """Seconds taken by a callable: CUDA events around it on a GPU (asynchronous kernels), else the wall clock."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, work: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            work()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Run the prompt; return the KV cache and the first generated token (greedy)."""
+    out = model(ids, use_cache=True)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode ``steps`` tokens one at a time on the KV cache (which grows in place)."""
+    for _ in range(steps):
+        out = model(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return token
+
+
+def peak_memory(device: str, reset: bool = False) -> int | None:
+    """Peak bytes since the last reset: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS
+    (VmHWM, reset through /proc/self/clear_refs) on Linux CPUs; None where neither exists."""
+    if device.startswith("cuda"):
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated()
+    if not PROC_STATUS.exists():
+        return None
+    if reset:
+        PROC_CLEAR_REFS.write_text("5")
+    line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _median(timer: Timer, settings: PerfSettings, setup: Callable[[], Any], work: Callable[[Any], Any]) -> float:
+    """Median seconds of ``work(setup())`` over the repeats, after the warm-up runs; setup is not timed."""
+    times = []
+    for round_number in range(settings.warmup + settings.repeats):
+        state = setup()
+        seconds = timer(lambda: work(state))
+        if round_number >= settings.warmup:
+            times.append(seconds)
+    return statistics.median(times)
+
+
+def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings: PerfSettings) -> dict[str, Any]:
+    """Latency, throughput and memory of ``model`` on ``prompt`` (token ids, at least ``prompt_tokens`` long)."""
+    timer = Timer(device)
+    ids = prompt[:, : settings.prompt_tokens].to(device)
+    batch_ids = prompt[:, : settings.batch_prompt_tokens].repeat(settings.batch, 1).to(device)
+    peak_memory(device, reset=True)
+    ttft = _median(timer, settings, lambda: None, lambda _: prefill(model, ids))
+    decode_seconds = _median(timer, settings, lambda: prefill(model, ids),
+                             lambda state: decode(model, *state, settings.new_tokens))
+    batch_seconds = _median(timer, settings, lambda: prefill(model, batch_ids),
+                            lambda state: decode(model, *state, settings.batch_new_tokens))
+    return {
+        "ttft_ms": ttft * 1000,
+        "decode_ms_per_token": decode_seconds / settings.new_tokens * 1000,
+        "decode_tokens_per_s": settings.new_tokens / decode_seconds,
+        # the reference study's throughput: output tokens over the whole request, prefill included
+        "output_tokens_per_s": settings.new_tokens / (ttft + decode_seconds),
+        "batch": settings.batch,
+        "batch_decode_tokens_per_s": settings.batch * settings.batch_new_tokens / batch_seconds,
+        "peak_memory_bytes": peak_memory(device),
+        "model_bytes": model_bytes(model),
+        "threads": torch.get_num_threads(),
+        "settings": dataclasses.asdict(settings),
+    }

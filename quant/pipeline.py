@@ -16,15 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
-from quant import stats
+from quant import snapshots, stats
 from quant.cache import cached_dir, cached_json
 from quant.config import QuantConfig
 from quant.data import calibration_windows
 from quant.matrix import Case, Matrix
 from quant.methods import LayerRecord, get_method
 from quant.methods.base import replace_module
+from quant.kernels import use_fast_kernels
 from quant.models import ModelSpec, load_model
-from quant.qlinear import QuantLinear, dequantized_weights
+from quant.perf import PerfSettings, measure
+from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
 from quant.tasks import TaskResult, TaskSpec, evaluate, perplexity_windows, select_items, uses_reference
 
 log = logging.getLogger("quant")
@@ -62,6 +64,7 @@ class Workbench:
         self._baselines: dict[str, tuple[torch.nn.Module, Any]] = {}
         self._quantized: dict[tuple[str, str], Quantized] = {}
         self._items: dict[tuple[str, str], list[dict]] = {}
+        self._wikitext: dict[str, torch.Tensor] = {}
 
     # ---- models ----
     def baseline(self, spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
@@ -81,12 +84,44 @@ class Workbench:
     def calibration_config(self, spec: ModelSpec, config: QuantConfig) -> QuantConfig:
         return dataclasses.replace(config, calib_samples=self.limits(spec).get("calib_samples", config.calib_samples))
 
+    def wikitext_ids(self, spec: ModelSpec) -> torch.Tensor:
+        """The WikiText-2 test text as one row of token ids (calibration and the timing prompt come from it)."""
+        if spec.name not in self._wikitext:
+            _, tokenizer = self.baseline(spec)
+            text = select_items(self.matrix.tasks[CALIBRATION_SOURCE], self.data_dir, None, 0)[0]["text"]
+            self._wikitext[spec.name] = torch.cat(perplexity_windows(tokenizer, text, 1))
+        return self._wikitext[spec.name]
+
     def calibration(self, spec: ModelSpec, config: QuantConfig) -> torch.Tensor:
         """Calibration token ids from the WikiText-2 test text, outside the evaluation windows."""
-        _, tokenizer = self.baseline(spec)
-        text = select_items(self.matrix.tasks[CALIBRATION_SOURCE], self.data_dir, None, 0)[0]["text"]
-        ids = torch.cat(perplexity_windows(tokenizer, text, 1))
+        ids = self.wikitext_ids(spec)
         return calibration_windows(ids, config.calib_samples, config.calib_tokens, config.calib_seed)
+
+    # ---- performance ----
+    def perf_settings(self, spec: ModelSpec) -> PerfSettings:
+        return PerfSettings.from_dict(self.limits(spec).get("perf"))
+
+    def runnable(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None
+                 ) -> tuple[torch.nn.Module, str]:
+        """The model as it would be served, and the kernel that runs it: the baseline (optionally cast to
+        ``dtype``), or a quantized model with its packed layers on the fastest kernel this device has."""
+        baseline, _ = self.baseline(spec)
+        if quant_name is None:
+            model = baseline if dtype in (None, baseline.dtype) else copy.deepcopy(baseline).to(dtype)
+            return model, f"dense {str(model.dtype).removeprefix('torch.')} (torch.nn.functional.linear)"
+        quant = self.matrix.quant[quant_name]
+        model = copy.deepcopy(self.quantized(spec, quant_name, quant).model)
+        return model, use_fast_kernels(model).describe()
+
+    def performance(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None
+                    ) -> dict[str, Any]:
+        """Latency, throughput and memory (perf.measure) of a baseline or quantized model, with its kernel.
+        Measured afresh every time: timings describe this machine now, so they are never cached."""
+        model, kernel = self.runnable(spec, quant_name, dtype)
+        label = f"{spec.name} {quant_name or 'baseline'} {str(dtype or '').removeprefix('torch.')}".strip()
+        log.info("timing %s on %s", label, kernel)
+        return {**measure(model, self.wikitext_ids(spec)[None], self.device, self.perf_settings(spec)),
+                "kernel": kernel, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
     def quantized(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:
         config = self.calibration_config(spec, config)
@@ -162,6 +197,26 @@ class Workbench:
         baseline = self.evaluate(case.model, case.task.name)
         quantized = self.evaluate(case.model, case.task.name, case.quant_name)
         return self.judge(case, baseline, quantized, metric)
+
+    def snapshot(self, case: Case, comparison: Comparison | None = None) -> dict[str, Any]:
+        """What ``baselines/`` records for a case: its metrics (baseline and quantized) with tolerances, and the
+        identities that must not move: the items, the quantization config, the packed model's bytes.
+        ``comparison`` defaults to the case's own (cached) one."""
+        comparison = comparison or self.compare(case)
+        config = self.calibration_config(case.model, case.quant)
+        quantized = self.quantized(case.model, case.quant_name, config)
+        exact = {
+            "n": comparison.baseline.n,
+            "items": snapshots.fingerprint([item["id"] for item in self.items(case.model, case.task.name)]),
+            "config": snapshots.fingerprint(config.to_dict()),
+            "model_bytes": model_bytes(quantized.model),
+            "quantized_layers": sum(r.bits is not None for r in quantized.records),
+            "fallback_layers": sum(r.fallback is not None for r in quantized.records),
+        }
+        metrics = {f"{side}.{name}": value for side, result in (("baseline", comparison.baseline),
+                                                                 ("quantized", comparison.quantized))
+                   for name, value in result.metrics.items()}
+        return snapshots.record(exact, metrics, case.gate["snapshot_tolerance"])
 
     @staticmethod
     def judge(case: Case, baseline: TaskResult, quantized: TaskResult, metric: str | None = None) -> Comparison:

@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from quant.matrix import Case
 from quant.pipeline import Comparison, Workbench, task_metrics
-from quant.perf import model_bytes
+from quant.perf import machine_facts, model_bytes
 
 log = logging.getLogger("quant")
 
@@ -33,6 +35,16 @@ NOTES = [
     "Accuracy is computed with weights dequantized once per evaluation (bit-identical to the per-call "
     "reference); memory is measured on the packed model.",
 ]
+
+
+PERF_NOTE = (
+    "Batch 1 unless stated: time to first token = prefill of the first WikiText-2 tokens (perf settings in "
+    "matrix.yaml, recorded per row in latest.json); decode "
+    "= greedy steps on the KV cache; output tok/s = generated tokens over prefill + decode (the reference study's "
+    "throughput). Medians after warm-up. Model MB counts the tensors as they run (the fast kernels' tiled codes "
+    "and fp32 scale/offset pairs); peak memory is the process's peak RSS during the timing (every model the "
+    "run holds), or torch.cuda.max_memory_allocated on a GPU."
+)
 
 
 def describe(comparison: Comparison) -> str:
@@ -107,7 +119,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     header = ["model", "method", "config", "task", "metric", "n", "baseline", "quantized", "retention [95% CI]",
-              "flips (c→w / w→c)", "McNemar p", "chance", "mean KLD / same top", "MB base → quant (×)", "verdict"]
+              "flips (c→w / w→c)", "McNemar p", "chance", "mean KLD / same top", "MB base → quant (×)",
+              "TTFT ms / decode tok/s [kernel]", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
         if row.get("skipped_reason"):
@@ -122,9 +135,11 @@ def markdown(report: dict[str, Any]) -> str:
                           else f"{row['mean_kld']:.4f} / {row['same_top_p']:.3f}")
             memory = (f"{row['model_bytes_baseline'] / 1e6:.0f} → {row['model_bytes_quantized'] / 1e6:.0f} "
                       f"({row['memory_reduction']:.2f}×)")
+            speed = ("not timed" if row.get("ttft_ms") is None else
+                     f"{row['ttft_ms']:.0f} / {row['decode_tokens_per_s']:.1f} [{row['kernel']}]")
             cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
                      _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval, flips,
-                     _fmt(row["mcnemar_p"]), _fmt(row["chance"]), divergence, memory, row["verdict"]]
+                     _fmt(row["mcnemar_p"]), _fmt(row["chance"]), divergence, memory, speed, row["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -141,6 +156,25 @@ def quantization_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def performance_table(report: dict[str, Any]) -> str:
+    header = ["model", "variant", "dtype", "kernel", "TTFT ms (prefill)", "decode ms/token", "decode tok/s",
+              "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
+              "peak memory MB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in report.get("performance", []):
+        if row.get("skipped_reason"):
+            cells = [row["model"], row["quant"]] + [""] * (len(header) - 3) + [f"not timed: {row['skipped_reason']}"]
+        else:
+            peak = row["peak_memory_bytes"]
+            cells = [row["model"], row["quant"], row["dtype"], row["kernel"], _fmt(row["ttft_ms"], 0),
+                     _fmt(row["decode_ms_per_token"], 1), _fmt(row["decode_tokens_per_s"], 1),
+                     _fmt(row["output_tokens_per_s"], 1), f"{row['batch_decode_tokens_per_s']:.1f} (batch {row['batch']})",
+                     f"{row['model_bytes'] / 1e6:.0f}", _fmt(row.get("memory_reduction"), 2),
+                     _fmt(row.get("decode_speedup"), 2), "–" if peak is None else f"{peak / 1e6:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "latest.json", folder / "latest.md"
@@ -148,21 +182,55 @@ def write(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     machine = ", ".join(f"{k}={v}" for k, v in report["machine"].items())
     text = [
         "# quant report", "", f"Command: `{report['command']}`  ", f"Profile: `{report['profile']}`  ",
-        f"Machine: {machine}", "", markdown(report), "", "## Quantization", "", quantization_table(report), "",
+        f"Machine: {machine}", "", markdown(report), "", "## Performance", "", PERF_NOTE, "",
+        performance_table(report), "", "## Quantization", "", quantization_table(report), "",
         "## Notes", "", *[f"- {note}" for note in NOTES], "",
     ]
     md_path.write_text("\n".join(text))
     return json_path, md_path
 
 
-def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str]], command: str) -> dict[str, Any]:
-    from quant.perf import machine_facts
+PERF_COLUMNS = ("kernel", "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s", "batch_decode_tokens_per_s")
 
+
+def performance_rows(workbench: Workbench, cases: list[Case]) -> list[dict[str, Any]]:
+    """One timing per model variant the cases use: the baseline in its own dtype (and in bf16 when that is
+    fp32, the cheap alternative a user would compare with), and each quantized model on its fastest kernel."""
+    variants: dict[tuple[str, str | None, Any], Case] = {}
+    for case in cases:
+        dtypes = [None, torch.bfloat16] if case.model.dtype == "float32" else [None]
+        variants.update({(case.model.name, None, dtype): case for dtype in dtypes})
+        variants[(case.model.name, case.quant_name, None)] = case
+    rows = []
+    for number, ((model, quant_name, dtype), case) in enumerate(variants.items(), start=1):
+        label = quant_name or "baseline" + (f"-{str(dtype).removeprefix('torch.')}" if dtype else "")
+        row = {"model": model, "quant": label}
+        log.info("timing %d/%d: %s %s", number, len(variants), model, label)
+        try:
+            rows.append({**row, **workbench.performance(case.model, quant_name, dtype)})
+        except Exception as error:  # a variant that cannot be timed is a row that says why, not a hole
+            log.error("timing %s %s: %s", model, quant_name, error)
+            rows.append({**row, "skipped_reason": f"{type(error).__name__}: {error}"})
+    baseline = {r["model"]: r for r in rows if r["quant"] == "baseline" and not r.get("skipped_reason")}
+    for row in rows:
+        reference = baseline.get(row["model"])
+        if reference and not row.get("skipped_reason"):
+            row["memory_reduction"] = reference["model_bytes"] / row["model_bytes"]
+            row["decode_speedup"] = row["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+    return rows
+
+
+def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str]], command: str) -> dict[str, Any]:
     rows = []
     for number, case in enumerate(cases, start=1):
         log.info("case %d/%d: %s", number, len(cases), case.id)
         rows += case_rows(workbench, case)
     for case, reason in skipped:
         rows += skipped_rows(case, reason)
+    performance = performance_rows(workbench, cases)
+    timings = {(p["model"], p["quant"]): p for p in performance if not p.get("skipped_reason")}
+    for row in rows:  # each accuracy row carries the speed of the model that produced it
+        timing = timings.get((row["model"], row.get("quant")), {})
+        row.update({column: timing.get(column) for column in PERF_COLUMNS})
     return {"machine": machine_facts(workbench.device), "command": command, "profile": workbench.profile,
-            "rows": rows}
+            "rows": rows, "performance": performance}

@@ -45,8 +45,11 @@ def _aggregate(metric: str) -> Callable[[dict[str, np.ndarray]], float]:
     return lambda c: float(c[f"correct_{metric}"].mean())  # generation extractions (strict-match, ...)
 
 
+LOWER_IS_BETTER = frozenset({"perplexity", "mean_kld", "p99_kld"})
+
+
 def lower_is_better(metric: str) -> bool:
-    return metric == "perplexity"
+    return metric in LOWER_IS_BETTER
 
 
 def _columns(items: list[dict]) -> dict[str, np.ndarray]:

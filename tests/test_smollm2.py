@@ -1,10 +1,12 @@
 """End-to-end properties on the embedded model (smollm2-135m), sharing the matrix tests' cached results."""
 import copy
+import json
 
 import pytest
 import torch
 
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
+from quant.snapshots import regressions
 from quant.tasks import evaluate
 
 MODEL = "smollm2-135m"
@@ -54,8 +56,9 @@ def _permutation_not_undone(layer: QuantLinear) -> None:
     ("rtn-w4g32-asym", _zero_point_off_by_one), ("rtn-w4g128", _permutation_not_undone),
 ], ids=["doubled-scales", "wrong-rounding", "transposed-groups", "zero-point-off-by-one", "permutation-not-undone"])
 @torch.no_grad()
-def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug):
-    """Known quantizer bugs injected into the packed model: the suite's own WikiText gate must catch each."""
+def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, snapshot_folder, quant, bug):
+    """Known quantizer bugs injected into the packed model: the suite's own WikiText gate must catch each, and so
+    must the committed snapshot of the case, with the old and new perplexity and the tolerance in its message."""
     case = _case(matrix, quant, "wikitext")
     broken = copy.deepcopy(workbench.quantized(case.model, case.quant_name, case.quant).model)
     for module in broken.modules():
@@ -66,8 +69,12 @@ def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug)
     limit = workbench.limits(case.model)["wikitext"]
     baseline = workbench.evaluate(case.model, "wikitext")
     result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit, reference=baseline)
-    verdict = workbench.judge(case, baseline, result).verdict
-    assert verdict.failed, verdict.reason
+    comparison = workbench.judge(case, baseline, result)
+    assert comparison.verdict.failed, comparison.verdict.reason
+    stored = json.loads((snapshot_folder / "test_matrix.json").read_text())[f"test_snapshot[{case.id}]"]
+    problems = regressions(stored, workbench.snapshot(case, comparison))
+    perplexity = [p for p in problems if p.startswith("quantized.perplexity: ")]
+    assert perplexity and "tolerance" in perplexity[0], problems
 
 
 def test_packed_weights_hold_the_memory_they_claim(matrix, workbench):

@@ -1,0 +1,125 @@
+"""Fast paths for packed 4-bit layers: torch's own weight-only int4 matmuls, behind the QuantLinear interface.
+
+QuantLinear (dequantize in forward) is the correctness reference and the storage format; ``use_fast_kernels``
+swaps each layer that a kernel supports for an ``Int4Linear`` holding the same codes in the kernel's tiled
+layout, and leaves the rest on the reference with the reason. The kernels compute ``(q - 8) * scale + zero``
+per group, so a zero-point ``z`` becomes the float offset ``(8 - z) * scale`` (0 for the symmetric grid).
+
+- CPU: ``aten._weight_int4pack_mm_for_cpu`` (torch's AVX2/AVX-512 int4 GEMM, fp32/bf16 activations).
+- CUDA: ``aten._weight_int4pack_mm`` (tinygemm, the kernel behind torchao's int4 weight-only layout; bf16).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+from torch import nn
+
+from quant.methods.base import replace_module
+from quant.qlinear import QuantLinear
+
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def inner_k_tiles(in_features: int) -> int | None:
+    """The widest tiling of the input dimension (16 x 8, 4 or 2 columns) that divides it."""
+    return next((tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    name: str
+    activation_dtype: torch.dtype | None  # None: the model's own dtype
+
+    @staticmethod
+    def for_device(device_type: str) -> Kernel:
+        if device_type == "cuda":
+            return Kernel("aten._weight_int4pack_mm (tinygemm, CUDA)", torch.bfloat16)
+        return Kernel("aten._weight_int4pack_mm_for_cpu", None)
+
+
+def unsupported_reason(layer: QuantLinear) -> str | None:
+    """Why a layer must stay on the reference path, or None when the int4 kernels take it."""
+    if layer.bits != 4:
+        return f"{layer.bits}-bit codes (the kernels are 4-bit)"
+    if layer.group_size not in KERNEL_GROUP_SIZES:
+        return f"group size {layer.group_size} (the kernels take {'/'.join(map(str, KERNEL_GROUP_SIZES))})"
+    if inner_k_tiles(layer.in_features) is None or layer.out_features % 16:
+        return f"shape {layer.out_features}x{layer.in_features} does not tile"
+    return None
+
+
+class Int4Linear(nn.Module):
+    """A 4-bit QuantLinear repacked for torch's int4 weight-only matmul on the layer's device."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        reason = unsupported_reason(layer)
+        if reason:
+            raise ValueError(f"Int4Linear cannot take this layer: {reason}")
+        device = layer.qweight.device
+        self.kernel = Kernel.for_device(device.type)
+        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        codes, tiles = layer.codes().to(torch.int32), inner_k_tiles(layer.in_features)
+        scales = layer.scales.float()
+        offsets = (8 - layer.zeros().to(device)) * scales
+        dtype = self.kernel.activation_dtype or torch.float32
+        # [n_groups, out, 2]: the kernels read a group's scale and offset as one word
+        self.register_buffer("scales_and_zeros", torch.stack([scales, offsets], -1).transpose(0, 1).contiguous().to(dtype))
+        if device.type == "cuda":
+            nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles))
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, tiles))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
+        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        compute = self.kernel.activation_dtype or self.scales_and_zeros.dtype
+        x = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        x = x.to(compute).contiguous()
+        if x.device.type == "cuda":
+            out = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        out = out.to(dtype).reshape(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+@dataclasses.dataclass
+class KernelPlan:
+    """Which kernel runs the model's quantized layers, for the report beside every timing."""
+
+    kernel: str
+    fast_layers: int
+    reference_layers: Counter  # reason -> count
+
+    def describe(self) -> str:
+        if not self.fast_layers and not self.reference_layers:
+            return "dense (no quantized layers)"
+        text = f"{self.kernel} ({self.fast_layers} layers)" if self.fast_layers else ""
+        rest = ", ".join(f"{n} on the dequantizing reference: {reason}" for reason, n in self.reference_layers.items())
+        return "; ".join(part for part in (text, rest) if part)
+
+
+def use_fast_kernels(model: nn.Module) -> KernelPlan:
+    """Replace, in place, every QuantLinear a fast kernel supports; the others stay on the reference."""
+    kernel = Kernel.for_device(next(model.buffers()).device.type).name
+    fast, reference = 0, Counter()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLinear):
+            continue
+        reason = unsupported_reason(module)
+        if reason:
+            reference[reason] += 1
+        else:
+            replace_module(model, name, Int4Linear(module))
+            fast += 1
+    return KernelPlan(kernel, fast, reference)

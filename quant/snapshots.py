@@ -1,0 +1,94 @@
+"""Snapshot baselines: what a regression case records (``baselines/<hardware>/<profile>/``), and how a new run is
+compared with it: metrics within a direction-aware tolerance, identities (item ids, config, packed bytes) exactly.
+
+A record is plain JSON, so that it can be reviewed in a pull request like code:
+
+    {"exact": {"items": "3f2a...", "config": "9b1c...", "model_bytes": 168912384, ...},
+     "metrics": {"quantized.perplexity": {"value": 53.04, "worse": "higher", "tolerance": {"rel": 0.01}}, ...}}
+
+The tolerance stored beside a value is documentation; the comparison uses the tolerance of the current run
+(from matrix.yaml), so that loosening a tolerance does not require rewriting every snapshot.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import torch
+
+from quant.stats import lower_is_better
+
+SIGNIFICANT_DIGITS = 6  # stored precision: far below any tolerance, stable across reruns
+
+
+def fingerprint(value: Any) -> str:
+    """A short hash of a JSON-able value: item ids, a quantization config."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hardware_class(device: str) -> str:
+    """The snapshot folder for this machine: ``cpu``, or the GPU's model (``h100``, ``a100``, ``l4``...)."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for token in name.replace("-", " ").split():
+        if any(c.isdigit() for c in token) and token[0].isalpha():
+            return token
+    return name.split()[-1]
+
+
+def tolerance_allows(tolerance: dict[str, float], old: float, n: int | None) -> float:
+    """How far ``new`` may move from ``old`` in the worse direction: ``abs``, ``rel`` (of ``old``) or ``items``
+    (that many items out of ``n`` flipping, for per-item accuracies); the largest applies."""
+    allowed = [0.0]
+    if "abs" in tolerance:
+        allowed.append(tolerance["abs"])
+    if "rel" in tolerance:
+        allowed.append(tolerance["rel"] * abs(old))
+    if "items" in tolerance and n:
+        allowed.append(tolerance["items"] / n)
+    return max(allowed)
+
+
+def metric_entry(name: str, value: float, tolerances: dict[str, dict[str, float]]) -> dict[str, Any]:
+    metric = name.split(".", 1)[-1]
+    return {"value": float(f"{value:.{SIGNIFICANT_DIGITS}g}"),
+            "worse": "higher" if lower_is_better(metric) else "lower",
+            "tolerance": tolerances.get(metric, {})}
+
+
+def record(exact: dict[str, Any], metrics: dict[str, float], tolerances: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A case's snapshot: identities compared exactly, metrics with their direction and tolerance."""
+    return {"exact": dict(sorted(exact.items())),
+            "metrics": {name: metric_entry(name, value, tolerances) for name, value in sorted(metrics.items())}}
+
+
+def regressions(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Why ``current`` is a regression from ``stored``, one readable line per reason; empty when it is not.
+
+    A metric that moved in the better direction, or within the current tolerance, is not a regression.
+    """
+    problems = []
+    for key in sorted(set(stored["exact"]) | set(current["exact"])):
+        old, new = stored["exact"].get(key), current["exact"].get(key)
+        if old != new:
+            problems.append(f"{key}: must not change: snapshot {old!r}, now {new!r}")
+    n = current["exact"].get("n")
+    for name in sorted(set(stored["metrics"]) | set(current["metrics"])):
+        if name not in current["metrics"]:
+            problems.append(f"{name}: in the snapshot ({stored['metrics'][name]['value']}) but no longer measured")
+            continue
+        if name not in stored["metrics"]:
+            problems.append(f"{name}: measured ({current['metrics'][name]['value']}) but not in the snapshot "
+                            "(run pytest --snapshot-update to record it)")
+            continue
+        old, entry = stored["metrics"][name]["value"], current["metrics"][name]
+        new, tolerance = entry["value"], entry["tolerance"]
+        worsened = new - old if entry["worse"] == "higher" else old - new
+        allowed = tolerance_allows(tolerance, old, n)
+        if math.isnan(new) or worsened > allowed:
+            problems.append(f"{name}: {old} -> {new} ({entry['worse']} is worse): worse by {worsened:.6g}, "
+                            f"tolerance {json.dumps(tolerance) if tolerance else 'none (exact)'} allows {allowed:.6g}")
+    return problems

@@ -1,0 +1,75 @@
+"""The fast int4 path agrees with the dequantizing reference; what it cannot take stays on the reference."""
+import copy
+
+import pytest
+import torch
+
+from quant.config import QuantConfig
+from quant.kernels import Int4Linear, unsupported_reason, use_fast_kernels
+from quant.methods import get_method
+from quant.qlinear import QuantLinear
+
+# Stated tolerance: the kernels accumulate in another order than the reference's dense matmul (fp32 on CPU),
+# so outputs may differ by rounding, never by a quantization step: |fast - ref| <= 1e-5 x max|ref|.
+RELATIVE_TOLERANCE = 1e-5
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _layer(out_features, in_features, group_size, sym, bits=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (out_features, in_features), generator=generator)
+    scales = torch.rand(out_features, in_features // group_size, generator=generator) * 0.01 + 1e-3
+    zeros = torch.randint(0, 2**bits, scales.shape, generator=generator).float()
+    bias = torch.randn(out_features, generator=generator)
+    input_scale = torch.rand(in_features, generator=generator) + 0.5
+    return QuantLinear.from_quantized(q, scales, zeros, bits, group_size, sym, bias=bias, input_scale=input_scale)
+
+
+def _assert_agrees(fast, reference):
+    scale = reference.abs().max()
+    assert (fast - reference).abs().max() <= RELATIVE_TOLERANCE * scale, float((fast - reference).abs().max() / scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,group_size", [((1536, 576), 64), ((576, 1536), 128), ((192, 576), 32), ((64, 256), 256)])
+@pytest.mark.parametrize("sym", [True, False])
+@torch.no_grad()
+def test_int4_kernel_matches_the_reference(device, shape, group_size, sym):
+    layer = _layer(*shape, group_size, sym).to(device)
+    fast = Int4Linear(layer)
+    for tokens in (1, 7):  # decode and prefill shapes
+        x = torch.randn(2, tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(device)
+        _assert_agrees(fast(x).float(), layer(x).float())
+
+
+@pytest.mark.parametrize("bits,group_size,shape,reason", [
+    (3, 64, (64, 128), "3-bit codes"), (4, 16, (64, 128), "group size 16"), (4, 32, (24, 96), "does not tile"),
+])
+def test_layers_the_kernel_cannot_take_say_why(bits, group_size, shape, reason):
+    layer = _layer(*shape, group_size, sym=True, bits=bits)
+    assert reason in unsupported_reason(layer)
+    with pytest.raises(ValueError, match=reason):
+        Int4Linear(layer)
+
+
+@torch.no_grad()
+def test_a_quantized_model_on_the_fast_path_gives_the_reference_logits(tiny_llama, calibration_ids):
+    get_method("rtn").quantize(tiny_llama, QuantConfig(method="rtn", bits=4, group_size=32))
+    fast = copy.deepcopy(tiny_llama)
+    plan = use_fast_kernels(fast)
+    quantized = sum(isinstance(m, QuantLinear) for m in tiny_llama.modules())
+    assert plan.fast_layers == quantized and not plan.reference_layers
+    assert not any(isinstance(m, QuantLinear) for m in fast.modules())
+    _assert_agrees(fast(calibration_ids).logits, tiny_llama(calibration_ids).logits)
+    assert "_weight_int4pack_mm" in plan.describe()
+
+
+@torch.no_grad()
+def test_mixed_models_keep_unsupported_layers_on_the_reference(tiny_llama, calibration_ids):
+    config = QuantConfig.from_dict({"method": "rtn", "bits": 4, "group_size": 32, "layer_overrides": {"down_proj": {"bits": 3}}})
+    get_method("rtn").quantize(tiny_llama, config)
+    fast = copy.deepcopy(tiny_llama)
+    plan = use_fast_kernels(fast)
+    assert plan.reference_layers == {"3-bit codes (the kernels are 4-bit)": 2}  # one down_proj per block
+    assert "2 on the dequantizing reference: 3-bit codes" in plan.describe()
+    _assert_agrees(fast(calibration_ids).logits, tiny_llama(calibration_ids).logits)

@@ -1,0 +1,43 @@
+"""perf.measure on a tiny model: every figure present and consistent; the peak-memory reset really resets."""
+import pytest
+import torch
+
+from quant.config import QuantConfig
+from quant.kernels import use_fast_kernels
+from quant.methods import get_method
+from quant.perf import PerfSettings, machine_facts, measure, peak_memory
+
+SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
+                     warmup=0, repeats=1)
+
+
+def test_measure_reports_latency_throughput_and_memory(tiny_llama, calibration_ids):
+    get_method("rtn").quantize(tiny_llama, QuantConfig(method="rtn", bits=4, group_size=32))
+    use_fast_kernels(tiny_llama)
+    result = measure(tiny_llama, calibration_ids[:1], "cpu", SHORT)
+    assert result["decode_tokens_per_s"] == pytest.approx(1000 / result["decode_ms_per_token"])
+    assert result["output_tokens_per_s"] < result["decode_tokens_per_s"]  # the prefill counts against it
+    assert result["ttft_ms"] > 0 and result["batch_decode_tokens_per_s"] > 0
+    assert result["batch"] == 2 and result["settings"]["new_tokens"] == 4
+    assert result["threads"] == torch.get_num_threads()
+
+
+def test_peak_memory_reset_forgets_an_earlier_peak():
+    if peak_memory("cpu") is None:
+        pytest.skip("no /proc/self/status on this platform: peak RSS is not measured here")
+    peak_memory("cpu", reset=True)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    with_block = peak_memory("cpu")
+    del block
+    after_reset = peak_memory("cpu", reset=True)
+    assert with_block - after_reset >= 48 * 2**20
+
+
+def test_unknown_perf_settings_are_refused():
+    with pytest.raises(ValueError, match="prompt_token"):
+        PerfSettings.from_dict({"prompt_token": 512})
+
+
+def test_machine_facts_name_the_dtype_and_threads():
+    facts = machine_facts("cpu", torch.bfloat16)
+    assert facts["dtype"] == "bfloat16" and facts["torch_threads"] == torch.get_num_threads()

@@ -1,0 +1,77 @@
+"""Snapshot baselines: direction-aware tolerances, exact identities, and the syrupy extension's files and failures."""
+import json
+
+from quant.snapshots import record, regressions
+
+TOLERANCES = {"perplexity": {"rel": 0.01}, "accuracy": {"items": 1}}
+
+
+def _record(perplexity=50.0, accuracy=0.5, model_bytes=1000, n=20):
+    return record({"n": n, "model_bytes": model_bytes},
+                  {"quantized.perplexity": perplexity, "quantized.accuracy": accuracy}, TOLERANCES)
+
+
+def test_within_tolerance_or_better_is_not_a_regression():
+    stored = _record()
+    assert regressions(stored, _record(perplexity=50.4)) == []  # +0.8% < 1%
+    assert regressions(stored, _record(accuracy=0.45)) == []    # one item of 20
+    assert regressions(stored, _record(perplexity=30.0, accuracy=0.9)) == []  # better is not a regression
+
+
+def test_a_drop_beyond_tolerance_names_old_new_and_tolerance():
+    problems = regressions(_record(), _record(perplexity=51.0, accuracy=0.35))
+    assert len(problems) == 2
+    assert problems[0].startswith("quantized.accuracy: 0.5 -> 0.35 (lower is worse)")
+    assert '{"items": 1} allows 0.05' in problems[0]
+    assert problems[1].startswith("quantized.perplexity: 50.0 -> 51.0 (higher is worse)")
+    assert '{"rel": 0.01} allows 0.5' in problems[1]
+
+
+def test_identities_must_not_move_and_metrics_must_not_vanish():
+    changed = _record(model_bytes=1001)
+    del changed["metrics"]["quantized.accuracy"]
+    problems = regressions(_record(), changed)
+    assert "model_bytes: must not change: snapshot 1000, now 1001" in problems
+    assert any(p.startswith("quantized.accuracy: in the snapshot") for p in problems)
+
+
+def test_a_metric_without_tolerance_must_match_exactly():
+    stored = record({}, {"baseline.mrr@10": 0.5}, {})
+    assert regressions(stored, record({}, {"baseline.mrr@10": 0.5}, {})) == []
+    assert regressions(stored, record({}, {"baseline.mrr@10": 0.49}, {}))
+
+
+SNAPSHOT_TEST = """
+import pytest
+from quant.snapshots import record
+from tests.snapshot_extension import MetricsSnapshotExtension
+
+@pytest.fixture
+def metrics_snapshot(snapshot):
+    folder = {folder!r}
+    return snapshot.use_extension(type("Bound", (MetricsSnapshotExtension,), {{"directory": folder}}))
+
+def test_case(metrics_snapshot):
+    assert metrics_snapshot == record({{"n": 6}}, {{"quantized.perplexity": {perplexity}}}, {{"perplexity": {{"rel": 0.01}}}})
+"""
+
+
+def _run(pytester, folder, perplexity, *args):
+    pytester.makepyfile(test_quantizer=SNAPSHOT_TEST.format(folder=str(folder), perplexity=perplexity))
+    return pytester.runpytest("-p", "no:cacheprovider", *args)
+
+
+def test_syrupy_extension_records_compares_and_explains(pytester, tmp_path):
+    folder = tmp_path / "baselines" / "cpu" / "test"
+    _run(pytester, folder, 50.0, "--snapshot-update").assert_outcomes(passed=1)
+    stored = json.loads((folder / "test_quantizer.json").read_text())
+    assert stored["test_case"]["metrics"]["quantized.perplexity"]["value"] == 50.0
+
+    _run(pytester, folder, 50.2).assert_outcomes(passed=1)  # within 1%
+    result = _run(pytester, folder, 53.0)  # a quantizer change that costs 6% perplexity
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*quantized.perplexity: 50.0 -> 53.0 (higher is worse)*tolerance*allows 0.5*"])
+    # an update within tolerance leaves the committed file alone (no churn in review)
+    before = (folder / "test_quantizer.json").read_bytes()
+    _run(pytester, folder, 50.2, "--snapshot-update").assert_outcomes(passed=1)
+    assert (folder / "test_quantizer.json").read_bytes() == before
