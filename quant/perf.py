@@ -86,8 +86,9 @@ class Timer:
 
 @torch.no_grad()
 def prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """Run the prompt; return the KV cache and the first generated token (greedy)."""
-    out = model(ids, use_cache=True)
+    """Run the prompt; return the KV cache and the first generated token (greedy). Only the last position's
+    logits are computed, as in generation (the vocabulary projection of every prompt token is not needed)."""
+    out = model(ids, use_cache=True, logits_to_keep=1)
     return out.past_key_values, out.logits[:, -1:].argmax(-1)
 
 

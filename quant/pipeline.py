@@ -23,7 +23,7 @@ from quant.data import calibration_windows
 from quant.matrix import Case, Matrix
 from quant.methods import LayerRecord, get_method
 from quant.methods.base import replace_module
-from quant.kernels import use_fast_kernels
+from quant.kernels import cast_parameters, use_fast_kernels
 from quant.models import ModelSpec, load_model
 from quant.perf import PerfSettings, measure
 from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
@@ -107,7 +107,7 @@ class Workbench:
         ``dtype``), or a quantized model with its packed layers on the fastest kernel this device has."""
         baseline, _ = self.baseline(spec)
         if quant_name is None:
-            model = baseline if dtype in (None, baseline.dtype) else copy.deepcopy(baseline).to(dtype)
+            model = baseline if dtype in (None, baseline.dtype) else cast_parameters(copy.deepcopy(baseline), dtype)
             return model, f"dense {str(model.dtype).removeprefix('torch.')} (torch.nn.functional.linear)"
         quant = self.matrix.quant[quant_name]
         model = copy.deepcopy(self.quantized(spec, quant_name, quant).model)

@@ -9,9 +9,10 @@ from quant.kernels import Int4Linear, unsupported_reason, use_fast_kernels
 from quant.methods import get_method
 from quant.qlinear import QuantLinear
 
-# Stated tolerance: the kernels accumulate in another order than the reference's dense matmul (fp32 on CPU),
-# so outputs may differ by rounding, never by a quantization step: |fast - ref| <= 1e-5 x max|ref|.
-RELATIVE_TOLERANCE = 1e-5
+# Stated tolerance: the kernels take bf16 activations (8-bit mantissa, relative rounding 2^-9) and accumulate
+# in another order than the fp32 reference, so outputs differ by rounding, never by a quantization step:
+# |fast - ref| <= 1e-2 x max|ref| (measured: 3e-3 on these layers).
+RELATIVE_TOLERANCE = 1e-2
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
