@@ -209,7 +209,7 @@ def performance_rows(workbench: Workbench, cases: list[Case]) -> list[dict[str, 
         try:
             rows.append({**row, **workbench.performance(case.model, quant_name, dtype)})
         except Exception as error:  # a variant that cannot be timed is a row that says why, not a hole
-            log.error("timing %s %s: %s", model, quant_name, error)
+            log.error("timing %s %s: %s", model, label, error)
             rows.append({**row, "skipped_reason": f"{type(error).__name__}: {error}"})
     baseline = {r["model"]: r for r in rows if r["quant"] == "baseline" and not r.get("skipped_reason")}
     for row in rows:
