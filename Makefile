@@ -9,8 +9,9 @@ export TOKENIZERS_PARALLELISM ?= false
 # The default run leaves out slow cases and the benchmarks (make bench); both are listed as deselected/skipped.
 PYTEST_ARGS ?= -m "not slow" --benchmark-skip
 # Benchmark history: saved runs under .benchmarks/; compare fails on a median regression beyond this.
+# 40%: two unchanged runs on the 2-core CPU machine differed by up to 28% (rtn-w8 decode, 2026-11-25).
 BENCH_ARGS ?= -m "not slow and not gpu"
-BENCH_FAIL ?= median:25%
+BENCH_FAIL ?= median:40%
 
 .PHONY: report test setup clean-cache bench bench-compare history
 

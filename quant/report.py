@@ -42,7 +42,7 @@ PERF_NOTE = (
     "matrix.yaml, recorded per row in latest.json); decode "
     "= greedy steps on the KV cache; output tok/s = generated tokens over prefill + decode (the reference study's "
     "throughput). Medians after warm-up. Model MB counts the tensors as they run (the fast kernels' tiled codes "
-    "and fp32 scale/offset pairs); peak memory is the process's peak RSS during the timing (every model the "
+    "and bf16 scale/offset pairs, the rest of the model in bf16); peak memory is the process's peak RSS during the timing (every model the "
     "run holds), or torch.cuda.max_memory_allocated on a GPU."
 )
 

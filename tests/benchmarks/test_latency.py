@@ -83,5 +83,7 @@ def test_latency(benchmark, workbench, model_name, quant_name, dtype, variant, p
         "variant": variant,
         "kernel": kernel, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": workbench.device, "threads": torch.get_num_threads(), "tokens": tokens,
-        "tokens_per_s": tokens / median, "model_bytes": model_bytes(model), **_quality(workbench, spec, quant_name),
+        "tokens_per_s": tokens / median, "model_bytes": model_bytes(model),
+        # scores were measured in the model's own dtype: a recast baseline has none of its own
+        **(_quality(workbench, spec, quant_name) if dtype is None else {}),
     })
