@@ -36,10 +36,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if worker and gpus:  # xdist worker gwN gets the N-th GPU; CUDA reads this when it first initialises, later
         gpus = gpus.split(",")
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[int(worker.removeprefix("gw")) % len(gpus)]
-    if config.getoption("--snapshot-update", False) and getattr(config.option, "numprocesses", None):
-        # each worker sees only its share of the tests and would prune the others' snapshots as unused
-        raise pytest.UsageError("--snapshot-update cannot run under pytest-xdist (-n); run it without -n")
     if config.getoption("--snapshot-update", False):
+        if getattr(config.option, "numprocesses", None):
+            # each worker sees only its share of the tests and would prune the others' snapshots as unused
+            raise pytest.UsageError("--snapshot-update cannot run under pytest-xdist (-n); run it without -n")
         # syrupy counts the cases a -m/-k selection left out (slow, gpu) as unused and would delete them; a
         # case removed from the matrix leaves its snapshot to be deleted by hand, in review.
         config.option.no_cleanup = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,10 +33,24 @@ def inner_k_tiles(in_features: int) -> int | None:
 ACTIVATION_DTYPE = torch.bfloat16  # what both kernels are fast at; scales and offsets are stored in it too
 
 
-def kernel_name(device_type: str) -> str:
-    if device_type == "cuda":
-        return "aten._weight_int4pack_mm (tinygemm, CUDA, bf16 activations)"
-    return "aten._weight_int4pack_mm_for_cpu (bf16 activations)"
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One device's int4 matmul: how to tile [out, in] int32 codes for it, and the op itself."""
+
+    name: str
+    pack: Callable[[torch.Tensor, int], torch.Tensor]  # (codes, inner k tiles) -> tiled codes
+    matmul: Callable[..., torch.Tensor]  # (x, tiled codes, group size, scales and zeros) -> x W^T
+
+
+KERNELS = {
+    "cpu": Kernel("aten._weight_int4pack_mm_for_cpu (bf16 activations)",
+                  torch.ops.aten._convert_weight_to_int4pack_for_cpu, torch.ops.aten._weight_int4pack_mm_for_cpu),
+    # tinygemm takes the codes two per byte, high nibble first
+    "cuda": Kernel("aten._weight_int4pack_mm (tinygemm, CUDA, bf16 activations)",
+                   lambda codes, tiles: torch.ops.aten._convert_weight_to_int4pack(
+                       (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), tiles),
+                   torch.ops.aten._weight_int4pack_mm),
+}
 
 
 def unsupported_reason(layer: QuantLinear) -> str | None:
@@ -58,6 +73,7 @@ class Int4Linear(nn.Module):
         if reason:
             raise ValueError(f"Int4Linear cannot take this layer: {reason}")
         device = layer.qweight.device
+        self.device_type = device.type  # (the kernel itself is looked up: modules stay deep-copyable)
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
         codes, tiles = layer.codes().to(torch.int32), inner_k_tiles(layer.in_features)
         scales = layer.scales.float()
@@ -65,11 +81,7 @@ class Int4Linear(nn.Module):
         # [n_groups, out, 2]: the kernels read a group's scale and offset as one word
         self.register_buffer("scales_and_zeros",
                              torch.stack([scales, offsets], -1).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE))
-        if device.type == "cuda":
-            nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles))
-        else:
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, tiles))
+        self.register_buffer("packed", KERNELS[self.device_type].pack(codes, tiles))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
         self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.clone())
 
@@ -79,10 +91,7 @@ class Int4Linear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         x = x.to(ACTIVATION_DTYPE).contiguous()
-        if x.device.type == "cuda":
-            out = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        out = KERNELS[self.device_type].matmul(x, self.packed, self.group_size, self.scales_and_zeros)
         out = out.to(dtype).reshape(*shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(dtype)
 
@@ -112,7 +121,7 @@ def use_fast_kernels(model: nn.Module) -> KernelPlan:
     The kernels take bf16 activations, so the rest of the model (embeddings, norms, a tied lm_head) is cast to
     bf16 as well: otherwise the fp32 lm_head alone reads more bytes per token than all the int4 layers. Layers
     left on the reference keep their own fp16 scales; buffers stay as they are (``cast_parameters``)."""
-    kernel = kernel_name(next(model.buffers()).device.type)
+    kernel = KERNELS[next(model.buffers()).device.type].name
     fast, reference = 0, Counter()
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):

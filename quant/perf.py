@@ -20,7 +20,8 @@ import transformers
 
 from quant.qlinear import model_bytes
 
-__all__ = ["PerfSettings", "Timer", "decode", "machine_facts", "measure", "model_bytes", "peak_memory", "prefill"]
+__all__ = ["PerfSettings", "Timer", "decode", "dtype_name", "machine_facts", "measure", "model_bytes", "peak_memory",
+           "prefill", "variant_label"]
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -45,6 +46,16 @@ class PerfSettings:
         return cls(**(raw or {}))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def variant_label(quant_name: str | None, dtype: torch.dtype | None = None) -> str:
+    """How reports and benchmarks name a timed model: the quantization config, or ``baseline`` in its own
+    dtype, or ``baseline-bfloat16`` when recast."""
+    return quant_name or "baseline" + (f"-{dtype_name(dtype)}" if dtype else "")
+
+
 def machine_facts(device: str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Recorded beside every result: device, library versions, thread count, dtype."""
     facts = {
@@ -58,7 +69,7 @@ def machine_facts(device: str = "cpu", dtype: torch.dtype | None = None) -> dict
         "device": device,
     }
     if dtype is not None:
-        facts["dtype"] = str(dtype).removeprefix("torch.")
+        facts["dtype"] = dtype_name(dtype)
     if device.startswith("cuda") and torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name()
     return facts

@@ -25,7 +25,7 @@ from quant.methods import LayerRecord, get_method
 from quant.methods.base import replace_module
 from quant.kernels import cast_parameters, use_fast_kernels
 from quant.models import ModelSpec, load_model
-from quant.perf import PerfSettings, measure
+from quant.perf import PerfSettings, dtype_name, measure, variant_label
 from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
 from quant.tasks import TaskResult, TaskSpec, evaluate, perplexity_windows, select_items, uses_reference
 
@@ -108,7 +108,7 @@ class Workbench:
         baseline, _ = self.baseline(spec)
         if quant_name is None:
             model = baseline if dtype in (None, baseline.dtype) else cast_parameters(copy.deepcopy(baseline), dtype)
-            return model, f"dense {str(model.dtype).removeprefix('torch.')} (torch.nn.functional.linear)"
+            return model, f"dense {dtype_name(model.dtype)} (torch.nn.functional.linear)"
         quant = self.matrix.quant[quant_name]
         model = copy.deepcopy(self.quantized(spec, quant_name, quant).model)
         return model, use_fast_kernels(model).describe()
@@ -118,10 +118,9 @@ class Workbench:
         """Latency, throughput and memory (perf.measure) of a baseline or quantized model, with its kernel.
         Measured afresh every time: timings describe this machine now, so they are never cached."""
         model, kernel = self.runnable(spec, quant_name, dtype)
-        label = f"{spec.name} {quant_name or 'baseline'} {str(dtype or '').removeprefix('torch.')}".strip()
-        log.info("timing %s on %s", label, kernel)
+        log.info("timing %s %s on %s", spec.name, variant_label(quant_name, dtype), kernel)
         return {**measure(model, self.wikitext_ids(spec)[None], self.device, self.perf_settings(spec)),
-                "kernel": kernel, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                "kernel": kernel, "dtype": dtype_name(next(model.parameters()).dtype)}
 
     def quantized(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:
         config = self.calibration_config(spec, config)

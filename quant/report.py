@@ -10,7 +10,7 @@ import torch
 
 from quant.matrix import Case
 from quant.pipeline import Comparison, Workbench, task_metrics
-from quant.perf import machine_facts, model_bytes
+from quant.perf import machine_facts, model_bytes, variant_label
 
 log = logging.getLogger("quant")
 
@@ -39,11 +39,11 @@ NOTES = [
 
 PERF_NOTE = (
     "Batch 1 unless stated: time to first token = prefill of the first WikiText-2 tokens (perf settings in "
-    "matrix.yaml, recorded per row in latest.json); decode "
-    "= greedy steps on the KV cache; output tok/s = generated tokens over prefill + decode (the reference study's "
-    "throughput). Medians after warm-up. Model MB counts the tensors as they run (the fast kernels' tiled codes "
-    "and bf16 scale/offset pairs, the rest of the model in bf16); peak memory is the process's peak RSS during the timing (every model the "
-    "run holds), or torch.cuda.max_memory_allocated on a GPU."
+    "matrix.yaml, recorded per row in latest.json); decode = greedy steps on the KV cache; output tok/s = "
+    "generated tokens over prefill + decode (the reference study's throughput). Medians after warm-up. Model MB "
+    "counts the tensors as they run (the fast kernels' tiled codes and bf16 scale/offset pairs, the rest of the "
+    "model in bf16); peak memory is the process's peak RSS during the timing (every model the run holds), or "
+    "torch.cuda.max_memory_allocated on a GPU."
 )
 
 
@@ -203,7 +203,7 @@ def performance_rows(workbench: Workbench, cases: list[Case]) -> list[dict[str, 
         variants[(case.model.name, case.quant_name, None)] = case
     rows = []
     for number, ((model, quant_name, dtype), case) in enumerate(variants.items(), start=1):
-        label = quant_name or "baseline" + (f"-{str(dtype).removeprefix('torch.')}" if dtype else "")
+        label = variant_label(quant_name, dtype)
         row = {"model": model, "quant": label}
         log.info("timing %d/%d: %s %s", number, len(variants), model, label)
         try:

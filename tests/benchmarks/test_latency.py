@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quant.matrix import load_matrix
-from quant.perf import decode, prefill
+from quant.perf import decode, dtype_name, prefill, variant_label
 from quant.pipeline import headline_metric
 from quant.qlinear import model_bytes
 
@@ -25,8 +25,7 @@ def _variants():
         cases = [c for c in matrix.cases if c.model is spec]
         marks = [pytest.mark.gpu] if spec.tier == "gpu" else []
         for dtype in BASELINE_DTYPES[spec.tier]:
-            name = "baseline" + (f"-{str(dtype).removeprefix('torch.')}" if dtype else "")
-            yield spec.name, None, dtype, name, marks
+            yield spec.name, None, dtype, variant_label(None, dtype), marks
         for quant_name in dict.fromkeys(c.quant_name for c in cases):
             slow = all(c.cadence == "slow" for c in cases if c.quant_name == quant_name)
             yield spec.name, quant_name, None, quant_name, marks + ([pytest.mark.slow] if slow else [])
@@ -81,7 +80,7 @@ def test_latency(benchmark, workbench, model_name, quant_name, dtype, variant, p
     median = benchmark.stats.stats.median
     benchmark.extra_info.update({
         "variant": variant,
-        "kernel": kernel, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "kernel": kernel, "dtype": dtype_name(next(model.parameters()).dtype),
         "device": workbench.device, "threads": torch.get_num_threads(), "tokens": tokens,
         "tokens_per_s": tokens / median, "model_bytes": model_bytes(model),
         # scores were measured in the model's own dtype: a recast baseline has none of its own
