@@ -1,4 +1,7 @@
 """perf.measure on a tiny model: every figure present and consistent; the peak-memory reset really resets."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -22,15 +25,24 @@ def test_measure_reports_latency_throughput_and_memory(tiny_llama, calibration_i
     assert result["threads"] == torch.get_num_threads()
 
 
+PEAK_PROBE = """
+import torch
+from quant.perf import peak_memory
+peak_memory("cpu", reset=True)
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+with_block = peak_memory("cpu")
+del block
+print(with_block - peak_memory("cpu", reset=True))
+"""
+
+
 def test_peak_memory_reset_forgets_an_earlier_peak():
     if peak_memory("cpu") is None:
         pytest.skip("no /proc/self/status on this platform: peak RSS is not measured here")
-    peak_memory("cpu", reset=True)
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    with_block = peak_memory("cpu")
-    del block
-    after_reset = peak_memory("cpu", reset=True)
-    assert with_block - after_reset >= 48 * 2**20
+    # In a fresh process: in this one, a 64 MiB block may land in memory that earlier tests left resident,
+    # and then the peak does not move (seen in a full run).
+    result = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True)
+    assert int(result.stdout) >= 48 * 2**20, result.stdout
 
 
 def test_unknown_perf_settings_are_refused():
