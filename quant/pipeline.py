@@ -59,8 +59,11 @@ class Comparison:
 class Workbench:
     """Per-process state: loaded baselines, quantized models and item subsets, backed by the disk cache."""
 
-    def __init__(self, matrix: Matrix, profile: str, data_dir: Path | None, device: str = "cpu") -> None:
+    def __init__(
+        self, matrix: Matrix, profile: str, data_dir: Path | None, device: str = "cpu", calib_samples: int | None = None
+    ) -> None:
         self.matrix, self.profile, self.data_dir, self.device = matrix, profile, data_dir, device
+        self.calib_samples = calib_samples  # overrides the profile's count (``quant quantize --calib-samples``)
         self._baselines: dict[str, tuple[torch.nn.Module, Any]] = {}
         self._quantized: dict[tuple[str, str], Quantized] = {}
         self._items: dict[tuple[str, str], list[dict]] = {}
@@ -82,7 +85,8 @@ class Workbench:
         return dataclasses.replace(task, options={**task.options, **overrides})
 
     def calibration_config(self, spec: ModelSpec, config: QuantConfig) -> QuantConfig:
-        return dataclasses.replace(config, calib_samples=self.limits(spec).get("calib_samples", config.calib_samples))
+        samples = self.calib_samples or self.limits(spec).get("calib_samples", config.calib_samples)
+        return dataclasses.replace(config, calib_samples=samples)
 
     def wikitext_ids(self, spec: ModelSpec) -> torch.Tensor:
         """The WikiText-2 test text as one row of token ids (calibration and the timing prompt come from it)."""

