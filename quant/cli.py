@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return quantize(args)
     try:
         matrix = load_matrix(args.matrix)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _device()
         tier = args.tier or ("gpu" if device == "cuda" else "cpu")
         selected = [c for c in matrix.cases if not args.select or args.select in c.id]
         cases = [c for c in selected if c.model.tier == tier]
@@ -69,25 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def quantize(args: argparse.Namespace) -> int:
     try:
         matrix = load_matrix(args.matrix)
         if args.model not in matrix.models or args.quant not in matrix.quant:
             raise ConfigError(f"unknown model {args.model!r} or quant config {args.quant!r}; known: "
                               f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device, args.calib_samples)
+        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device(), args.calib_samples)
         spec = matrix.models[args.model]
         built = workbench.quantized(spec, args.quant, matrix.quant[args.quant])
     except ConfigError as error:
         print(f"quant: {error}", file=sys.stderr)
         return 2
-    layers = [r for r in built.records if r.bits is not None]
-    errors = [r.output_error for r in layers if r.output_error is not None]
-    print(f"{args.model} {args.quant}: {len(layers)} layers quantized in {built.quantize_seconds:.1f} s "
+    counts = built.layer_counts()
+    errors = [r.output_error for r in built.records if r.output_error is not None]
+    print(f"{args.model} {args.quant}: {counts['quantized_layers']} layers quantized in {built.quantize_seconds:.1f} s "
           f"(recorded when built; a cached model prints the original time)")
     print(f"calibration: {built.calibration or 'none'}")
-    print(f"group-size fallbacks: {sum(r.fallback is not None for r in layers)} layers")
+    print(f"group-size fallbacks: {counts['fallback_layers']} layers")
     if errors:
         print(f"mean relative output error on the calibration inputs: {sum(errors) / len(errors):.4f}")
     return 0

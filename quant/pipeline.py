@@ -41,6 +41,11 @@ class Quantized:
     quantize_seconds: float
     calibration: str | None
 
+    def layer_counts(self) -> dict[str, int]:
+        """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
+        return {"quantized_layers": sum(r.bits is not None for r in self.records),
+                "fallback_layers": sum(r.fallback is not None for r in self.records)}
+
 
 @dataclasses.dataclass
 class Comparison:
@@ -213,8 +218,7 @@ class Workbench:
             "items": snapshots.fingerprint([item["id"] for item in self.items(case.model, case.task.name)]),
             "config": snapshots.fingerprint(config.to_dict()),
             "model_bytes": model_bytes(quantized.model),
-            "quantized_layers": sum(r.bits is not None for r in quantized.records),
-            "fallback_layers": sum(r.fallback is not None for r in quantized.records),
+            **quantized.layer_counts(),
         }
         metrics = {f"{side}.{name}": value for side, result in (("baseline", comparison.baseline),
                                                                  ("quantized", comparison.quantized))

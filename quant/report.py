@@ -96,8 +96,7 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             "mean_kld": extra.get("mean_kld"), "p99_kld": extra.get("p99_kld"), "same_top_p": extra.get("same_top_p"),
             "roc_auc_baseline": extra.get("roc_auc_baseline"), "roc_auc_quantized": extra.get("roc_auc_quantized"),
             "quantize_seconds": quantized.quantize_seconds, "calibration": quantized.calibration,
-            "fallback_layers": sum(r.fallback is not None for r in quantized.records),
-            "quantized_layers": sum(r.bits is not None for r in quantized.records),
+            **quantized.layer_counts(),
             "skipped_reason": None,
         })
     return rows
