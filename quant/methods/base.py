@@ -3,8 +3,11 @@ and walking a model's decoder blocks with calibration activations."""
 from __future__ import annotations
 
 import abc
+import contextlib
+import ctypes
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -226,15 +229,41 @@ def sequential_blocks(model: nn.Module, calibration: torch.Tensor | None, method
     model feeds it."""
     if calibration is None:
         raise ValueError(f"{method} needs calibration token ids [samples, tokens]")
-    inputs, kwargs = block_inputs(model, calibration)
     blocks = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
-    for index, block in enumerate(blocks):
-        started = time.perf_counter()
-        step = BlockStep(f"{prefix}.{index}", block, inputs, kwargs)
-        yield step
-        inputs = step.outputs if step.outputs is not None else run_block(block, inputs, kwargs)
-        log.info("%s: block %d/%d done in %.1fs", method, index + 1, len(blocks), time.perf_counter() - started)
+    with reused_heap():
+        inputs, kwargs = block_inputs(model, calibration)
+        for index, block in enumerate(blocks):
+            started = time.perf_counter()
+            step = BlockStep(f"{prefix}.{index}", block, inputs, kwargs)
+            yield step
+            inputs = step.outputs if step.outputs is not None else run_block(block, inputs, kwargs)
+            log.info("%s: block %d/%d done in %.1fs", method, index + 1, len(blocks), time.perf_counter() - started)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+@contextlib.contextmanager
+def reused_heap() -> Iterator[None]:
+    """Keep freed memory in the process while the calibration walk passes its activations from op to op.
+
+    glibc serves every allocation over 32 MiB with a fresh mmap and unmaps it when freed; the walk's activations
+    are 40-400 MB each, so every op faulted its output in from zeroed kernel pages, and GPTQ spent a fifth of its
+    time in the kernel on 2 cores (see README, Known limits). Inside this context large blocks come from the heap
+    and freed ones are reused; on leaving it the heap is trimmed back to the system. Not glibc: no change."""
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's defaults
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
 
 
 @torch.no_grad()

@@ -68,29 +68,34 @@ class GPTQ:
             perm = torch.arange(self.columns, device=W.device)
 
         Hinv, percdamp = self._inverse_cholesky(H, percdamp)
+        order = perm.tolist()  # Python ints: the loop below runs once per column, so it avoids tensor indexing
         Q = torch.zeros_like(W)
         for i1 in range(0, self.columns, blocksize):
             i2 = min(i1 + blocksize, self.columns)
-            W1 = W[:, i1:i2].clone()
+            # The block's columns as contiguous rows: the rank-1 update below then writes contiguous memory
+            W1 = W[:, i1:i2].t().contiguous()
             Q1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
+            d = Hinv1.diagonal().tolist()
             for i in range(i2 - i1):
-                column = int(perm[i1 + i])
+                column = order[i1 + i]
                 g = column // groupsize
                 if not actorder and column % groupsize == 0:  # group parameters as the columns are reached,
                     # from the weights as already updated by the error of the columns before them
-                    current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :groupsize]
+                    current = W1[i : i + groupsize].t() if i + groupsize <= i2 - i1 else \
+                        torch.cat([W1[i:].t(), W[:, i2:]], dim=1)[:, :groupsize]
                     s, z = find_params(current, bits, sym)
                     scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-                w, d = W1[:, i], Hinv1[i, i]
-                q = quantize(w.unsqueeze(1), scales[:, g : g + 1], zeros[:, g : g + 1], bits).flatten()
-                Q1[:, i] = q
-                err = (w - scales[:, g] * (q - zeros[:, g])) / d
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            Q[:, i1:i2] = Q1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after this block
+                scale, zero = scales[:, g], zeros[:, g]
+                w = W1[i]
+                q = quantize(w, scale, zero, bits)
+                Q1[i] = q
+                err = (w - scale * (q - zero)) / d[i]
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+                Err1[i] = err
+            Q[:, i1:i2] = Q1.t()
+            W[:, i2:] -= Err1.t().contiguous() @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after this block
         codes = Q[:, torch.argsort(perm)]
         return codes, scales, zeros, percdamp
 
