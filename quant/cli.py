@@ -90,6 +90,11 @@ def quantize(args: argparse.Namespace) -> int:
     print(f"{args.model} {args.quant}: {counts['quantized_layers']} layers quantized in {built.quantize_seconds:.1f} s "
           f"(recorded when built; a cached model prints the original time)")
     print(f"calibration: {built.calibration or 'none'}")
+    if built.calibration:
+        hessians = sum(r.hessian_seconds or 0.0 for r in built.records)
+        layers = sum(r.seconds for r in built.records)
+        print(f"time: Hessians {hessians:.1f} s, per-layer quantization and packing {layers:.1f} s, the rest "
+              f"(running the blocks over the calibration set) {built.quantize_seconds - hessians - layers:.1f} s")
     print(f"group-size fallbacks: {counts['fallback_layers']} layers")
     if errors:
         print(f"mean relative output error on the calibration inputs: {sum(errors) / len(errors):.4f}")

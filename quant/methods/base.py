@@ -101,6 +101,7 @@ class LayerRecord:
     weight_error: float | None = None  # relative Frobenius error ||W - W_hat|| / ||W||
     output_error: float | None = None  # relative calibration output error ||WX - W_hat X|| / ||WX||
     damp_percent: float | None = None
+    hessian_seconds: float | None = None  # GPTQ: accumulating the Hessian (0 for a linear that shares one)
     note: str | None = None
 
 

@@ -139,6 +139,7 @@ class GPTQQuantizer(Quantizer):
                     if name in quantized:  # called again in the same run: already on its quantized weights
                         return
                     gptq = GPTQ(linear)
+                    started = time.perf_counter()
                     # Linears fed the very same tensor (q/k/v, gate/up) share one Hessian; the input is held
                     # in the dict so that its id cannot be reused by another tensor during this run.
                     if id(args[0]) in hessians:
@@ -147,9 +148,11 @@ class GPTQQuantizer(Quantizer):
                     else:
                         gptq.add_batch(args[0])
                         hessians[id(args[0])] = (args[0], gptq)
+                    hessian_seconds = time.perf_counter() - started
                     quantized[name], block_records[name] = _quantize_layer(
                         f"{step.name}.{name}", linear, layer_config, gptq
                     )
+                    block_records[name].hessian_seconds = hessian_seconds
                     # The rest of this run sees the quantized layer: the same values QuantLinear computes with.
                     linear.weight.copy_(quantized[name].dequantize(linear.weight.dtype))
                 return hook
