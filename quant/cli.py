@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from quant import report
-from quant.config import DEFAULT_MATRIX, REPO_ROOT, ConfigError, data_dir
+from quant.config import CALIB_DTYPES, DEFAULT_MATRIX, REPO_ROOT, ConfigError, data_dir
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.pipeline import Workbench
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX)
     build.add_argument("--profile", default="report", help="profile whose calibration count applies")
     build.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the profile's)")
+    build.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=None,
+                       help="GPTQ: dtype of the calibration forward's matmuls (default: the config's, float32)")
     build.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     history = commands.add_parser("history", help="plot saved benchmark runs (.benchmarks/) to a PNG")
     history.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
@@ -81,7 +84,10 @@ def quantize(args: argparse.Namespace) -> int:
                               f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
         workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device(), args.calib_samples)
         spec = matrix.models[args.model]
-        built = workbench.quantized(spec, args.quant, matrix.quant[args.quant])
+        config = matrix.quant[args.quant]
+        if args.calib_dtype:
+            config = dataclasses.replace(config, calib_dtype=args.calib_dtype)
+        built = workbench.quantized(spec, args.quant, config)
     except ConfigError as error:
         print(f"quant: {error}", file=sys.stderr)
         return 2

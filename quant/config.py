@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A configuration value the user can fix; the message names the field."""
 
 
+CALIB_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """How to quantize the linears of a model's decoder blocks.
@@ -37,6 +40,9 @@ class QuantConfig:
     damp_percent: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    # dtype of the matmuls in the forward that carries calibration activations from block to block
+    # (torch.autocast); weights, Hessians and the column loop stay float32 (see GPTQQuantizer)
+    calib_dtype: str = "float32"
     # GSQ / AWQ (Lin et al. 2024)
     alpha_grid: int = 20
     clip_search: bool = False
@@ -54,6 +60,11 @@ class QuantConfig:
             raise ConfigError(f"group_size={self.group_size}: use an even group size >= 2, or null for per-channel")
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent={self.damp_percent}: must lie in (0, 1)")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise ConfigError(f"calib_dtype={self.calib_dtype!r}: use one of {', '.join(CALIB_DTYPES)}")
+        if self.calib_dtype != "float32" and self.method != "gptq":
+            # GSQ's scale search compares block outputs that differ by less than bf16 resolves
+            raise ConfigError(f"calib_dtype={self.calib_dtype!r} applies to gptq only, not {self.method}")
 
     @property
     def label(self) -> str:

@@ -142,7 +142,7 @@ class Workbench:
         baseline, _ = self.baseline(spec)
         method = get_method(config.method)
         calibration = (f"wikitext2 test, second half: {config.calib_samples} x {config.calib_tokens} tokens, "
-                       f"seed {config.calib_seed}") if method.needs_calibration else None
+                       f"seed {config.calib_seed}, forward in {config.calib_dtype}") if method.needs_calibration else None
         parts = {"model": spec.fingerprint(), "quant": config.to_dict(), "data": self._data_fingerprint()
                  if method.needs_calibration else None}
 

@@ -25,3 +25,8 @@ def test_quantize_splits_a_calibrated_build_into_hessians_layers_and_block_runs(
     line = next(line for line in out.splitlines() if line.startswith("time: "))
     hessians, layers, rest = (float(word) for word in re.findall(r"([\d.]+) s", line))
     assert hessians > 0 and layers > 0 and rest > 0, line
+
+
+def test_quantize_refuses_a_calibration_dtype_for_a_method_without_calibration(capsys):
+    assert main(["quantize", "smollm2-135m", "rtn-w4g128", "--calib-dtype", "bfloat16"]) == 2
+    assert "calib_dtype='bfloat16' applies to gptq only, not rtn" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from quant.config import QuantConfig
+from quant.config import ConfigError, QuantConfig
 from quant.methods import get_method
 from quant.methods.base import dequantize, rtn_codes
 from quant.methods.gptq import GPTQ, gram
@@ -150,6 +150,35 @@ def test_gptq_calibrates_each_linear_on_the_already_quantized_layers_before_it(t
     used = hessian_inputs[o_proj].reshape(original_inputs[0].shape)
     assert used.abs().sum() > 0
     assert not torch.allclose(used, original_inputs[0], atol=1e-3)  # 2-bit q/k/v changed what o_proj sees
+
+
+@torch.no_grad()
+def test_gptq_bfloat16_calibration_casts_the_forward_not_the_quantization(tiny_llama, calibration_ids, monkeypatch):
+    """calib_dtype bfloat16 runs the blocks' matmuls in bf16; Hessians and the column loop stay float32. The first
+    block's q/k/v read the float32 norm output, so their codes match a float32 calibration bit for bit (block_size
+    32 makes the column loop's lazy updates matmuls that autocast would otherwise have cast)."""
+    hessian_input_dtypes = []
+    add_batch = GPTQ.add_batch
+    monkeypatch.setattr(GPTQ, "add_batch", lambda self, inp: (hessian_input_dtypes.append(inp.dtype),
+                                                            add_batch(self, inp)))
+    first_attention = {}
+    for dtype in ("float32", "bfloat16"):
+        model = copy.deepcopy(tiny_llama)
+        config = QuantConfig(method="gptq", bits=4, group_size=32, block_size=32, calib_dtype=dtype)
+        get_method("gptq").quantize(model, config, calibration_ids)
+        first_attention[dtype] = model.model.layers[0].self_attn
+    # per block: q/k/v (norm output), o_proj (attention output), gate/up (norm output), down_proj (SiLU product)
+    assert hessian_input_dtypes == [torch.float32] * 8 + [torch.float32, torch.bfloat16] * 4
+    for name in ("q_proj", "k_proj", "v_proj"):
+        exact, fast = (getattr(attention, name).state_dict() for attention in first_attention.values())
+        assert all(torch.equal(exact[key], fast[key]) for key in exact), name
+
+
+def test_calibration_dtype_is_checked():
+    with pytest.raises(ConfigError, match="calib_dtype='fp8': use one of float32, bfloat16, float16"):
+        QuantConfig(method="gptq", calib_dtype="fp8")
+    with pytest.raises(ConfigError, match="applies to gptq only, not gsq"):
+        QuantConfig(method="gsq", calib_dtype="bfloat16")
 
 
 def test_gptq_refuses_a_linear_the_forward_never_calls(tiny_llama, calibration_ids):
