@@ -252,7 +252,12 @@ def reused_heap() -> Iterator[None]:
     glibc serves every allocation over 32 MiB with a fresh mmap and unmaps it when freed; the walk's activations
     are 40-400 MB each, so every op faulted its output in from zeroed kernel pages, and GPTQ spent a fifth of its
     time in the kernel on 2 cores (see README, Known limits). Inside this context large blocks come from the heap
-    and freed ones are reused; on leaving it the heap is trimmed back to the system. Not glibc: no change."""
+    and freed ones are reused; on leaving it the heap is trimmed back to the system. Not glibc: no change.
+
+    Reuse is not exact: torch asks for 64-byte aligned blocks, which glibc 2.36 pads, so a freed block that
+    small allocations pin in place cannot serve a request of its own size and a few blocks still come fresh.
+    On a 32 x 512 GPTQ build with torch's default CPU kernels: 0.8 M page faults instead of 7.1 M, 4.7 s of
+    system time instead of 19.2 s, peak RSS 2283 MB instead of 2179 MB."""
     libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
     if libc is None or not hasattr(libc, "mallopt"):
         yield
