@@ -7,18 +7,17 @@ import os
 import pytest
 import torch
 
-from quant.config import DATA_DIR_ENV, REPO_ROOT, data_dir
+from quant.config import DATA_DIR_ENV, data_dir
 from quant.matrix import load_matrix
 from quant.pipeline import Workbench
-from quant.snapshots import hardware_class
-from tests.snapshot_extension import MetricsSnapshotExtension
+from quant.snapshots import BASELINES, hardware_class
+from tests.snapshot_extension import RECORDED, FirstRecording, MetricsSnapshotExtension
 
 pytest_plugins = ["pytester"]  # tests/test_snapshots.py runs syrupy end to end in a scratch folder
 
 PROFILE_ENV = "QUANT_PROFILE"
 HARDWARE_ENV = "QUANT_HARDWARE"
 WORKER_GPUS_ENV = "QUANT_WORKER_GPUS"  # e.g. "0,1,2,3": one GPU per pytest-xdist worker (.github/workflows/gpu.yml)
-BASELINES = REPO_ROOT / "baselines"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,20 +57,33 @@ def workbench(matrix, request) -> Workbench:
 
 
 @pytest.fixture(scope="session")
-def snapshot_folder(workbench, request):
-    hardware = request.config.getoption("--hardware") or hardware_class(workbench.device)
-    return BASELINES / hardware / workbench.profile
-
-
-@pytest.fixture(scope="session")
-def metrics_snapshot_extension(snapshot_folder):
-    return type("MetricsSnapshot", (MetricsSnapshotExtension,), {"directory": snapshot_folder})
+def new_hardware(request) -> dict[str, bool]:
+    """Per hardware folder: whether baselines/<hardware>/ was missing when this session first looked."""
+    return {}
 
 
 @pytest.fixture
-def metrics_snapshot(snapshot, metrics_snapshot_extension):
-    """syrupy's snapshot, stored in baselines/<hardware>/<profile>/ and compared with matrix tolerances."""
-    return snapshot.use_extension(metrics_snapshot_extension)
+def metrics_snapshot(snapshot, workbench, case, new_hardware, request):
+    """syrupy's snapshot, stored in baselines/<hardware>/<profile>/ and compared with matrix tolerances; the
+    hardware is the case's device (``cpu`` for the CPU tier on every machine; ``--hardware`` names the GPU's).
+    On hardware with no baselines/<hardware>/ yet, the first run records every case and says so."""
+    device = workbench.device_for(case.model)
+    hardware = (device != "cpu" and request.config.getoption("--hardware")) or hardware_class(device)
+    folder = BASELINES / hardware / workbench.profile
+    extension = type("MetricsSnapshot", (MetricsSnapshotExtension,), {"directory": folder})
+    if new_hardware.setdefault(hardware, not (BASELINES / hardware).exists()):
+        return FirstRecording(folder / f"{request.node.path.stem}.{extension.file_extension}", request.node.name,
+                              request.config)
+    return snapshot.use_extension(extension)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    recorded = config.stash.get(RECORDED, [])
+    if recorded:
+        terminalreporter.section("snapshots recorded on new hardware")
+        for location, name in recorded:
+            terminalreporter.write_line(f"recorded {name} in {location}")
+        terminalreporter.write_line("review these figures (README: Snapshot baselines) and commit the folder")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -64,8 +64,18 @@ def unsupported_reason(layer: QuantLinear) -> str | None:
     return None
 
 
+def kernel_for(device: torch.device) -> Kernel:
+    """The int4 kernel for tensors on ``device``, or an error naming the devices that have one."""
+    try:
+        return KERNELS[device.type]
+    except KeyError:
+        raise ValueError(f"no int4 kernel for device {device.type!r}; kernels exist for {sorted(KERNELS)}") from None
+
+
 class Int4Linear(nn.Module):
-    """A 4-bit QuantLinear repacked for torch's int4 weight-only matmul on the layer's device."""
+    """A 4-bit QuantLinear repacked for torch's int4 weight-only matmul. The kernel is chosen at every call from
+    the device the packed codes are on; each device's kernel tiles the codes its own way, so moving the layer
+    to another device type re-tiles them (``_apply``)."""
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
@@ -73,17 +83,39 @@ class Int4Linear(nn.Module):
         if reason:
             raise ValueError(f"Int4Linear cannot take this layer: {reason}")
         device = layer.qweight.device
-        self.device_type = device.type  # (the kernel itself is looked up: modules stay deep-copyable)
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
-        codes, tiles = layer.codes().to(torch.int32), inner_k_tiles(layer.in_features)
         scales = layer.scales.float()
         offsets = (8 - layer.zeros().to(device)) * scales
         # [n_groups, out, 2]: the kernels read a group's scale and offset as one word
         self.register_buffer("scales_and_zeros",
                              torch.stack([scales, offsets], -1).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE))
-        self.register_buffer("packed", KERNELS[self.device_type].pack(codes, tiles))
+        self.register_buffer("packed", self._pack(layer.codes().to(torch.int32)))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
         self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.clone())
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return kernel_for(codes.device).pack(codes, inner_k_tiles(self.in_features))
+
+    def codes(self) -> torch.Tensor:
+        """The [out, in] int32 codes, read back through the kernel itself: with the identity as activations, unit
+        scales and zero offsets it returns W^T = q - 8 exactly (small integers are exact in bf16)."""
+        eye = torch.eye(self.in_features, dtype=ACTIVATION_DTYPE, device=self.packed.device)
+        unit = torch.zeros_like(self.scales_and_zeros)
+        unit[..., 0] = 1
+        weight = kernel_for(self.packed.device).matmul(eye, self.packed, self.group_size, unit)
+        return (weight.t().float() + 8).to(torch.int32)
+
+    def _apply(self, fn, recurse=True):
+        # ``fn`` is what .to() / .cuda() / .cpu() apply to each tensor; an integer probe shows where it sends
+        # them without touching the codes. A move to another device type re-tiles the codes for its kernel.
+        source = self.packed.device
+        target = fn(torch.empty(0, dtype=torch.int32, device=source)).device
+        if target.type == source.type:
+            return super()._apply(fn, recurse)
+        codes = self.codes()
+        super()._apply(fn, recurse)
+        self.packed = self._pack(codes.to(target))
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -91,7 +123,7 @@ class Int4Linear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         x = x.to(ACTIVATION_DTYPE).contiguous()
-        out = KERNELS[self.device_type].matmul(x, self.packed, self.group_size, self.scales_and_zeros)
+        out = kernel_for(self.packed.device).matmul(x, self.packed, self.group_size, self.scales_and_zeros)
         out = out.to(dtype).reshape(*shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(dtype)
 
@@ -121,7 +153,7 @@ def use_fast_kernels(model: nn.Module) -> KernelPlan:
     The kernels take bf16 activations, so the rest of the model (embeddings, norms, a tied lm_head) is cast to
     bf16 as well: otherwise the fp32 lm_head alone reads more bytes per token than all the int4 layers. Layers
     left on the reference keep their own fp16 scales; buffers stay as they are (``cast_parameters``)."""
-    kernel = KERNELS[next(model.buffers()).device.type].name
+    kernels: set[str] = set()
     fast, reference = 0, Counter()
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
@@ -131,10 +163,11 @@ def use_fast_kernels(model: nn.Module) -> KernelPlan:
             reference[reason] += 1
         else:
             replace_module(model, name, Int4Linear(module))
+            kernels.add(kernel_for(module.qweight.device).name)
             fast += 1
     if fast:
         cast_parameters(model, ACTIVATION_DTYPE)
-    return KernelPlan(kernel, fast, reference)
+    return KernelPlan(" + ".join(sorted(kernels)), fast, reference)
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from quant import snapshots, stats
@@ -62,7 +62,10 @@ class Comparison:
 
 
 class Workbench:
-    """Per-process state: loaded baselines, quantized models and item subsets, backed by the disk cache."""
+    """Per-process state: loaded baselines, quantized models and item subsets, backed by the disk cache.
+
+    ``device`` is where GPU-tier models run; CPU-tier models run on the CPU on every machine, so that a GPU
+    runner's ``make test`` reproduces their ``cpu`` snapshots instead of moving them to CUDA."""
 
     def __init__(
         self, matrix: Matrix, profile: str, data_dir: Path | None, device: str = "cpu", calib_samples: int | None = None
@@ -75,9 +78,12 @@ class Workbench:
         self._wikitext: dict[str, torch.Tensor] = {}
 
     # ---- models ----
+    def device_for(self, spec: ModelSpec) -> str:
+        return "cpu" if spec.tier == "cpu" else self.device
+
     def baseline(self, spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
         if spec.name not in self._baselines:
-            self._baselines[spec.name] = load_model(spec, self.device)
+            self._baselines[spec.name] = load_model(spec, self.device_for(spec))
         return self._baselines[spec.name]
 
     def limits(self, spec: ModelSpec) -> dict[str, Any]:
@@ -128,7 +134,7 @@ class Workbench:
         Measured afresh every time: timings describe this machine now, so they are never cached."""
         model, kernel = self.runnable(spec, quant_name, dtype)
         log.info("timing %s %s on %s", spec.name, variant_label(quant_name, dtype), kernel)
-        return {**measure(model, self.wikitext_ids(spec)[None], self.device, self.perf_settings(spec)),
+        return {**measure(model, self.wikitext_ids(spec)[None], self.device_for(spec), self.perf_settings(spec)),
                 "kernel": kernel, "dtype": dtype_name(next(model.parameters()).dtype)}
 
     def quantized(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:
@@ -184,7 +190,7 @@ class Workbench:
             "model": spec.fingerprint(), "quant": None if config is None else config.to_dict(),
             "task": dataclasses.asdict(task), "items": hashlib.sha256(
                 json.dumps([item["id"] for item in items]).encode()).hexdigest()[:16],
-            "limit": limit, "device": self.device,
+            "limit": limit, "device": self.device_for(spec),
         }
 
         def compute() -> dict:
@@ -282,7 +288,9 @@ def headline_metric(case: Case) -> str:
 
 
 def restore_quantized(baseline: torch.nn.Module, records: list[LayerRecord], path: Path) -> torch.nn.Module:
-    """Rebuild a quantized model from the baseline's skeleton and its saved tensors (bit-identical)."""
+    """Rebuild a quantized model from the baseline's skeleton and its saved tensors (bit-identical), on the
+    baseline's device: each QuantLinear is created where the linear it replaces lives, and the saved tensors
+    are copied into place."""
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
     model = copy.deepcopy(baseline)
@@ -294,7 +302,16 @@ def restore_quantized(baseline: torch.nn.Module, records: list[LayerRecord], pat
         qlayer = QuantLinear(
             in_features, out_features, record.bits, record.group_size, sym=f"{record.name}.qzeros" not in keys,
             bias=linear.bias is not None, input_scale=f"{record.name}.input_scale" in keys,
+            device=linear.weight.device,
         )
         replace_module(model, record.name, qlayer)
-    load_safetensors(model, str(path))
+    tensors = load_safetensors(str(path))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)  # copies onto each tensor's own device
+    # a tied weight (lm_head = embed_tokens) is saved once: missing under one name, loaded under the other
+    state = model.state_dict(keep_vars=True)
+    loaded = {id(state[name]) for name in tensors if name in state}
+    missing = [name for name in missing if id(state[name]) not in loaded]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the baseline's layout (missing {missing}, unexpected {unexpected}); "
+                         "delete this cache entry to rebuild it")
     return model

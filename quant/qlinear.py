@@ -60,6 +60,7 @@ class QuantLinear(nn.Module):
         sym: bool,
         bias: bool = False,
         input_scale: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if in_features % group_size:
@@ -67,15 +68,15 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = bits, group_size, sym
         n_groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, (in_features * bits + 7) // 8, dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("qweight", torch.zeros(out_features, (in_features * bits + 7) // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
         self.register_buffer(
-            "qzeros", None if sym else torch.zeros(out_features, (n_groups * bits + 7) // 8, dtype=torch.uint8)
+            "qzeros", None if sym else torch.zeros(out_features, (n_groups * bits + 7) // 8, dtype=torch.uint8, device=device)
         )
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
         # Activation-aware methods that cannot fold their per-channel scale into a preceding layer keep
         # it here: forward computes W' (x / s) with W' = W * s quantized.
-        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16) if input_scale else None)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16, device=device) if input_scale else None)
         self._dequantized: torch.Tensor | None = None  # set only inside ``dequantized_weights``
 
     @classmethod
@@ -90,9 +91,11 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
     ) -> QuantLinear:
-        """Build from integer codes ``q`` [out, in], and per-group ``scales``/``zeros`` [out, in/group_size]."""
+        """Build from integer codes ``q`` [out, in], and per-group ``scales``/``zeros`` [out, in/group_size], on
+        the device of ``q``."""
         out_features, in_features = q.shape
-        layer = cls(in_features, out_features, bits, group_size, sym, bias is not None, input_scale is not None)
+        layer = cls(in_features, out_features, bits, group_size, sym, bias is not None, input_scale is not None,
+                    q.device)
         layer.qweight.copy_(pack_bits(q, bits))
         layer.scales.copy_(scales.to(torch.float16))
         if not sym:

@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
+from quant.config import REPO_ROOT
 from quant.stats import lower_is_better
+
+BASELINES = REPO_ROOT / "baselines"  # <hardware>/<profile>/<test module>.json, committed and reviewed
 
 SIGNIFICANT_DIGITS = 6  # stored precision: far below any tolerance, stable across reruns
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
 from filelock import FileLock
 from syrupy.data import Snapshot, SnapshotCollection
 from syrupy.extensions.base import AbstractSyrupyExtension
@@ -53,6 +54,30 @@ def _write(location: str, records: dict[str, Any]) -> None:
     partial.replace(path)
 
 
+def record(location: str, name: str, entry: dict[str, Any]) -> None:
+    """Add or replace one snapshot in the file at ``location``, under its lock."""
+    with _lock(location):
+        _write(location, {**_read(location), name: entry})
+
+
+RECORDED = pytest.StashKey[list]()  # (file, snapshot name) recorded by FirstRecording in this session
+
+
+class FirstRecording:
+    """Stands in for the snapshot on hardware with no baselines yet: ``==`` records the case's figures and holds,
+    and the session's summary lists what was recorded for review."""
+
+    def __init__(self, location: Path, name: str, config: pytest.Config) -> None:
+        self.location, self.name, self.config = location, name, config
+
+    def __eq__(self, entry: object) -> bool:
+        record(str(self.location), self.name, entry)
+        self.config.stash.setdefault(RECORDED, []).append((self.location, self.name))
+        return True
+
+    __hash__ = None
+
+
 class MetricsSnapshotExtension(AbstractSyrupyExtension):
     file_extension = "json"
     directory: ClassVar[Path]  # bound per run by the metrics_snapshot fixture (baselines/<hardware>/<profile>)
@@ -86,11 +111,8 @@ class MetricsSnapshotExtension(AbstractSyrupyExtension):
     @classmethod
     def write_snapshot_collection(cls, *, snapshot_collection: SnapshotCollection,
                                   name_order: dict[str, int] | None = None) -> None:
-        location = snapshot_collection.location
-        with _lock(location):
-            records = _read(location)
-            records.update({s.name: json.loads(s.data) for s in snapshot_collection})
-            _write(location, records)
+        for snapshot in snapshot_collection:
+            record(snapshot_collection.location, snapshot.name, json.loads(snapshot.data))
 
     def delete_snapshots(self, *, snapshot_location: str, snapshot_names: set[str]) -> None:
         with _lock(snapshot_location):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
-from quant.snapshots import regressions
+from quant.snapshots import BASELINES, regressions
 from quant.tasks import evaluate
 
 MODEL = "smollm2-135m"
@@ -56,7 +56,7 @@ def _permutation_not_undone(layer: QuantLinear) -> None:
     ("rtn-w4g32-asym", _zero_point_off_by_one), ("rtn-w4g128", _permutation_not_undone),
 ], ids=["doubled-scales", "wrong-rounding", "transposed-groups", "zero-point-off-by-one", "permutation-not-undone"])
 @torch.no_grad()
-def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, snapshot_folder, quant, bug):
+def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug):
     """Known quantizer bugs injected into the packed model: the suite's own WikiText gate must catch each, and so
     must the committed snapshot of the case, with the old and new perplexity and the tolerance in its message."""
     case = _case(matrix, quant, "wikitext")
@@ -71,7 +71,7 @@ def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, snapshot_fo
     result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit, reference=baseline)
     comparison = workbench.judge(case, baseline, result)
     assert comparison.verdict.failed, comparison.verdict.reason
-    stored = json.loads((snapshot_folder / "test_matrix.json").read_text())[f"test_snapshot[{case.id}]"]
+    stored = json.loads((BASELINES / "cpu" / workbench.profile / "test_matrix.json").read_text())[f"test_snapshot[{case.id}]"]
     problems = regressions(stored, workbench.snapshot(case, comparison))
     perplexity = [p for p in problems if p.startswith("quantized.perplexity: ")]
     assert perplexity and "tolerance" in perplexity[0], problems

@@ -126,7 +126,7 @@ def pack_layer(
     qlayer = QuantLinear.from_quantized(
         q, scales, zeros, config.bits, group_size, config.sym,
         None if linear.bias is None else linear.bias.detach(), input_scale,
-    ).to(linear.weight.device)
+    )
     weight = linear.weight.detach().float()
     error = (qlayer.dequantize() - weight).norm() / weight.norm().clamp(min=1e-12)
     requested = config.group_size

@@ -120,7 +120,8 @@ def _linear_inputs(block: nn.Module, inputs: torch.Tensor, kwargs: dict, tokens:
     def hook(name: str):
         def record(_module: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
             x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:tokens]
+            # drawn on the CPU whatever the device, so that every device samples the same tokens
+            rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0), device="cpu")[:tokens]
             features[name] = (x.abs().mean(dim=0), x[rows.to(x.device)])
         return record
 
@@ -182,7 +183,7 @@ def _search_clip(
     x = sample[:512].view(-1, cols // group_size, group_size)
     reference = torch.einsum("rGg,tGg->rGt", grouped, x)
     absmax = grouped.abs().amax(dim=-1, keepdim=True)
-    best_error = torch.full(absmax.shape, float("inf"))
+    best_error = torch.full(absmax.shape, float("inf"), device=absmax.device)
     best_limit = absmax.clone()
     for step in range(steps):
         limit = absmax * (1 - step / (2 * steps))

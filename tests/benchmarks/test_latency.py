@@ -59,8 +59,8 @@ def test_latency(benchmark, workbench, model_name, quant_name, dtype, variant, p
     spec = workbench.matrix.models[model_name]
     model, kernel = workbench.runnable(spec, quant_name, dtype)
     settings = workbench.perf_settings(spec)
-    ids = workbench.wikitext_ids(spec)[None, : settings.prompt_tokens].to(workbench.device)
-    sync = torch.cuda.synchronize if workbench.device.startswith("cuda") else (lambda: None)
+    ids = workbench.wikitext_ids(spec)[None, : settings.prompt_tokens].to(workbench.device_for(spec))
+    sync = torch.cuda.synchronize if workbench.device_for(spec).startswith("cuda") else (lambda: None)
 
     def run_prefill():
         prefill(model, ids)
@@ -81,7 +81,7 @@ def test_latency(benchmark, workbench, model_name, quant_name, dtype, variant, p
     benchmark.extra_info.update({
         "variant": variant,
         "kernel": kernel, "dtype": dtype_name(next(model.parameters()).dtype),
-        "device": workbench.device, "threads": torch.get_num_threads(), "tokens": tokens,
+        "device": workbench.device_for(spec), "threads": torch.get_num_threads(), "tokens": tokens,
         "tokens_per_s": tokens / median, "model_bytes": model_bytes(model),
         # scores were measured in the model's own dtype: a recast baseline has none of its own
         **(_quality(workbench, spec, quant_name) if dtype is None else {}),

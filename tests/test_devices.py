@@ -1,0 +1,127 @@
+"""Where every tensor lives after each step. CI has no GPU, so two stand-ins show on the CPU the bugs a second
+device would show:
+
+- the ``meta`` device plays the accelerator where a step must follow the baseline's device: a restored model,
+  a deep copy, a layer moved after packing;
+- ``torch.device("meta")`` as the default device while the model is on the CPU sends every tensor created
+  without an explicit ``device=`` somewhere other than the model, as forgetting ``device=`` does on a GPU.
+"""
+from __future__ import annotations
+
+import copy
+from itertools import chain
+
+import pytest
+import torch
+from safetensors.torch import save_model
+
+from quant import kernels
+from quant.config import QuantConfig
+from quant.kernels import Int4Linear, use_fast_kernels
+from quant.methods import get_method
+from quant.pipeline import restore_quantized
+from quant.qlinear import QuantLinear
+
+META = torch.device("meta")
+CONFIGS = {"rtn": {"sym": False}, "gptq": {"act_order": True}, "gsq": {"clip_search": True}}
+
+
+def devices(module: torch.nn.Module) -> set[torch.device]:
+    return {tensor.device for tensor in chain(module.parameters(), module.buffers())}
+
+
+def _quantized(model, calibration_ids, method):
+    config = QuantConfig(method=method, bits=4, group_size=32, **CONFIGS[method])
+    return get_method(method).quantize(model, config, calibration_ids)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@torch.no_grad()
+def test_quantization_creates_no_tensor_off_the_models_device(tiny_llama, calibration_ids, method):
+    model = copy.deepcopy(tiny_llama)
+    with META:  # a tensor made without device= lands on meta, not beside the CPU model
+        _quantized(model, calibration_ids, method)
+    assert devices(model) == {torch.device("cpu")}
+    assert torch.isfinite(model(calibration_ids[:1]).logits).all()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gsq"])  # gsq: explicit input scales (grouped-query o_proj)
+@torch.no_grad()
+def test_a_restored_model_lives_on_the_baselines_device(tiny_llama, calibration_ids, tmp_path, method):
+    model = copy.deepcopy(tiny_llama)
+    records = _quantized(model, calibration_ids, method)
+    save_model(model, str(tmp_path / "model.safetensors"))
+    baseline = copy.deepcopy(tiny_llama).to(META)
+    baseline.tie_weights()  # (a move to meta unties them; a move to CUDA keeps them)
+    restored = restore_quantized(baseline, records, tmp_path / "model.safetensors")
+    assert any(isinstance(m, QuantLinear) for m in restored.modules())
+    assert devices(restored) == {META}, "the cache restored layers off the baseline's device"
+
+
+class KernelCalls:
+    """Fake int4 kernels for the meta device, and a record of which kernel saw tensors on which device."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, set[str]]] = []
+        for device, kernel in list(kernels.KERNELS.items()):
+            monkeypatch.setitem(kernels.KERNELS, device, self._recorded(device, kernel))
+        meta = kernels.Kernel(
+            "fake meta kernel",
+            lambda codes, tiles: torch.empty(codes.shape[0], codes.shape[1] // 2, dtype=torch.uint8, device=codes.device),
+            lambda x, packed, group_size, scales: torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype,
+                                                              device=x.device))
+        monkeypatch.setitem(kernels.KERNELS, "meta", self._recorded("meta", meta))
+
+    def _recorded(self, device: str, kernel: kernels.Kernel) -> kernels.Kernel:
+        def pack(codes, tiles):
+            self.calls.append((device, {codes.device.type}))
+            return kernel.pack(codes, tiles)
+
+        def matmul(x, packed, group_size, scales):
+            self.calls.append((device, {x.device.type, packed.device.type, scales.device.type}))
+            return kernel.matmul(x, packed, group_size, scales)
+
+        return kernels.Kernel(kernel.name, pack, matmul)
+
+    def mismatched(self) -> list[tuple[str, set[str]]]:
+        return [(device, seen) for device, seen in self.calls if seen != {device}]
+
+
+def _int4_layer() -> QuantLinear:
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (64, 128), generator=generator)
+    scales = torch.rand(64, 2, generator=generator) * 0.01 + 1e-3
+    return QuantLinear.from_quantized(q, scales, torch.zeros_like(scales), 4, 64, True)
+
+
+@torch.no_grad()
+def test_a_packed_layer_moved_to_another_device_is_retiled_for_that_devices_kernel(monkeypatch):
+    kernel_calls = KernelCalls(monkeypatch)
+    layer = Int4Linear(_int4_layer())
+    layer.to(META)
+    layer(torch.randn(3, 128, device=META))
+    assert devices(layer) == {META}
+    assert kernel_calls.calls[-2:] == [("meta", {"meta"}), ("meta", {"meta"})], kernel_calls.calls
+    assert not kernel_calls.mismatched(), "a kernel was called on tensors of another device"
+
+
+@torch.no_grad()
+def test_the_packed_codes_read_back_exactly():
+    reference = _int4_layer()
+    assert torch.equal(Int4Linear(reference).codes(), reference.codes().to(torch.int32))
+
+
+@torch.no_grad()
+def test_fast_kernels_on_the_models_device(tiny_llama, calibration_ids, monkeypatch):
+    """use_fast_kernels on a quantized model on the meta device packs and multiplies there, with no tensor made
+    on the default device."""
+    kernel_calls = KernelCalls(monkeypatch)
+    model = copy.deepcopy(tiny_llama)
+    _quantized(model, calibration_ids, "rtn")
+    model.to(META)
+    with torch.device("cpu"):
+        plan = use_fast_kernels(model)
+    assert plan.fast_layers and plan.kernel == "fake meta kernel"
+    assert devices(model) == {META}
+    model(calibration_ids[:1].to(META))
+    assert kernel_calls.calls and not kernel_calls.mismatched()

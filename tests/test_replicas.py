@@ -1,0 +1,142 @@
+"""The study's three architectures on the CPU: small random-weight replicas built from each model's own
+configuration class, saved as hub checkpoints and loaded through QUANT_MODEL_<NAME> (the path a GPU runner with
+local weights takes), then quantized by every method, saved and restored, run on the fast kernels, evaluated by
+the real evaluators, and restored from the cache onto another device."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import save_model
+
+from quant.config import QuantConfig
+from quant.kernels import use_fast_kernels
+from quant.matrix import load_matrix
+from quant.methods import get_method
+from quant.methods.gsq import SCALING_GROUPS, _fold_scale
+from quant.models import load_model
+from quant.pipeline import Workbench, restore_quantized
+from quant.qlinear import QuantLinear
+from tests.test_devices import META, KernelCalls, devices
+from tests.test_kernels import RELATIVE_TOLERANCE
+
+# The small replicas' input widths are 192 and 512: g64 divides both, g128 only 512 (192 falls back to g64).
+GROUP_SIZES = {64: set(), 128: {192}}
+
+
+@pytest.fixture
+def replica(replica_folder, monkeypatch):
+    """(model spec, model, tokenizer) loaded from the saved replica through the matrix's own model entry."""
+    name, folder = replica_folder
+    spec = load_matrix().models[name]
+    monkeypatch.setenv(spec.override_env, str(folder))
+    model, tokenizer = load_model(spec)
+    return spec, model, tokenizer
+
+
+def _calibration(tokenizer, data_dir) -> torch.Tensor:
+    text = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:20_000]
+    ids = torch.tensor(tokenizer(text).input_ids)
+    return ids[: 4 * 128].view(4, 128)
+
+
+def test_replica_is_the_study_architecture_loaded_from_a_local_folder(replica, replica_folder):
+    spec, model, tokenizer = replica
+    config = model.config
+    assert config.name_or_path == str(replica_folder[1]) and model.dtype == torch.bfloat16  # the matrix's dtype
+    attention = model.model.layers[0].self_attn
+    if spec.name == "phi-1.5":
+        assert config.rope_parameters["partial_rotary_factor"] == 0.5 and attention.rotary_ndims < attention.head_dim
+        assert model.lm_head.bias is not None and not config.tie_word_embeddings
+        assert not hasattr(model.model.layers[0], "post_attention_layernorm")  # attention and MLP in parallel
+    else:
+        assert attention.k_proj.out_features < attention.q_proj.out_features  # grouped-query attention
+        assert config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    if spec.name == "llama-3.2-1b":
+        assert config.rope_parameters["rope_type"] == "llama3"
+    if spec.name == "qwen2.5-0.5b":
+        assert all(getattr(attention, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
+
+
+@pytest.mark.parametrize("group_size", sorted(GROUP_SIZES))
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gsq"])
+@torch.no_grad()
+def test_every_method_quantizes_saves_restores_and_runs_fast(replica, method, group_size, tmp_path, shared_data):
+    spec, baseline, tokenizer = replica
+    calibration = _calibration(tokenizer, shared_data)
+    model = copy.deepcopy(baseline)
+    config = QuantConfig(method=method, bits=4, group_size=group_size)
+    records = get_method(method).quantize(model, config, calibration)
+    linears = [r for r in records if r.bits == 4]
+    assert len(linears) == len(records) == 2 * (7 if spec.name != "phi-1.5" else 6)
+    fallbacks = {r.shape[1] for r in records if r.fallback}
+    assert fallbacks == GROUP_SIZES[group_size], [(r.name, r.fallback) for r in records]
+    assert all(r.group_size == 64 for r in records if r.fallback)
+    assert devices(model) == {torch.device("cpu")}
+
+    save_model(model, str(tmp_path / "model.safetensors"))
+    restored = restore_quantized(baseline, records, tmp_path / "model.safetensors")
+    original, reloaded = model.state_dict(), restored.state_dict()
+    assert original.keys() == reloaded.keys() and all(torch.equal(original[k], reloaded[k]) for k in original)
+    ids = calibration[:2, :64]
+    reference = restored(ids).logits.float()
+    assert torch.equal(model(ids).logits.float(), reference)
+
+    fast = copy.deepcopy(restored)
+    plan = use_fast_kernels(fast)
+    assert plan.fast_layers == len(linears) and not plan.reference_layers
+    difference = (fast(ids).logits.float() - reference).abs().max()
+    assert difference <= RELATIVE_TOLERANCE * reference.abs().max(), float(difference)
+
+
+@torch.no_grad()
+def test_gsq_folding_leaves_the_function_unchanged_before_rounding(replica, shared_data):
+    """Every scaling group of the architecture's table, scaled by a random s: W diag(s) with 1/s folded into the
+    preceding norm or linear, or divided out of the input where it cannot fold, computes the same logits."""
+    spec, baseline, tokenizer = replica
+    model = copy.deepcopy(baseline).float()
+    ids = _calibration(tokenizer, shared_data)[:2, :64]
+    before = model(ids).logits
+    generator = torch.Generator().manual_seed(0)
+    for block in model.model.layers:
+        for group in SCALING_GROUPS[model.config.model_type]:
+            width = block.get_submodule(group.linears[0]).in_features
+            scale = torch.rand(width, generator=generator) + 0.5
+            if not _fold_scale(block, group.prev, list(group.linears), scale):
+                for name in group.linears:
+                    block.get_submodule(name).register_forward_pre_hook(
+                        lambda _m, args, s=scale: (args[0] / s.to(args[0].dtype),))
+    after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_the_workbench_gates_a_replica_and_restores_it_onto_the_baselines_device(replica, shared_data, tmp_path,
+                                                                                monkeypatch):
+    """The pipeline a GPU runner runs, on the CPU: a GPU-tier case's baseline and GPTQ model evaluated by the real
+    perplexity and choice evaluators and judged; then a second workbench whose device is ``meta`` restores the
+    cached model and serves it on the fast path, every tensor on that device."""
+    spec, _, _ = replica
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path))
+    matrix = load_matrix()
+    matrix = dataclasses.replace(matrix, profiles={"replica": {"gpu": {
+        "boolq": 4, "wikitext": 2, "calib_samples": 4, "options": {"wikitext": {"window": 128}}}}})
+    workbench = Workbench(matrix, "replica", shared_data)
+    for task in ("wikitext", "boolq"):
+        case = next(c for c in matrix.cases if c.id == f"{spec.name}-gptq-w4g128-{task}")
+        comparison = workbench.compare(case)
+        assert comparison.baseline.n == comparison.quantized.n == {"wikitext": 2, "boolq": 4}[task]
+        assert torch.isfinite(torch.tensor(list(comparison.quantized.metrics.values()))).all()
+    assert "mean_kld" in workbench.evaluate(spec, "wikitext", "gptq-w4g128").metrics
+
+    elsewhere = Workbench(matrix, "replica", shared_data, device="meta")
+    baseline, _ = elsewhere.baseline(spec)
+    baseline.tie_weights()  # (a move to meta unties them; a move to CUDA keeps them)
+    restored = elsewhere.quantized(spec, "gptq-w4g128", matrix.quant["gptq-w4g128"]).model
+    assert any(isinstance(m, QuantLinear) for m in restored.modules())
+    assert devices(restored) == {META}
+    KernelCalls(monkeypatch)
+    served, kernel = elsewhere.runnable(spec, "gptq-w4g128")
+    assert devices(served) == {META} and kernel.startswith("fake meta kernel")
