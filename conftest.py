@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from quant import plan
 from quant.config import DATA_DIR_ENV, data_dir
 from quant.matrix import load_matrix
 from quant.pipeline import Workbench
@@ -27,6 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="matrix profile that sets item counts (test, report)")
     group.addoption("--hardware", default=os.environ.get(HARDWARE_ENV),
                     help="snapshot folder under baselines/ (default: detected: cpu, h100, a100, ...)")
+    group.addoption("--plan", action="store_true",
+                    help="print what the selected cases would do, with the estimated time, and run nothing")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -92,7 +95,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     params = []
     for case in load_matrix().cases:
-        marks = [pytest.mark.slow] if case.cadence == "slow" else []
+        # one xdist group per model: under --dist loadgroup one worker loads and quantizes each model once
+        marks = [pytest.mark.xdist_group(case.model.name)] + ([pytest.mark.slow] if case.cadence == "slow" else [])
         if case.model.tier == "gpu":
             marks.append(pytest.mark.gpu)
         if case.expected_failure and metafunc.definition.get_closest_marker("regression_gate"):
@@ -102,10 +106,42 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("case", params)
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected, so that --plan shows what would run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="gpu tier: CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    # Slow cadence (llm-compressor's per-config cadence): run when -m names it, else reported as skipped.
+    if "slow" not in (config.getoption("-m") or ""):
+        skip_slow = pytest.mark.skip(reason="slow cadence: select with -m slow (e.g. -m 'gpu and slow')")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="gpu tier: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if config.getoption("--plan"):
+        print_plan(config, items)
+        config.hook.pytest_deselected(items=list(items))
+        items.clear()
+
+
+def print_plan(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The plan of the selected matrix cases (as python -m quant report --dry-run prints it), one per tier."""
+    selected = [item.callspec.params["case"] for item in items if hasattr(item, "callspec")
+                and "case" in item.callspec.params and not any(m.name == "skip" and "slow" in m.kwargs.get(
+                    "reason", "") for m in item.iter_markers())]
+    cases = list({case.id: case for case in selected}.values())
+    profile = config.getoption("--profile")
+    write = config.pluginmanager.get_plugin("terminalreporter").write_line
+    cuda = torch.cuda.is_available()
+    for tier in ("cpu", "gpu"):
+        own = [case for case in cases if case.model.tier == tier]
+        if not own:
+            continue
+        hardware = "cpu" if tier == "cpu" else config.getoption("--hardware") or (
+            hardware_class("cuda") if cuda else "h100")
+        header = f"plan: {len(own)} {tier}-tier cases, profile {profile}, hardware {hardware}"
+        if tier == "gpu" and not cuda:
+            header += "\nCUDA is not available on this machine: these cases would be skipped here"
+        write(plan.render(plan.steps(load_matrix(), own, profile, tier, "cuda" if tier == "gpu" else "cpu", hardware),
+                          header))

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from quant import report
+from quant import plan, report
 from quant.config import CALIB_DTYPES, DEFAULT_MATRIX, REPO_ROOT, ConfigError, data_dir
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.pipeline import Workbench
+from quant.snapshots import hardware_class
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="which models to run (default: gpu when CUDA is available, else cpu)")
     run.add_argument("-k", dest="select", default=None, help="only cases whose id contains this text")
     run.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the plan (models, configs, tasks, item counts, kernels, snapshots, time) and stop")
+    run.add_argument("--hardware", default=None,
+                     help="hardware class for snapshots and measured costs (default: detected; h100 for a GPU "
+                          "plan on a machine without CUDA)")
     build = commands.add_parser("quantize", help="quantize one model with one matrix config and print its log")
     build.add_argument("model", help="a model name from matrix.yaml")
     build.add_argument("quant", help="a quant config name from matrix.yaml, e.g. gptq-w4g128")
@@ -61,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         selected = [c for c in matrix.cases if not args.select or args.select in c.id]
         cases = [c for c in selected if c.model.tier == tier]
         skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
+        if args.dry_run:
+            print(dry_run(matrix, cases, args, tier, device))
+            return 0
         workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
         result = report.build(workbench, cases, skipped, "quant " + shlex.join(argv if argv is not None else sys.argv[1:]))
     except ConfigError as error:
@@ -70,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(result))
     print(f"\nwrote {md_path} and {json_path}")
     return 0
+
+
+def dry_run(matrix, cases, args: argparse.Namespace, tier: str, device: str) -> str:
+    hardware = args.hardware or ("cpu" if tier == "cpu" else hardware_class(device) if device == "cuda" else "h100")
+    header = f"plan: {len(cases)} {tier}-tier cases, profile {args.profile}, hardware {hardware}"
+    if tier == "gpu" and device != "cuda":
+        header += ("\nCUDA is not available on this machine: this is the plan for a GPU runner "
+                   f"({hardware}); nothing runs here")
+    return plan.render(plan.steps(matrix, cases, args.profile, tier, "cuda" if tier == "gpu" else "cpu", hardware),
+                       header)
 
 
 def _device() -> str:

@@ -39,6 +39,7 @@ class Matrix:
     quant: dict[str, QuantConfig]
     tasks: dict[str, TaskSpec]
     cases: list[Case]
+    costs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # hardware -> measured costs (plan)
 
     def limits(self, profile: str, tier: str) -> dict[str, int]:
         try:
@@ -74,4 +75,5 @@ def load_matrix(path: Path = DEFAULT_MATRIX) -> Matrix:
                     if case.id in cases:
                         raise ConfigError(f"{where}: case {case.id} is already defined by an earlier entry")
                     cases[case.id] = case
-    return Matrix(path, raw.get("seed", 0), raw.get("profiles", {}), models, quant, tasks, list(cases.values()))
+    return Matrix(path, raw.get("seed", 0), raw.get("profiles", {}), models, quant, tasks, list(cases.values()),
+                  raw.get("costs", {}))

@@ -1,7 +1,11 @@
-"""The ``quant quantize`` command: one model, one config, its log."""
+"""The command line: `quant quantize` (one model, one config, its log) and `quant report --dry-run` (the plan)."""
 import re
 
+import torch
+
+from quant import plan
 from quant.cli import main
+from quant.matrix import load_matrix
 
 
 def test_quantize_refuses_unknown_names(capsys):
@@ -30,3 +34,22 @@ def test_quantize_splits_a_calibrated_build_into_hessians_layers_and_block_runs(
 def test_quantize_refuses_a_calibration_dtype_for_a_method_without_calibration(capsys):
     assert main(["quantize", "smollm2-135m", "rtn-w4g128", "--calib-dtype", "bfloat16"]) == 2
     assert "calib_dtype='bfloat16' applies to gptq only, not rtn" in capsys.readouterr().err
+
+
+def test_the_gpu_dry_run_prints_the_plan_and_runs_nothing(capsys):
+    assert main(["report", "--tier", "gpu", "--profile", "test", "--dry-run", "-k", "gsm8k"]) == 0
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert "CUDA is not available on this machine" in out
+    for expected in ("llama-3.2-1b", "qwen2.5-0.5b", "phi-1.5", "gsm8k: 256 items x 6 variants", "64 x 512 calibration",
+                     "tinygemm", "dequantizing reference (group size 16)", "baselines/h100/test", "estimated: "):
+        assert expected in out, expected
+
+
+def test_the_merge_gates_plan_fits_the_budget_of_the_gpu_workflow():
+    """`pytest -m gpu -k gsm8k` (default cadence) on one H100, estimated from the measured costs in matrix.yaml."""
+    matrix = load_matrix()
+    cases = [c for c in matrix.cases if c.model.tier == "gpu" and c.cadence == "default" and c.task.name == "gsm8k"]
+    out = plan.render(plan.steps(matrix, cases, "test", "gpu", "cuda", "h100"), "")
+    estimate = float(re.search(r"estimated: ([0-9.]+) min", out).group(1))
+    assert len(cases) == 9 and 0 < estimate <= 15, out  # 15: the budget .github/workflows/gpu.yml states

@@ -5,7 +5,7 @@ import pytest
 
 from quant import data
 from quant.config import data_dir
-from quant.tasks import load_tasks, select_items
+from quant.tasks import load_tasks, select_items, stop_criteria
 
 SHARED_COUNTS = {"gsm8k": 1319, "boolq": 3270, "msmarco": 97, "wikitext": 1}
 
@@ -98,3 +98,10 @@ def test_gsm8k_fewshot_exemplars_are_never_scored(shared):
     items = select_items(task, shared, None, seed=0)
     assert not set(task["fewshot_ids"]) & {item["id"] for item in items}
     assert items[0]["fewshot"].count("Question:") == task["num_fewshot"]
+
+
+def test_the_stop_string_criterion_is_built_once_per_tokenizer_and_stop_strings(small_tokenizer):
+    first = stop_criteria(small_tokenizer, ["Question:", "\n\n\n"])
+    assert stop_criteria(small_tokenizer, ["Question:", "\n\n\n"]) is first
+    assert stop_criteria(small_tokenizer, ["Question:"]) is not first
+    assert stop_criteria(small_tokenizer, []) is None

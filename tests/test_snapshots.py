@@ -2,6 +2,7 @@
 import json
 
 from quant.snapshots import record, regressions
+from tests.snapshot_extension import RECORDED, FirstRecording
 
 TOLERANCES = {"perplexity": {"rel": 0.01}, "accuracy": {"items": 1}}
 
@@ -75,3 +76,11 @@ def test_syrupy_extension_records_compares_and_explains(pytester, tmp_path):
     before = (folder / "test_quantizer.json").read_bytes()
     _run(pytester, folder, 50.2, "--snapshot-update").assert_outcomes(passed=1)
     assert (folder / "test_quantizer.json").read_bytes() == before
+
+
+def test_a_first_run_on_new_hardware_records_the_case_and_lists_it(tmp_path, request):
+    location = tmp_path / "h100" / "test" / "test_matrix.json"
+    entry = {"exact": {"n": 4}, "metrics": {"quantized.perplexity": {"value": 9.5, "worse": "higher", "tolerance": {}}}}
+    assert FirstRecording(location, "test_snapshot[case]", request.config) == entry
+    assert json.loads(location.read_text()) == {"test_snapshot[case]": entry}
+    assert (location, "test_snapshot[case]") in request.config.stash[RECORDED]

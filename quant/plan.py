@@ -1,0 +1,84 @@
+"""What a run will do, before it runs (``quant report --dry-run``, ``pytest --plan``): per model the quant configs,
+tasks and item counts, the calibration size, the kernel each config will be served on, the snapshot folder its
+cases compare with, and an estimated time per step from the measured costs in matrix.yaml (``costs``). A step
+with no measured cost says so; the total then counts only what was measured."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from quant.config import QuantConfig
+from quant.kernels import KERNEL_GROUP_SIZES, KERNELS
+from quant.matrix import Case, Matrix
+from quant.methods import get_method
+from quant.replicas import REPLICAS
+from quant.snapshots import BASELINES
+
+
+@dataclasses.dataclass
+class Step:
+    model: str
+    what: str
+    seconds: float | None  # None: no measured cost for this step on this hardware
+
+
+def kernel_label(config: QuantConfig, device: str) -> str:
+    """The kernel a config's layers are served on (layers whose width does not tile stay on the reference)."""
+    if config.bits == 4 and (config.group_size or 0) in KERNEL_GROUP_SIZES and device in KERNELS:
+        return KERNELS[device].name
+    why = f"{config.bits}-bit" if config.bits != 4 else f"group size {config.group_size}"
+    return f"dequantizing reference ({why})"
+
+
+def _blocks(model: str) -> int | None:
+    replica = REPLICAS.get(model)
+    return replica.full["num_hidden_layers"] if replica else None
+
+
+def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: str, hardware: str) -> list[Step]:
+    costs = matrix.costs.get(hardware, {})
+    plan: list[Step] = []
+    for spec in dict.fromkeys(case.model for case in cases):
+        own = [c for c in cases if c.model is spec]
+        limits = matrix.limits(profile, tier)
+        plan.append(Step(spec.name, f"load {spec.hf_id or spec.gguf_file} ({spec.dtype})", costs.get("load")))
+        for quant_name in dict.fromkeys(c.quant_name for c in own):
+            config = matrix.quant[quant_name]
+            if get_method(config.method).needs_calibration:
+                samples = limits.get("calib_samples", config.calib_samples)
+                per_block = costs.get("calib_block_128x512", {}).get(spec.name)
+                blocks = _blocks(spec.name)
+                seconds = per_block * blocks * samples / 128 if per_block and blocks else None
+                what = f"quantize {quant_name}: {samples} x {config.calib_tokens} calibration tokens"
+            else:
+                seconds, what = costs.get("quantize_uncalibrated"), f"quantize {quant_name}: no calibration"
+            plan.append(Step(spec.name, f"{what}; served on {kernel_label(config, device)}", seconds))
+        for task_name in dict.fromkeys(c.task.name for c in own):
+            task = matrix.tasks[task_name]
+            options = {**task.options, **limits.get("options", {}).get(task_name, {})}
+            items = limits.get(task_name)
+            variants = 1 + len({c.quant_name for c in own if c.task.name == task_name})
+            seconds = None
+            if task.kind == "generate" and "generate_step" in costs and items:
+                batches = math.ceil(items / options.get("batch_size", 8))
+                seconds = variants * batches * options.get("max_new_tokens", 256) * costs["generate_step"]
+            unit = "windows" if task.kind == "perplexity" else "items"
+            plan.append(Step(spec.name, f"evaluate {task_name}: {items} {unit} x {variants} variants (baseline + "
+                                        f"quantized), batch {options.get('batch_size', 8)}", seconds))
+        folder = BASELINES / hardware / profile
+        state = "exists" if folder.exists() else "missing: the first run records it"
+        plan.append(Step(spec.name, f"compare {len(own)} cases with {folder.relative_to(BASELINES.parent)} ({state})", 0.0))
+    return plan
+
+
+def render(plan: list[Step], header: str) -> str:
+    lines = [header]
+    for model in dict.fromkeys(step.model for step in plan):
+        lines.append(f"\n{model}")
+        for step in (s for s in plan if s.model == model):
+            cost = "not measured" if step.seconds is None else f"~{step.seconds / 60:.1f} min"
+            lines.append(f"  {cost:>13}  {step.what}")
+    known = sum(step.seconds for step in plan if step.seconds is not None)
+    unknown = sum(step.seconds is None for step in plan)
+    lines.append(f"\nestimated: {known / 60:.1f} min" + (f" plus {unknown} steps with no measured cost" if unknown else ""))
+    return "\n".join(lines)
