@@ -1,5 +1,6 @@
 """Command line: ``python -m quant report`` evaluates the matrix and writes reports/latest.{md,json};
 ``python -m quant quantize`` builds (or loads from the cache) one quantized model and prints its log;
+``python -m quant replica`` saves a random-weight replica of a study model;
 ``python -m quant history`` plots the saved benchmark runs."""
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from quant import plan, report
 from quant.config import CALIB_DTYPES, DEFAULT_MATRIX, REPO_ROOT, ConfigError, data_dir
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
+from quant.models import DTYPES
 from quant.pipeline import Workbench
+from quant.replicas import REPLICAS, save_replica
 from quant.snapshots import hardware_class
 
 
@@ -45,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=None,
                        help="GPTQ: dtype of the calibration forward's matmuls (default: the config's, float32)")
     build.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
+    replica = commands.add_parser("replica", help="save a random-weight replica of a study model (no download)")
+    replica.add_argument("model", help="a study model: " + ", ".join(sorted(REPLICAS)))
+    replica.add_argument("--tokenizer", required=True,
+                         help="a tokenizer folder, or a matrix model whose tokenizer is local (e.g. smollm2-135m)")
+    replica.add_argument("--out", type=Path, required=True, help="the folder to write (load it with QUANT_MODEL_<NAME>)")
+    replica.add_argument("--small", action="store_true", help="two narrow blocks instead of the published size")
+    replica.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX)
     history = commands.add_parser("history", help="plot saved benchmark runs (.benchmarks/) to a PNG")
     history.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
                          help="pytest-benchmark storage folder (default: .benchmarks)")
@@ -60,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "quantize":
         return quantize(args)
+    if args.command == "replica":
+        return save_replica_command(args)
     try:
         matrix = load_matrix(args.matrix)
         device = _device()
@@ -89,6 +101,27 @@ def dry_run(matrix, cases, args: argparse.Namespace, tier: str, device: str) -> 
                    f"({hardware}); nothing runs here")
     return plan.render(plan.steps(matrix, cases, args.profile, tier, "cuda" if tier == "gpu" else "cpu", hardware),
                        header)
+
+
+def save_replica_command(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    if args.model not in REPLICAS:
+        print(f"quant: no replica of {args.model!r}; known: {sorted(REPLICAS)}", file=sys.stderr)
+        return 2
+    models = load_matrix(args.matrix).models
+    if args.tokenizer in models:
+        location, gguf_file = models[args.tokenizer].source()
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    spec = models.get(args.model)
+    dtype = DTYPES[spec.dtype] if spec else torch.float32
+    folder = save_replica(args.model, tokenizer, args.out, small=args.small, dtype=dtype)
+    env = spec.override_env if spec else "QUANT_MODEL_<NAME>"
+    print(f"wrote {folder} ({'small' if args.small else 'full-size'} {args.model}, vocabulary {len(tokenizer)}); "
+          f"use it with {env}={folder}")
+    return 0
 
 
 def _device() -> str:

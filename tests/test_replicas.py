@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
+from quant.cli import main
 from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.matrix import load_matrix
@@ -140,3 +141,14 @@ def test_the_workbench_gates_a_replica_and_restores_it_onto_the_baselines_device
     KernelCalls(monkeypatch)
     served, kernel = elsewhere.runnable(spec, "gptq-w4g128")
     assert devices(served) == {META} and kernel.startswith("fake meta kernel")
+
+
+def test_the_replica_command_saves_a_folder_the_matrix_model_loads(small_tokenizer, tmp_path, monkeypatch, capsys):
+    small_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert main(["replica", "qwen2.5-0.5b", "--small", "--tokenizer", str(tmp_path / "tokenizer"),
+                 "--out", str(tmp_path / "qwen")]) == 0
+    assert "QUANT_MODEL_QWEN2_5_0_5B=" in capsys.readouterr().out
+    spec = load_matrix().models["qwen2.5-0.5b"]
+    monkeypatch.setenv(spec.override_env, str(tmp_path / "qwen"))
+    model, tokenizer = load_model(spec)
+    assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tokenizer) == 512
