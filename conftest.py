@@ -131,17 +131,9 @@ def print_plan(config: pytest.Config, items: list[pytest.Item]) -> None:
                 and "case" in item.callspec.params and not any(m.name == "skip" and "slow" in m.kwargs.get(
                     "reason", "") for m in item.iter_markers())]
     cases = list({case.id: case for case in selected}.values())
-    profile = config.getoption("--profile")
     write = config.pluginmanager.get_plugin("terminalreporter").write_line
-    cuda = torch.cuda.is_available()
     for tier in ("cpu", "gpu"):
         own = [case for case in cases if case.model.tier == tier]
-        if not own:
-            continue
-        hardware = "cpu" if tier == "cpu" else config.getoption("--hardware") or (
-            hardware_class("cuda") if cuda else "h100")
-        header = f"plan: {len(own)} {tier}-tier cases, profile {profile}, hardware {hardware}"
-        if tier == "gpu" and not cuda:
-            header += "\nCUDA is not available on this machine: these cases would be skipped here"
-        write(plan.render(plan.steps(load_matrix(), own, profile, tier, "cuda" if tier == "gpu" else "cpu", hardware),
-                          header))
+        if own:
+            write(plan.describe(load_matrix(), own, config.getoption("--profile"), tier,
+                                config.getoption("--hardware") if tier == "gpu" else None))

@@ -20,7 +20,6 @@ from quant.matrix import load_matrix
 from quant.models import DTYPES
 from quant.pipeline import Workbench
 from quant.replicas import REPLICAS, save_replica
-from quant.snapshots import hardware_class
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in selected if c.model.tier == tier]
         skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
         if args.dry_run:
-            print(dry_run(matrix, cases, args, tier, device))
+            print(plan.describe(matrix, cases, args.profile, tier, args.hardware))
             return 0
         workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
         result = report.build(workbench, cases, skipped, "quant " + shlex.join(argv if argv is not None else sys.argv[1:]))
@@ -91,16 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(result))
     print(f"\nwrote {md_path} and {json_path}")
     return 0
-
-
-def dry_run(matrix, cases, args: argparse.Namespace, tier: str, device: str) -> str:
-    hardware = args.hardware or ("cpu" if tier == "cpu" else hardware_class(device) if device == "cuda" else "h100")
-    header = f"plan: {len(cases)} {tier}-tier cases, profile {args.profile}, hardware {hardware}"
-    if tier == "gpu" and device != "cuda":
-        header += ("\nCUDA is not available on this machine: this is the plan for a GPU runner "
-                   f"({hardware}); nothing runs here")
-    return plan.render(plan.steps(matrix, cases, args.profile, tier, "cuda" if tier == "gpu" else "cpu", hardware),
-                       header)
 
 
 def save_replica_command(args: argparse.Namespace) -> int:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
 from quant.config import QuantConfig
 from quant.kernels import KERNEL_GROUP_SIZES, KERNELS
 from quant.matrix import Case, Matrix
 from quant.methods import get_method
 from quant.replicas import REPLICAS
-from quant.snapshots import BASELINES
+from quant.snapshots import BASELINES, hardware_class
 
 
 @dataclasses.dataclass
@@ -82,3 +84,14 @@ def render(plan: list[Step], header: str) -> str:
     unknown = sum(step.seconds is None for step in plan)
     lines.append(f"\nestimated: {known / 60:.1f} min" + (f" plus {unknown} steps with no measured cost" if unknown else ""))
     return "\n".join(lines)
+
+
+def describe(matrix: Matrix, cases: list[Case], profile: str, tier: str, hardware: str | None = None) -> str:
+    """The rendered plan of ``cases`` (one tier) on ``hardware``: by default this machine's, or h100 (the GPU with
+    measured costs) for a GPU plan on a machine without CUDA, which the header then says."""
+    cuda = torch.cuda.is_available()
+    hardware = hardware or ("cpu" if tier == "cpu" else hardware_class("cuda") if cuda else "h100")
+    header = f"plan: {len(cases)} {tier}-tier cases, profile {profile}, hardware {hardware}"
+    if tier == "gpu" and not cuda:
+        header += f"\nCUDA is not available on this machine: this is the plan for a GPU runner ({hardware}); nothing runs here"
+    return render(steps(matrix, cases, profile, tier, "cuda" if tier == "gpu" else "cpu", hardware), header)
