@@ -95,8 +95,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     params = []
     for case in load_matrix().cases:
-        # one xdist group per model: under --dist loadgroup one worker loads and quantizes each model once
-        marks = [pytest.mark.xdist_group(case.model.name)] + ([pytest.mark.slow] if case.cadence == "slow" else [])
+        marks = [pytest.mark.slow] if case.cadence == "slow" else []
         if case.model.tier == "gpu":
             marks.append(pytest.mark.gpu)
         if case.expected_failure and metafunc.definition.get_closest_marker("regression_gate"):
@@ -104,6 +103,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             marks.append(pytest.mark.xfail(reason=case.expected_failure, strict=True))
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("case", params)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under ``--dist loadgroup``, one group per model: a worker loads and quantizes each model once. pytest-xdist
+    3.8 cannot group by its xdist_group mark on pytest 9.2 (it appends the group to a node id that pytest no longer
+    reads back, so every test becomes its own group: pytest-dev/pytest-xdist#1386), so the scheduler groups by
+    the matrix model named in a test's parameters; a test that names none is a group of its own."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from tests.xdist_groups import ModelGroupScheduling
+
+    return ModelGroupScheduling(config, log, load_matrix().models)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected, so that --plan shows what would run

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -24,9 +25,14 @@ log = logging.getLogger("quant")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-# The modules whose code decides what a quantized model or an evaluation result contains. Reporting,
-# statistics and orchestration are left out: changing them must not throw away hours of cached work.
-RESULT_MODULES = ("config.py", "models.py", "qlinear.py", "data.py", "tasks.py", "tasks.yaml", "methods")
+# The modules whose code decides what a quantized model or an evaluation result contains: quantization, the
+# loaders and tasks, the metrics they compute (stats), and the selection of items and calibration windows
+# (pipeline). Reporting and orchestration elsewhere are left out: they must not throw away hours of cached work.
+RESULT_MODULES = ("config.py", "models.py", "qlinear.py", "data.py", "tasks.py", "tasks.yaml", "stats.py",
+                  "pipeline.py", "methods")
+# The libraries whose versions can change a number: kernels, tokenizers, GGUF dequantization, file formats.
+RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "numpy")
+MANIFEST = "key.json"  # written last: its presence marks a complete entry, and it holds each payload file's hash
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,29 +47,71 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each library in RESULT_LIBRARIES (None: not installed)."""
+    versions = {}
+    for name in RESULT_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def key_parts(parts: dict[str, Any]) -> dict[str, Any]:
+    """What a key hashes: the caller's parts, the code version and the library versions."""
+    return {**parts, "code": code_version(), "libraries": library_versions()}
+
+
 def key_of(parts: dict[str, Any]) -> str:
-    """A stable hash of JSON-serialisable key parts (the code version is always one of them)."""
-    payload = json.dumps({**parts, "code": code_version()}, sort_keys=True, default=str)
+    """A stable hash of JSON-serialisable key parts (code and library versions are always among them)."""
+    payload = json.dumps(key_parts(parts), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _payload(folder: Path) -> dict[str, str]:
+    return {path.relative_to(folder).as_posix(): file_sha256(path)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def _intact(folder: Path) -> bool:
+    """An entry is complete and unaltered: its manifest exists and every payload file still has its hash."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if _payload(folder) == manifest.get("payload"):
+        return True
+    log.warning("cache entry %s does not match its recorded checksums (truncated or altered): rebuilding it", folder)
+    return False
+
+
 def cached_dir(kind: str, parts: dict[str, Any], build: Callable[[Path], None], root: Path | None = None) -> Path:
-    """The folder of the entry for ``parts``, calling ``build(tmp_folder)`` to make it if absent."""
+    """The folder of the entry for ``parts``, calling ``build(tmp_folder)`` to make it if absent or damaged."""
     root = (root or cache_dir()) / kind
     root.mkdir(parents=True, exist_ok=True)
     key = key_of(parts)
     final = root / key
-    if (final / "key.json").is_file():
+    if (final / MANIFEST).is_file() and _intact(final):
         return final
     with FileLock(str(final) + ".lock"):
-        if (final / "key.json").is_file():  # another process built it while we waited
+        if (final / MANIFEST).is_file() and _intact(final):  # another process built it while we waited
             return final
-        if final.exists():  # a stray folder without its key file is not an entry
+        if final.exists():  # a damaged entry, or a stray folder without its manifest, is not an entry
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", suffix=".tmp", dir=root))
         try:
             build(tmp)
-            (tmp / "key.json").write_text(json.dumps({**parts, "code": code_version()}, indent=1, default=str))
+            manifest = {**key_parts(parts), "payload": _payload(tmp)}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,19 +14,21 @@ from pathlib import Path
 import torch
 
 from quant import plan, report
-from quant.config import CALIB_DTYPES, DEFAULT_MATRIX, REPO_ROOT, ConfigError, data_dir
+from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, data_dir
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.models import DTYPES
 from quant.pipeline import Workbench
 from quant.replicas import REPLICAS, save_replica
 
+MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else matrix.yaml)"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant", description="Regression suite for quantized LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("report", help="evaluate the matrix and write the report")
-    run.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX)
+    run.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
     run.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
     run.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     run.add_argument("--tier", choices=["cpu", "gpu"], default=None,
@@ -41,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("quantize", help="quantize one model with one matrix config and print its log")
     build.add_argument("model", help="a model name from matrix.yaml")
     build.add_argument("quant", help="a quant config name from matrix.yaml, e.g. gptq-w4g128")
-    build.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX)
+    build.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
     build.add_argument("--profile", default="report", help="profile whose calibration count applies")
     build.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the profile's)")
     build.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=None,
                        help="GPTQ: dtype of the calibration forward's matmuls (default: the config's, float32)")
+    build.add_argument("--calib-chunk", type=int, default=None,
+                       help="calibration samples per forward of a block, to bound peak memory (default: all at once)")
     build.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     replica = commands.add_parser("replica", help="save a random-weight replica of a study model (no download)")
     replica.add_argument("model", help="a study model: " + ", ".join(sorted(REPLICAS)))
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="a tokenizer folder, or a matrix model whose tokenizer is local (e.g. smollm2-135m)")
     replica.add_argument("--out", type=Path, required=True, help="the folder to write (load it with QUANT_MODEL_<NAME>)")
     replica.add_argument("--small", action="store_true", help="two narrow blocks instead of the published size")
-    replica.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX)
+    replica.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
     history = commands.add_parser("history", help="plot saved benchmark runs (.benchmarks/) to a PNG")
     history.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
                          help="pytest-benchmark storage folder (default: .benchmarks)")
@@ -76,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         device = _device()
         tier = args.tier or ("gpu" if device == "cuda" else "cpu")
         selected = [c for c in matrix.cases if not args.select or args.select in c.id]
+        if not selected:
+            raise ConfigError(f"-k {args.select!r} matches no case of {matrix.path}; case ids look like "
+                              f"{matrix.cases[0].id}")
         cases = [c for c in selected if c.model.tier == tier]
         skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
         if args.dry_run:
@@ -128,6 +135,8 @@ def quantize(args: argparse.Namespace) -> int:
         config = matrix.quant[args.quant]
         if args.calib_dtype:
             config = dataclasses.replace(config, calib_dtype=args.calib_dtype)
+        if args.calib_chunk:
+            config = dataclasses.replace(config, calib_chunk=args.calib_chunk)
         built = workbench.quantized(spec, args.quant, config)
     except ConfigError as error:
         print(f"quant: {error}", file=sys.stderr)

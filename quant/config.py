@@ -14,6 +14,7 @@ TASKS_FILE = Path(__file__).resolve().parent / "tasks.yaml"
 
 DATA_DIR_ENV = "QUANT_DATA_DIR"
 CACHE_DIR_ENV = "QUANT_CACHE_DIR"
+MATRIX_ENV = "QUANT_MATRIX"
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,16 @@ class ConfigError(ValueError):
 
 
 CALIB_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
+# Fields whose YAML value could be of the wrong kind unnoticed ("yes" for a bool, 4.5 bits, true for a number).
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "method": ((str,), "a method name"), "bits": ((int,), "an integer"), "group_size": ((int,), "an integer"),
+    "sym": ((bool,), "true or false"), "act_order": ((bool,), "true or false"),
+    "clip_search": ((bool,), "true or false"), "explicit_scales": ((bool,), "true or false"),
+    "damp_percent": ((int, float), "a number"),
+    "calib_chunk": ((int,), "an integer"), "calib_samples": ((int,), "an integer"),
+    "calib_tokens": ((int,), "an integer"),
+}
+NULLABLE_FIELDS = ("group_size", "calib_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,20 +57,36 @@ class QuantConfig:
     # GSQ / AWQ (Lin et al. 2024)
     alpha_grid: int = 20
     clip_search: bool = False
+    # A scaling group whose 1/s cannot fold into the layer before it (v -> o under grouped-query attention): AWQ
+    # leaves it unscaled (the default); true scales it with an explicit fp16 input scale (label suffix "-xs"),
+    # which AWQ-format kernels cannot load.
+    explicit_scales: bool = False
     search_tokens: int = 2048  # calibration tokens (seeded sample) scored per alpha / clip candidate
     # Calibration: samples x tokens drawn from the WikiText-2 test text outside the evaluation windows.
     calib_samples: int = 128
     calib_tokens: int = 512
     calib_seed: int = 0
+    # Calibration samples per forward of a block (None: all at once). Bounds the peak memory of a block's
+    # activations; the codes are the same bits for every chunk on the CPU (tests/test_methods.py).
+    calib_chunk: int | None = None
     layer_overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        for name, (kinds, what) in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is None and name in NULLABLE_FIELDS:
+                continue
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ConfigError(f"{name}={value!r}: must be {what}")
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"bits={self.bits}: supported bit widths are 2..8")
-        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
-            raise ConfigError(f"group_size={self.group_size}: use an even group size >= 2, or null for per-channel")
+        # smaller groups are not a layout any kernel or the fallback (which stops at 16) produces
+        if self.group_size is not None and (self.group_size < 16 or self.group_size % 2):
+            raise ConfigError(f"group_size={self.group_size}: use an even group size >= 16, or null for per-channel")
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent={self.damp_percent}: must lie in (0, 1)")
+        if self.calib_chunk is not None and self.calib_chunk < 1:
+            raise ConfigError(f"calib_chunk={self.calib_chunk}: use a positive number of samples, or null for all at once")
         if self.calib_dtype not in CALIB_DTYPES:
             raise ConfigError(f"calib_dtype={self.calib_dtype!r}: use one of {', '.join(CALIB_DTYPES)}")
         if self.calib_dtype != "float32" and self.method != "gptq":
@@ -68,9 +95,9 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """Short name such as ``w4g128-sym`` or ``w8-asym`` (per-channel)."""
+        """Short name such as ``w4g128-sym``, ``w8-asym`` (per-channel) or ``w4g128-sym-xs`` (explicit scales)."""
         group = f"g{self.group_size}" if self.group_size else ""
-        return f"w{self.bits}{group}-{'sym' if self.sym else 'asym'}"
+        return f"w{self.bits}{group}-{'sym' if self.sym else 'asym'}{'-xs' if self.explicit_scales else ''}"
 
     def for_layer(self, layer_name: str) -> QuantConfig | None:
         """The config that applies to one layer, or None when that layer stays in full precision."""
@@ -95,7 +122,10 @@ class QuantConfig:
         overrides = data.pop("layer_overrides", {}) or {}
         if isinstance(overrides, dict):
             overrides = tuple((k, v if v == "skip" else tuple(sorted(v.items()))) for k, v in overrides.items())
-        return cls(**data, layer_overrides=tuple(overrides))
+        try:
+            return cls(**data, layer_overrides=tuple(overrides))
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -106,6 +136,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def matrix_path(explicit: str | os.PathLike | None = None) -> Path:
+    """The matrix file: ``--matrix``, else ``QUANT_MATRIX`` (a team's own matrix for pytest), else matrix.yaml."""
+    return Path(explicit or os.environ.get(MATRIX_ENV) or DEFAULT_MATRIX)
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:

@@ -29,8 +29,13 @@ def _read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> lis
     if not path.is_file():
         raise DataError(f"{path}: file not found (is {DATA_DIR_ENV} pointing at the shared data folder?)")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+                                f"{error.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -104,12 +109,24 @@ def load_boolq(data_dir: Path | None) -> list[Item]:
             raise DataError(f"{path}:{line_number}: field 'label' must be true/false, got {label!r}")
         items.append({"id": f"boolq-{row.get('idx', line_number - 1)}", "question": row["question"],
                       "passage": row["passage"], "label": label})
+    return _unique_ids(items, path, [line_number for line_number, _ in rows])
+
+
+def _unique_ids(items: list[Item], path: Path, line_numbers: list[int]) -> list[Item]:
+    """``items`` unchanged, or a DataError naming both lines of a repeated id (paired statistics pair items by id)."""
+    first_line: dict[str, int] = {}
+    for item, line_number in zip(items, line_numbers):
+        if item["id"] in first_line:
+            raise DataError(f"{path}:{line_number}: item id {item['id']!r} repeats line {first_line[item['id']]}")
+        first_line[item["id"]] = line_number
     return items
 
 
 def load_msmarco(data_dir: Path | None) -> list[Item]:
     """MS MARCO passage ranking, TREC DL 2019 + 2020 (97 queries, BM25 top-100 each, graded labels 0-3,
-    None for unjudged). From the hub: MS MARCO v1.1 validation, where ``is_selected`` passages get label 3."""
+    None for unjudged), with ``judged``: the grades of every passage the qrels judge for the query (nDCG's ideal
+    ranking). From the hub: MS MARCO v1.1 validation, where ``is_selected`` passages get label 3 and the judged
+    passages are the query's own."""
     if data_dir is None:
         items = []
         for row in _hub("microsoft/ms_marco", "v1.1", split="validation"):
@@ -118,11 +135,16 @@ def load_msmarco(data_dir: Path | None) -> list[Item]:
                 {"docid": str(i), "bm25_rank": i + 1, "text": text, "label": 3 if selected else 0}
                 for i, (text, selected) in enumerate(zip(passages["passage_text"], passages["is_selected"]))
             ]
-            items.append({"id": f"msmarco-{row['query_id']}", "query": row["query"], "candidates": candidates})
+            items.append({"id": f"msmarco-{row['query_id']}", "query": row["query"], "candidates": candidates,
+                          "judged": [c["label"] for c in candidates]})
         return items
     path = data_dir / "msmarco" / "dl19_dl20_bm25top100_labeled.jsonl"
+    qrels: dict[str, dict[str, list[int]]] = {}
     items = []
-    for line_number, row in _read_jsonl(path, {"set": str, "qid": (str, int), "query": str, "candidates": list}):
+    rows = _read_jsonl(path, {"set": str, "qid": (str, int), "query": str, "candidates": list})
+    for line_number, row in rows:
+        if not row["candidates"]:
+            raise DataError(f"{path}:{line_number}: field 'candidates' is empty: query {row['qid']} has nothing to rank")
         candidates = []
         for position, candidate in enumerate(row["candidates"]):
             for field, kind in (("docid", (str, int)), ("bm25_rank", int), ("text", str)):
@@ -134,8 +156,29 @@ def load_msmarco(data_dir: Path | None) -> list[Item]:
             candidates.append({"docid": str(candidate["docid"]), "bm25_rank": candidate["bm25_rank"],
                                "text": candidate["text"], "label": label})
         candidates.sort(key=lambda c: c["bm25_rank"])
-        items.append({"id": f"{row['set']}-{row['qid']}", "query": row["query"], "candidates": candidates})
-    return items
+        if row["set"] not in qrels:
+            qrels[row["set"]] = _read_qrels(data_dir / "msmarco" / "source" / f"qrels.{row['set']}-passage.txt")
+        judged = qrels[row["set"]].get(str(row["qid"]))
+        if not judged:
+            raise DataError(f"{path}:{line_number}: query {row['qid']} has no judgements in the {row['set']} qrels")
+        items.append({"id": f"{row['set']}-{row['qid']}", "query": row["query"], "candidates": candidates,
+                      "judged": judged})
+    return _unique_ids(items, path, [line_number for line_number, _ in rows])
+
+
+def _read_qrels(path: Path) -> dict[str, list[int]]:
+    """TREC qrels (``qid 0 docid grade`` per line): the grades judged per query."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (the MS MARCO qrels, beside the candidates in the shared data)")
+    grades: dict[str, list[int]] = {}
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 4 or not fields[3].lstrip("-").isdigit():
+            raise DataError(f"{path}:{line_number}: expected 'qid 0 docid grade', got {line!r}")
+        grades.setdefault(fields[0], []).append(int(fields[3]))
+    return grades
 
 
 def load_wikitext(data_dir: Path | None) -> list[Item]:

@@ -5,7 +5,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from quant.config import DEFAULT_MATRIX, ConfigError, QuantConfig, load_yaml
+from quant.config import ConfigError, QuantConfig, load_yaml, matrix_path
+from quant.methods import METHODS
 from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
 
@@ -48,10 +49,15 @@ class Matrix:
             raise ConfigError(f"{self.path}: no profiles.{profile}.{tier}; known profiles: {sorted(self.profiles)}") from None
 
 
-def load_matrix(path: Path = DEFAULT_MATRIX) -> Matrix:
+def load_matrix(path: Path | None = None) -> Matrix:
+    """The matrix at ``path``, by default the one ``matrix_path`` names."""
+    path = matrix_path(path)
     raw = load_yaml(path)
     models = parse_models(raw.get("models", {}))
     quant = {name: QuantConfig.from_dict(entry, where=f"{path} quant.{name}") for name, entry in raw.get("quant", {}).items()}
+    for name, config in quant.items():
+        if config.method not in METHODS:
+            raise ConfigError(f"{path} quant.{name}: unknown method {config.method!r}; known: {sorted(METHODS)}")
     tasks = load_tasks()
     defaults = raw.get("defaults", {})
     cases: dict[str, Case] = {}

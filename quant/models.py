@@ -70,20 +70,44 @@ class ModelSpec:
         return self.hf_id, None
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the weights, for cache keys: the GGUF's content hash, or the hub id / local path."""
+        """What identifies the weights, for cache keys: the GGUF's content hash; a local folder's content (every
+        file's hash); a hub id with the revision its local copy holds (None when none is downloaded yet)."""
         location, gguf_file = self.source()
         if gguf_file:
             return {"gguf": gguf_file, "sha256": _sha256(Path(location) / gguf_file), "dtype": self.dtype}
-        return {"source": location, "dtype": self.dtype}
+        if Path(location).is_dir():
+            return {"folder": location, "sha256": _folder_sha256(Path(location)), "dtype": self.dtype}
+        return {"hub": location, "revision": _hub_revision(location), "dtype": self.dtype}
+
+
+def _sha256(path: Path) -> str:
+    """A file's content hash, computed once per process for each size and modification time it has."""
+    stat = path.stat()
+    return _sha256_of(path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=None)
-def _sha256(path: Path) -> str:
+def _sha256_of(path: Path, _size: int, _mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _folder_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}:{_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _hub_revision(hf_id: str) -> str | None:
+    """The commit of the hub model's local copy (the snapshot folder huggingface_hub keeps it in)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(hf_id, "config.json")
+    return Path(config).parent.name if isinstance(config, str) else None
 
 
 def parse_models(section: dict[str, Any]) -> dict[str, ModelSpec]:

@@ -18,7 +18,7 @@ from safetensors.torch import save_model as save_safetensors
 
 from quant import snapshots, stats
 from quant.cache import cached_dir, cached_json
-from quant.config import QuantConfig
+from quant.config import ConfigError, QuantConfig
 from quant.data import calibration_windows
 from quant.matrix import Case, Matrix
 from quant.methods import LayerRecord, get_method
@@ -96,8 +96,9 @@ class Workbench:
         return dataclasses.replace(task, options={**task.options, **overrides})
 
     def calibration_config(self, spec: ModelSpec, config: QuantConfig) -> QuantConfig:
-        samples = self.calib_samples or self.limits(spec).get("calib_samples", config.calib_samples)
-        return dataclasses.replace(config, calib_samples=samples)
+        limits = self.limits(spec)
+        samples = self.calib_samples or limits.get("calib_samples", config.calib_samples)
+        return dataclasses.replace(config, calib_samples=samples, calib_chunk=limits.get("calib_chunk", config.calib_chunk))
 
     def wikitext_ids(self, spec: ModelSpec) -> torch.Tensor:
         """The WikiText-2 test text as one row of token ids (calibration and the timing prompt come from it)."""
@@ -108,8 +109,17 @@ class Workbench:
         return self._wikitext[spec.name]
 
     def calibration(self, spec: ModelSpec, config: QuantConfig) -> torch.Tensor:
-        """Calibration token ids from the WikiText-2 test text, outside the evaluation windows."""
+        """Calibration token ids from the second half of the WikiText-2 test text. Perplexity is measured on its
+        first windows; when they would reach the second half (many windows, a dense tokenizer), the same tokens
+        would be calibrated on and scored, so this refuses."""
         ids = self.wikitext_ids(spec)
+        windows, window = self.limits(spec).get(CALIBRATION_SOURCE), self.matrix.tasks[CALIBRATION_SOURCE]["window"]
+        free = (len(ids) // 2) // window  # whole windows before the calibration half
+        if windows is None or windows > free:
+            raise ConfigError(
+                f"{self.matrix.path}: profiles.{self.profile}.{spec.tier}.{CALIBRATION_SOURCE} = {windows} windows of "
+                f"{window} tokens would reach the calibration half of the text ({len(ids)} tokens with "
+                f"{spec.name}'s tokenizer): at most {free} windows keep evaluation and calibration apart")
         return calibration_windows(ids, config.calib_samples, config.calib_tokens, config.calib_seed)
 
     # ---- performance ----
@@ -148,9 +158,10 @@ class Workbench:
         baseline, _ = self.baseline(spec)
         method = get_method(config.method)
         calibration = (f"wikitext2 test, second half: {config.calib_samples} x {config.calib_tokens} tokens, "
-                       f"seed {config.calib_seed}, forward in {config.calib_dtype}") if method.needs_calibration else None
-        parts = {"model": spec.fingerprint(), "quant": config.to_dict(), "data": self._data_fingerprint()
-                 if method.needs_calibration else None}
+                       f"seed {config.calib_seed}, forward in {config.calib_dtype}"
+                       f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}"
+                       ) if method.needs_calibration else None
+        parts = self.quantized_parts(spec, config)
 
         def build(folder: Path) -> None:
             model = copy.deepcopy(baseline)
@@ -167,6 +178,21 @@ class Workbench:
         records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
         model = restore_quantized(baseline, records, folder / "model.safetensors")
         return Quantized(model, records, meta["quantize_seconds"], calibration)
+
+    def quantized_parts(self, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
+        """Everything a quantized model is made from: the weights, the config, the calibration text."""
+        needs_data = get_method(config.method).needs_calibration
+        return {"model": spec.fingerprint(), "quant": config.to_dict(),
+                "data": self._data_fingerprint() if needs_data else None}
+
+    def result_parts(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> dict[str, Any]:
+        """Everything an evaluation result is made from: the model (baseline, or all a quantized model is made
+        from), the task as this profile runs it, the content of the items it reads, and the device."""
+        config = None if quant_name is None else self.calibration_config(spec, self.matrix.quant[quant_name])
+        return {"model": spec.fingerprint(), "quantized": None if config is None else self.quantized_parts(spec, config),
+                "task": dataclasses.asdict(self.task(spec, task_name)),
+                "items": snapshots.fingerprint(self.items(spec, task_name)),
+                "limit": self.limits(spec).get(task_name), "device": self.device_for(spec)}
 
     def _data_fingerprint(self) -> str:
         path = self.data_dir / "wikitext2" / "wiki.test.raw" if self.data_dir else None
@@ -186,12 +212,7 @@ class Workbench:
         items = self.items(spec, task_name)
         limit = self.limits(spec).get(task_name)
         config = None if quant_name is None else self.calibration_config(spec, self.matrix.quant[quant_name])
-        parts = {
-            "model": spec.fingerprint(), "quant": None if config is None else config.to_dict(),
-            "task": dataclasses.asdict(task), "items": hashlib.sha256(
-                json.dumps([item["id"] for item in items]).encode()).hexdigest()[:16],
-            "limit": limit, "device": self.device_for(spec),
-        }
+        parts = self.result_parts(spec, task_name, quant_name)
 
         def compute() -> dict:
             _, tokenizer = self.baseline(spec)
@@ -257,6 +278,14 @@ class Workbench:
             # behind them still correlates with the baseline's unless the model is broken.
             extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
             fallback = ("score correlation with the baseline", extra["score_correlation"], gate["correlation_min"])
+        elif case.task.kind == "rerank":
+            # a re-ranker that does not beat BM25's own order of the same candidates measures nothing yet
+            extra["bm25"] = baseline.metrics[f"bm25_{metric}"]
+            informative = base_value > extra["bm25"]
+            # its per-query scores still follow the baseline's unless the quantized model is broken
+            extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
+            fallback = (f"per-query {metric} correlation with the baseline", extra["score_correlation"],
+                        gate["correlation_min"])
         elif case.task.kind == "generate":
             informative = sum(bool(i["correct"]) for i in baseline.items) >= gate["min_correct"]
             # A model that solves almost nothing can still be damaged: it stops producing answers at all.

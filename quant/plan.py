@@ -37,6 +37,11 @@ def _blocks(model: str) -> int | None:
     return replica.full["num_hidden_layers"] if replica else None
 
 
+def _forwards_per_item(kind: str, options: dict) -> int:
+    """Sequences a task scores per item: each choice, each re-ranked passage, or one perplexity window."""
+    return {"choice": len(options.get("choices", ())), "rerank": options.get("top_k", 1)}.get(kind, 1)
+
+
 def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: str, hardware: str) -> list[Step]:
     costs = matrix.costs.get(hardware, {})
     plan: list[Step] = []
@@ -51,7 +56,9 @@ def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: st
                 per_block = costs.get("calib_block_128x512", {}).get(spec.name)
                 blocks = _blocks(spec.name)
                 seconds = per_block * blocks * samples / 128 if per_block and blocks else None
-                what = f"quantize {quant_name}: {samples} x {config.calib_tokens} calibration tokens"
+                chunk = limits.get("calib_chunk", config.calib_chunk)
+                what = (f"quantize {quant_name}: {samples} x {config.calib_tokens} calibration tokens"
+                        f"{f', {chunk} samples per forward' if chunk else ''}")
             else:
                 seconds, what = costs.get("quantize_uncalibrated"), f"quantize {quant_name}: no calibration"
             plan.append(Step(spec.name, f"{what}; served on {kernel_label(config, device)}", seconds))
@@ -64,6 +71,8 @@ def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: st
             if task.kind == "generate" and "generate_step" in costs and items:
                 batches = math.ceil(items / options.get("batch_size", 8))
                 seconds = variants * batches * options.get("max_new_tokens", 256) * costs["generate_step"]
+            elif task.kind != "generate" and "forward_512" in costs and items:
+                seconds = variants * items * _forwards_per_item(task.kind, options) * costs["forward_512"]
             unit = "windows" if task.kind == "perplexity" else "items"
             plan.append(Step(spec.name, f"evaluate {task_name}: {items} {unit} x {variants} variants (baseline + "
                                         f"quantized), batch {options.get('batch_size', 8)}", seconds))

@@ -24,11 +24,14 @@ NOTES = [
     "measured on the first windows of the same raw file (wiki.test.raw as is, the llama.cpp convention), which "
     "never reach the calibration half.",
     "MS MARCO here is the TREC DL 2019/2020 passage-ranking set (BM25 top-100, graded labels), re-ranked over "
-    "the BM25 top-k by query likelihood; it is not the QnA v1.1 split of the reference study.",
+    "the BM25 top-k by query likelihood; it is not the QnA v1.1 split of the reference study. nDCG@10 and MRR@10 "
+    "are trec_eval's (ndcg_cut: the grade as gain, the ideal ranking over every judged passage in the qrels; "
+    "MRR relevance at grade >= 2). The 'chance / BM25' column holds BM25's own figure on the same queries; a "
+    "baseline that does not beat it is 'uninformative'.",
     "Retention is quantized / baseline (baseline / quantized for perplexity) with a 95% paired-bootstrap "
-    "interval over items (2,000 resamples, seed 0). Rows whose baseline does not beat chance are "
+    "interval over items (2,000 resamples, seed 0). Rows whose baseline does not beat chance (or BM25) are "
     "'uninformative' and are gated instead on the correlation of the per-item yes-no score with the baseline's "
-    "(BoolQ) or on keeping the answer format (GSM8K).",
+    "(BoolQ), of the per-query score (MS MARCO), or on keeping the answer format (GSM8K).",
     "Mean KLD and same-top-token rate compare each quantized model's next-token distribution with the "
     "baseline's on the WikiText windows, over the baseline's top-10 tokens plus one bucket for the rest of the "
     "vocabulary (a lower bound of the full KLD).",
@@ -91,7 +94,7 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             "verdict": comparison.verdict.status, "verdict_reason": comparison.verdict.reason,
             "flips_correct_to_wrong": flips.get("correct_to_wrong"),
             "flips_wrong_to_correct": flips.get("wrong_to_correct"),
-            "mcnemar_p": extra.get("mcnemar_p"), "chance": extra.get("chance"),
+            "mcnemar_p": extra.get("mcnemar_p"), "chance": extra.get("chance"), "bm25": extra.get("bm25"),
             "agreement": extra.get("agreement"), "score_correlation": extra.get("score_correlation"),
             "mean_kld": extra.get("mean_kld"), "p99_kld": extra.get("p99_kld"), "same_top_p": extra.get("same_top_p"),
             "roc_auc_baseline": extra.get("roc_auc_baseline"), "roc_auc_quantized": extra.get("roc_auc_quantized"),
@@ -118,7 +121,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     header = ["model", "method", "config", "task", "metric", "n", "baseline", "quantized", "retention [95% CI]",
-              "flips (c→w / w→c)", "McNemar p", "chance", "mean KLD / same top", "MB base → quant (×)",
+              "flips (c→w / w→c)", "McNemar p", "chance / BM25", "mean KLD / same top", "MB base → quant (×)",
               "TTFT ms / decode tok/s [kernel]", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
@@ -138,7 +141,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{row['ttft_ms']:.0f} / {row['decode_tokens_per_s']:.1f} [{row['kernel']}]")
             cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
                      _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval, flips,
-                     _fmt(row["mcnemar_p"]), _fmt(row["chance"]), divergence, memory, speed, row["verdict"]]
+                     _fmt(row["mcnemar_p"]), _fmt(row["chance"] if row["bm25"] is None else row["bm25"], 4),
+                     divergence, memory, speed, row["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -56,10 +56,12 @@ def tolerance_allows(tolerance: dict[str, float], old: float, n: int | None) -> 
 
 
 def metric_entry(name: str, value: float, tolerances: dict[str, dict[str, float]]) -> dict[str, Any]:
-    metric = name.split(".", 1)[-1]
-    return {"value": float(f"{value:.{SIGNIFICANT_DIGITS}g}"),
-            "worse": "higher" if lower_is_better(metric) else "lower",
-            "tolerance": tolerances.get(metric, {})}
+    """A metric with the direction that counts as a regression. The baseline is the instrument, not the candidate:
+    a baseline that moves either way means the model, the data or the task changed, and every gate's reference
+    with it (a task change that raised the baseline passed every worse-only snapshot)."""
+    side, metric = name.split(".", 1) if "." in name else (None, name)
+    worse = "either" if side == "baseline" else "higher" if lower_is_better(metric) else "lower"
+    return {"value": float(f"{value:.{SIGNIFICANT_DIGITS}g}"), "worse": worse, "tolerance": tolerances.get(metric, {})}
 
 
 def record(exact: dict[str, Any], metrics: dict[str, float], tolerances: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -71,7 +73,8 @@ def record(exact: dict[str, Any], metrics: dict[str, float], tolerances: dict[st
 def regressions(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Why ``current`` is a regression from ``stored``, one readable line per reason; empty when it is not.
 
-    A metric that moved in the better direction, or within the current tolerance, is not a regression.
+    A metric that moved in the better direction, or within the current tolerance, is not a regression; a
+    baseline metric moves in no direction unnoticed.
     """
     problems = []
     for key in sorted(set(stored["exact"]) | set(current["exact"])):
@@ -89,9 +92,10 @@ def regressions(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
             continue
         old, entry = stored["metrics"][name]["value"], current["metrics"][name]
         new, tolerance = entry["value"], entry["tolerance"]
-        worsened = new - old if entry["worse"] == "higher" else old - new
+        worsened = {"higher": new - old, "lower": old - new, "either": abs(new - old)}[entry["worse"]]
         allowed = tolerance_allows(tolerance, old, n)
         if math.isnan(new) or worsened > allowed:
-            problems.append(f"{name}: {old} -> {new} ({entry['worse']} is worse): worse by {worsened:.6g}, "
+            direction = "the baseline must not move" if entry["worse"] == "either" else f"{entry['worse']} is worse"
+            problems.append(f"{name}: {old} -> {new} ({direction}): worse by {worsened:.6g}, "
                             f"tolerance {json.dumps(tolerance) if tolerance else 'none (exact)'} allows {allowed:.6g}")
     return problems

@@ -16,12 +16,14 @@ def mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def ndcg_at_k(grades: Sequence[int], all_grades: Sequence[int], k: int) -> float:
-    """nDCG@k with graded gains (2^rel - 1), ideal order taken over all judged candidates of the query."""
+def ndcg_at_k(grades: Sequence[int], judged: Sequence[int], k: int) -> float:
+    """nDCG@k as trec_eval's ``ndcg_cut`` computes it: the gain is the grade itself, discounted by log2(rank + 1),
+    and the ideal ranking orders every judged passage of the query (the qrels), not only the ranked candidates.
+    ``grades``: the ranked list's grades (0 for unjudged)."""
     def dcg(values: Sequence[int]) -> float:
-        return sum((2**g - 1) / math.log2(rank + 2) for rank, g in enumerate(values[:k]))
+        return sum(g / math.log2(rank + 2) for rank, g in enumerate(values[:k]))
 
-    ideal = dcg(sorted(all_grades, reverse=True))
+    ideal = dcg(sorted(judged, reverse=True))
     return dcg(grades) / ideal if ideal > 0 else 0.0
 
 

@@ -252,14 +252,24 @@ def evaluate_rerank(model, tokenizer, task: TaskSpec, items, limit=None, label="
     for index, item in enumerate(items):
         # Stable sort: ties keep BM25 order, so equal scores never reorder by accident.
         order = [c for _, c in sorted(ranked[index], key=lambda pair: -pair[0])]
-        grades = [c["label"] or 0 for c in order]
-        all_grades = [c["label"] or 0 for c in item["candidates"]]
-        ndcg = stats.ndcg_at_k(grades, all_grades, 10)
-        mrr = stats.mrr_at_k([g >= task["relevant_min"] for g in grades], 10)
+        ndcg, mrr = rank_metrics(order, item["judged"], task["relevant_min"])
+        # BM25's own order of the same candidates: the reference a re-ranker must beat to say anything
+        bm25_ndcg, bm25_mrr = rank_metrics(item["candidates"], item["judged"], task["relevant_min"])
         records.append({"id": item["id"], "ranking": [c["docid"] for c in order], "score": ndcg, "mrr": mrr,
-                        "correct": None})
-    metrics = {"ndcg@10": stats.mean([r["score"] for r in records]), "mrr@10": stats.mean([r["mrr"] for r in records])}
+                        "bm25_ndcg": bm25_ndcg, "bm25_mrr": bm25_mrr, "correct": None})
+    metrics = {name: stats.mean([r[field] for r in records]) for name, field in RERANK_METRICS.items()}
     return TaskResult(task.name, metrics, records)
+
+
+# metric name -> per-item record field
+RERANK_METRICS = {"ndcg@10": "score", "mrr@10": "mrr", "bm25_ndcg@10": "bm25_ndcg", "bm25_mrr@10": "bm25_mrr"}
+
+
+def rank_metrics(ranking: list[dict], judged: list[int], relevant_min: int) -> tuple[float, float]:
+    """(nDCG@10, MRR@10) of a ranked candidate list, TREC-style: unjudged passages count as grade 0, MRR's
+    relevance is a grade of at least ``relevant_min`` (TREC DL passage: 2)."""
+    grades = [c["label"] or 0 for c in ranking]
+    return stats.ndcg_at_k(grades, judged, 10), stats.mrr_at_k([g >= relevant_min for g in grades], 10)
 
 
 @torch.no_grad()

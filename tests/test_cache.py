@@ -1,11 +1,20 @@
 """The cache under concurrent writers and interrupted builds."""
+import dataclasses
+import importlib.metadata
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from quant.cache import cached_dir, cached_json
+from quant import cache
+from quant.cache import cached_dir, cached_json, key_of
+from quant.config import QuantConfig
+from quant.matrix import load_matrix
+from quant.models import ModelSpec
+from quant.pipeline import Workbench
+from quant.tasks import load_tasks
 
 
 def _slow_build(root: str, counter: str) -> str:
@@ -43,3 +52,103 @@ def test_keys_separate_different_inputs(tmp_path):
     second = cached_json("values", {"x": 2}, lambda: 2, root=tmp_path)
     again = cached_json("values", {"x": 1}, lambda: pytest.fail("recomputed a cached entry"), root=tmp_path)
     assert (first, second, again) == (1, 2, 1)
+
+
+def test_a_library_upgrade_changes_every_key(monkeypatch):
+    before = key_of({"entry": 1})
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "99.0" if name == "transformers" else real_version(name))
+    assert key_of({"entry": 1}) != before
+
+
+def test_the_code_that_selects_items_and_computes_metrics_changes_the_key(tmp_path, monkeypatch):
+    package = tmp_path / "quant"
+    shutil.copytree(cache.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(cache, "PACKAGE_DIR", package)
+    before = cache.code_version.__wrapped__()
+    for module in ("pipeline.py", "stats.py", "data.py"):
+        (package / module).write_text((package / module).read_text() + "\n# changed\n")
+        after = cache.code_version.__wrapped__()
+        assert after != before, module
+        before = after
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "drop"])
+def test_a_damaged_entry_is_rebuilt_and_the_log_says_so(tmp_path, caplog, damage):
+    folder = cached_dir("models", {"entry": 3}, lambda f: (f / "model.bin").write_bytes(b"x" * 1000), root=tmp_path)
+    payload = folder / "model.bin"
+    if damage == "truncate":
+        payload.write_bytes(b"x" * 10)
+    elif damage == "alter":
+        payload.write_bytes(b"y" + b"x" * 999)
+    else:
+        payload.unlink()
+    rebuilt = cached_dir("models", {"entry": 3}, lambda f: (f / "model.bin").write_bytes(b"x" * 1000), root=tmp_path)
+    assert (rebuilt / "model.bin").read_bytes() == b"x" * 1000
+    assert "does not match its recorded checksums" in caplog.text
+
+
+def _changed(value):
+    """A different value of the same field: flipped, shifted, renamed, or set where it was null."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 16
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, tuple):
+        return value + (("down_proj", "skip"),)
+    return 64 if value is None else pytest.fail(f"no change defined for {value!r}")
+
+
+# a valid other value where the generic change would not be one
+OTHER_VALUES = {"method": "gsq", "bits": 3, "damp_percent": 0.1, "calib_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(QuantConfig)])
+def test_every_quant_config_field_changes_the_key(field):
+    config = QuantConfig(method="gptq")
+    changed = dataclasses.replace(config, **{field: OTHER_VALUES.get(field, _changed(getattr(config, field)))})
+    assert key_of({"quant": changed.to_dict()}) != key_of({"quant": config.to_dict()})
+
+
+def test_every_task_field_and_option_changes_the_key():
+    task = load_tasks()["gsm8k"]
+    base = key_of({"task": dataclasses.asdict(task)})
+    for field in ("name", "loader", "kind", "metric"):
+        assert key_of({"task": dataclasses.asdict(dataclasses.replace(task, **{field: "x"}))}) != base, field
+    for option, value in task.options.items():
+        options = {**task.options, option: [value, "changed"] if isinstance(value, (list, str)) else {"changed": value}}
+        assert key_of({"task": dataclasses.asdict(dataclasses.replace(task, options=options))}) != base, option
+
+
+def test_every_weight_source_field_changes_the_models_fingerprint(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    spec = ModelSpec("m", hf_id="org/model", dtype="bfloat16")
+    monkeypatch.setenv(spec.override_env, str(folder))
+    base = spec.fingerprint()
+    assert dataclasses.replace(spec, dtype="float32").fingerprint() != base
+    (folder / "config.json").write_text('{"hidden_size": 2}')  # the same folder with other content
+    assert spec.fingerprint() != base
+    monkeypatch.delenv(spec.override_env)
+    hub = spec.fingerprint()
+    assert hub["hub"] == "org/model" and dataclasses.replace(spec, hf_id="org/other").fingerprint() != hub
+
+
+def test_a_changed_data_file_changes_its_results_key(shared_data, tmp_path):
+    """Evaluation keys hold the content of the items a result read, and quantized results the calibration text."""
+    copy = tmp_path / "data"
+    shutil.copytree(shared_data, copy)
+    matrix = load_matrix()
+    spec = matrix.models["smollm2-135m"]
+    parts = lambda folder, task, quant=None: Workbench(matrix, "test", folder).result_parts(spec, task, quant)  # noqa: E731
+    boolq, calibrated = parts(shared_data, "boolq"), parts(shared_data, "boolq", "gptq-w4g128")
+    path = copy / "boolq" / "val.jsonl"
+    path.write_text(path.read_text().replace(" the ", " The "))
+    assert key_of(parts(copy, "boolq")) != key_of(boolq)
+    path = copy / "wikitext2" / "wiki.test.raw"
+    path.write_bytes(path.read_bytes()[:-200])  # the end of the text: the calibration half only
+    assert key_of(parts(copy, "boolq", "gptq-w4g128")) != key_of(calibrated)

@@ -2,8 +2,10 @@
 import re
 
 import torch
+import yaml
 
 from quant import plan
+from quant.config import REPO_ROOT
 from quant.cli import main
 from quant.matrix import load_matrix
 
@@ -11,6 +13,12 @@ from quant.matrix import load_matrix
 def test_quantize_refuses_unknown_names(capsys):
     assert main(["quantize", "smollm2-135m", "gptq-w5g7"]) == 2
     assert "unknown model 'smollm2-135m' or quant config 'gptq-w5g7'" in capsys.readouterr().err
+
+
+def test_a_report_selection_that_matches_no_case_is_an_error(capsys, tmp_path):
+    assert main(["report", "-k", "no-such-case", "--out", str(tmp_path)]) == 2
+    assert "-k 'no-such-case' matches no case of" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no empty report written
 
 
 def test_quantize_prints_the_layer_log(capsys):
@@ -46,10 +54,28 @@ def test_the_gpu_dry_run_prints_the_plan_and_runs_nothing(capsys):
         assert expected in out, expected
 
 
+def _gpu_workflow_budget(step: str) -> int:
+    """timeout-minutes of a step of .github/workflows/gpu.yml."""
+    workflow = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "gpu.yml").read_text())
+    return next(s["timeout-minutes"] for s in workflow["jobs"]["gpu-tier"]["steps"] if s.get("name") == step)
+
+
+def _h100_estimate(cases: list) -> tuple[float, str]:
+    out = plan.render(plan.steps(load_matrix(), cases, "test", "gpu", "cuda", "h100"), "")
+    return float(re.search(r"estimated: ([0-9.]+) min", out).group(1)), out
+
+
 def test_the_merge_gates_plan_fits_the_budget_of_the_gpu_workflow():
     """`pytest -m gpu -k gsm8k` (default cadence) on one H100, estimated from the measured costs in matrix.yaml."""
-    matrix = load_matrix()
-    cases = [c for c in matrix.cases if c.model.tier == "gpu" and c.cadence == "default" and c.task.name == "gsm8k"]
-    out = plan.render(plan.steps(matrix, cases, "test", "gpu", "cuda", "h100"), "")
-    estimate = float(re.search(r"estimated: ([0-9.]+) min", out).group(1))
-    assert len(cases) == 9 and 0 < estimate <= 15, out  # 15: the budget .github/workflows/gpu.yml states
+    cases = [c for c in load_matrix().cases if c.model.tier == "gpu" and c.cadence == "default" and c.task.name == "gsm8k"]
+    estimate, out = _h100_estimate(cases)
+    assert len(cases) == 9 and 0 < estimate <= 15 <= _gpu_workflow_budget("gsm8k gate"), out
+
+
+def test_the_whole_gpu_test_profile_is_costed_and_fits_45_minutes():
+    cases = [c for c in load_matrix().cases if c.model.tier == "gpu"]
+    estimate, out = _h100_estimate(cases)
+    assert "not measured  evaluate" not in out, out  # every task has a measured cost
+    assert 0 < estimate <= 45, out
+    merge_cadence, _ = _h100_estimate([c for c in cases if c.cadence == "default"])
+    assert merge_cadence <= _gpu_workflow_budget("gpu tier") <= 45

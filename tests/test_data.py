@@ -5,7 +5,7 @@ import pytest
 
 from quant import data
 from quant.config import data_dir
-from quant.tasks import load_tasks, select_items, stop_criteria
+from quant.tasks import load_tasks, rank_metrics, select_items, stop_criteria
 
 SHARED_COUNTS = {"gsm8k": 1319, "boolq": 3270, "msmarco": 97, "wikitext": 1}
 
@@ -30,12 +30,37 @@ def test_boolq_labels_match_the_data_readme(shared):
     assert labels.count(True) == 2033 and labels.count(False) == 1237
 
 
+@pytest.mark.parametrize("trec_set,ndcg", [("dl19", 0.5058), ("dl20", 0.4796)])
+def test_bm25_ndcg_at_10_is_anserinis_published_figure(shared, trec_set, ndcg):
+    """BM25's own order of the shared candidates, scored as trec_eval's ndcg_cut.10 scores it, gives the BM25
+    figures Anserini publishes for TREC DL 2019 / 2020 passage ranking (the rerank task's reference point)."""
+    task = load_tasks()["msmarco"]
+    items = [item for item in data.load("msmarco", shared) if item["id"].startswith(trec_set)]
+    scores = [rank_metrics(item["candidates"], item["judged"], task["relevant_min"])[0] for item in items]
+    assert round(sum(scores) / len(scores), 4) == ndcg
+
+
+def test_msmarco_queries_without_judgements_are_refused(tmp_path):
+    relative, good = GOOD["msmarco"]
+    _write(tmp_path, relative, [json.dumps({**good, "qid": "9"})])
+    with pytest.raises(data.DataError, match=r":1: query 9 has no judgements in the dl19 qrels"):
+        data.load("msmarco", tmp_path)
+
+
 def test_gsm8k_targets_are_the_numbers_after_the_hashes(shared):
     first = data.load("gsm8k", shared)[0]
     assert first["answer"].rstrip().endswith(f"#### {first['target']}")
 
 
+# Files a loader reads beside its main one: the MS MARCO qrels (nDCG's judged passages).
+BESIDE = {"msmarco/dl19_dl20_bm25top100_labeled.jsonl": ("msmarco/source/qrels.dl19-passage.txt", "1 0 7 2\n2 0 8 0\n")}
+
+
 def _write(tmp_path, relative, lines):
+    if relative in BESIDE:
+        beside, text = BESIDE[relative]
+        (tmp_path / beside).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / beside).write_text(text)
     path = tmp_path / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -77,6 +102,29 @@ def test_broken_json_and_missing_fields_are_named(tmp_path, name):
     path = _write(tmp_path, relative, [json.dumps({k: v for k, v in good.items() if k != first_field})])
     with pytest.raises(data.DataError, match=f"{path}:1: missing field '{first_field}'"):
         data.load(name, tmp_path)
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    relative, good = GOOD["boolq"]
+    path = _write(tmp_path, relative, [json.dumps(good)])
+    path.write_bytes(path.read_bytes() + b'{"question": "caf\xe9", "passage": "p", "idx": 1, "label": "true"}\n')
+    with pytest.raises(data.DataError, match=f"{path}:2: not UTF-8 \\(byte 0xe9 at column 18\\)"):
+        data.load("boolq", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["boolq", "msmarco"])
+def test_a_repeated_item_id_is_refused(tmp_path, name):
+    relative, good = GOOD[name]
+    path = _write(tmp_path, relative, [json.dumps(good), json.dumps(good)])
+    with pytest.raises(data.DataError, match=f"{path}:2: item id .* repeats line 1"):
+        data.load(name, tmp_path)
+
+
+def test_a_query_with_no_candidates_is_refused(tmp_path):
+    relative, good = GOOD["msmarco"]
+    path = _write(tmp_path, relative, [json.dumps({**good, "candidates": []})])
+    with pytest.raises(data.DataError, match=f"{path}:1: field 'candidates' is empty"):
+        data.load("msmarco", tmp_path)
 
 
 def test_missing_file_says_which_setting_to_fix(tmp_path):

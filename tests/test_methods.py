@@ -1,5 +1,6 @@
 """GPTQ and GSQ against round-to-nearest on synthetic layers, where the answer is known."""
 import copy
+import re
 import subprocess
 import sys
 import pytest
@@ -9,9 +10,10 @@ from torch import nn
 
 from quant.config import REPO_ROOT, ConfigError, QuantConfig
 from quant.methods import get_method
-from quant.methods.base import dequantize, rtn_codes
+from quant.methods import gsq
+from quant.methods.base import block_linears, dequantize, rtn_codes
 from tests.glibc import glibc_mallinfo
-from quant.methods.gptq import GPTQ, gram
+from quant.methods.gptq import GPTQ
 from quant.methods.gsq import _search_scale
 from quant.pipeline import restore_quantized
 from quant.qlinear import QuantLinear
@@ -55,7 +57,7 @@ def test_gptq_equals_rtn_when_the_hessian_is_the_identity():
     torch.manual_seed(0)
     linear = nn.Linear(64, 16, bias=False)
     gptq = GPTQ(linear)
-    gptq.H = 2 * torch.eye(64)  # uncorrelated unit-variance inputs: no error is worth moving
+    gptq.H, gptq.nsamples = 2 * torch.eye(64), 1  # uncorrelated unit-variance inputs: no error is worth moving
     q, scales, zeros, _ = gptq.fasterquant(4, True, 32)
     q_rtn, scales_rtn, _ = rtn_codes(linear.weight.detach(), 4, 32, True)
     assert torch.equal(q, q_rtn) and torch.allclose(scales, scales_rtn)
@@ -97,6 +99,69 @@ def test_gsq_equals_rtn_when_activations_are_uniform():
     assert torch.equal(scale, torch.ones(64))
 
 
+@torch.no_grad()
+def test_gsq_leaves_a_skipped_linear_of_a_scaling_group_exact(tiny_llama, calibration_ids):
+    """q_proj kept in full precision shares its input (the norm's output) with k/v: folding their 1/s into the norm
+    would feed it x / s with its weight unscaled (measured: 36% output error at 8 bits, against 0.4% without it)."""
+    outputs = {}
+    for label, model in (("before", tiny_llama), ("after", copy.deepcopy(tiny_llama))):
+        if label == "after":
+            config = QuantConfig(method="gsq", bits=8, group_size=32, layer_overrides=(("q_proj", "skip"),))
+            get_method("gsq").quantize(model, config, calibration_ids)
+        q_proj = model.model.layers[0].self_attn.q_proj
+        handle = q_proj.register_forward_hook(lambda _m, _args, out: outputs.__setitem__(label, out))
+        model(calibration_ids)
+        handle.remove()
+    assert isinstance(q_proj, nn.Linear)
+    torch.testing.assert_close(outputs["after"], outputs["before"], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_gsq_clip_search_scores_a_scaled_layer_on_its_scaled_inputs(tiny_llama, calibration_ids, monkeypatch):
+    """A folded group's weight is W diag(s) and its input x / s; the clip search must see both, so that the
+    product it scores is the layer's real output W x (it saw x: W diag(s) x)."""
+    original = copy.deepcopy(tiny_llama)
+    features, clips = [], []
+    real_inputs, real_clip = gsq._linear_inputs, gsq._search_clip
+    monkeypatch.setattr(gsq, "_linear_inputs", lambda *args: features.append(real_inputs(*args)) or features[-1])
+    monkeypatch.setattr(gsq, "_search_clip", lambda w, x, *args: clips.append((w, x)) or real_clip(w, x, *args))
+    gsq.GSQ().quantize(tiny_llama, QuantConfig(method="gsq", group_size=32, clip_search=True), calibration_ids)
+    names = list(block_linears(original.model.layers[0]))
+    for index, block_features in enumerate(features):
+        block_clips = dict(zip(names, clips[index * len(names):(index + 1) * len(names)]))
+        for name in ("self_attn.q_proj", "mlp.gate_proj"):  # scaled, folded into a norm, not themselves a fold target
+            weight, sample = block_clips[name]
+            reference = block_features[name][1] @ original.model.layers[index].get_submodule(name).weight.t()
+            torch.testing.assert_close(sample @ weight.t(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_gsq_leaves_grouped_query_v_to_o_unscaled_unless_asked(tiny_llama, calibration_ids):
+    """AWQ skips the v -> o pair when v's width is not o's input (grouped-query attention): no explicit fp16
+    scale that AWQ-format kernels could not load; ``explicit_scales`` keeps one, and the label says so."""
+    attention = tiny_llama.model.layers[0].self_attn
+    assert attention.v_proj.out_features < attention.o_proj.in_features  # the fixture has grouped-query attention
+    for explicit in (False, True):
+        model = copy.deepcopy(tiny_llama)
+        config = QuantConfig(method="gsq", group_size=32, explicit_scales=explicit)
+        get_method("gsq").quantize(model, config, calibration_ids)
+        o_proj = model.model.layers[0].self_attn.o_proj
+        assert (o_proj.input_scale is not None) == explicit
+        assert config.label == ("w4g32-sym-xs" if explicit else "w4g32-sym")
+
+
+@pytest.mark.parametrize("method", ["gptq", "gsq"])
+def test_calibration_in_chunks_cuts_a_per_sample_attention_mask(tiny_llama, calibration_ids, method):
+    """Eager attention passes every block a mask with one row per sample; a chunk must get its own rows (a mask
+    of the whole set does not broadcast against a chunk, so this fails with a shape error if it is not cut)."""
+    tiny_llama.set_attn_implementation("eager")
+    built = []
+    for chunk in (None, 3):
+        model = copy.deepcopy(tiny_llama)
+        get_method(method).quantize(model, QuantConfig(method=method, group_size=32, calib_chunk=chunk), calibration_ids)
+        built.append(model.state_dict())
+    assert all(torch.equal(built[0][name], built[1][name]) for name in built[0])
+
+
 @pytest.mark.parametrize("method,extra", [("rtn", {}), ("gptq", {"act_order": True}), ("gsq", {"clip_search": True})])
 @torch.no_grad()
 def test_quantized_model_reloads_bit_identically(tiny_llama, calibration_ids, tmp_path, method, extra):
@@ -129,9 +194,13 @@ def test_gptq_tracks_the_baseline_better_than_rtn(tiny_llama, calibration_ids):
     assert divergence("gptq") < divergence("rtn")
 
 
-def test_gram_is_x_transpose_x():
-    x = torch.randn(300, 24, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(gram(x).double(), x.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
+def test_gptq_hessian_is_twice_the_mean_x_x_transpose_over_every_token():
+    x = torch.randn(3, 40, 24, dtype=torch.float64).float()  # 3 samples of 40 tokens
+    gptq = GPTQ(nn.Linear(24, 8))
+    gptq.add_batch(x[:2])
+    gptq.add_batch(x[2:])
+    flat = x.reshape(-1, 24).double()
+    torch.testing.assert_close((gptq.H / gptq.nsamples).double(), 2 * flat.t() @ flat / 120, rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()
@@ -172,6 +241,20 @@ def test_gptq_bfloat16_calibration_casts_the_forward_not_the_quantization(tiny_l
     for name in ("q_proj", "k_proj", "v_proj"):
         exact, fast = (getattr(attention, name).state_dict() for attention in first_attention.values())
         assert all(torch.equal(exact[key], fast[key]) for key in exact), name
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("group_size", 8, "group_size=8: use an even group size >= 16"),
+    ("group_size", 33, "group_size=33: use an even group size >= 16"),
+    ("sym", "yes", "sym='yes': must be true or false"),
+    ("bits", 4.5, "bits=4.5: must be an integer"),
+    ("bits", True, "bits=True: must be an integer"),
+    ("calib_chunk", 0, "calib_chunk=0: use a positive number of samples"),
+    ("damp_percent", "1%", "damp_percent='1%': must be a number"),
+])
+def test_a_config_value_of_the_wrong_kind_is_refused_with_its_field(field, value, message):
+    with pytest.raises(ConfigError, match=f"quant.x: {re.escape(message)}"):
+        QuantConfig.from_dict({"method": "gptq", field: value}, where="quant.x")
 
 
 def test_calibration_dtype_is_checked():

@@ -16,7 +16,7 @@ from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.matrix import load_matrix
 from quant.methods import get_method
-from quant.methods.gsq import SCALING_GROUPS, _fold_scale
+from quant.methods.gsq import SCALING_GROUPS, scale_group
 from quant.models import load_model
 from quant.pipeline import Workbench, restore_quantized
 from quant.qlinear import QuantLinear
@@ -92,6 +92,34 @@ def test_every_method_quantizes_saves_restores_and_runs_fast(replica, method, gr
     assert difference <= RELATIVE_TOLERANCE * reference.abs().max(), float(difference)
 
 
+def block_batches(model: torch.nn.Module) -> tuple[list[int], list]:
+    """The batch size of every decoder-block forward from now on (seen at its first module: the walk's capture of
+    the first block's inputs stops before it), and the hook handles to remove."""
+    batches: list[int] = []
+    handles = [block.input_layernorm.register_forward_pre_hook(lambda _norm, args: batches.append(args[0].shape[0]))
+               for block in model.model.layers]
+    return batches, handles
+
+
+@pytest.mark.parametrize("method", ["gptq", "gsq"])
+@torch.no_grad()
+def test_calibration_in_chunks_gives_the_same_codes_with_smaller_forwards(replica, method, shared_data):
+    spec, baseline, tokenizer = replica
+    calibration = _calibration(tokenizer, shared_data)  # 4 samples: chunks of 3 leave an uneven last one
+    built = {}
+    for chunk in (None, 3, 1):
+        model = copy.deepcopy(baseline)
+        batches, handles = block_batches(model)
+        get_method(method).quantize(model, QuantConfig(method=method, group_size=64, calib_chunk=chunk), calibration)
+        for handle in handles:
+            handle.remove()
+        assert max(batches) == (chunk or len(calibration))
+        built[chunk] = model.state_dict()
+    for chunk in (3, 1):
+        differ = [name for name, tensor in built[None].items() if not torch.equal(tensor, built[chunk][name])]
+        assert not differ, f"calib_chunk={chunk} changed {differ[:5]}"
+
+
 @torch.no_grad()
 def test_gsq_folding_leaves_the_function_unchanged_before_rounding(replica, shared_data):
     """Every scaling group of the architecture's table, scaled by a random s: W diag(s) with 1/s folded into the
@@ -105,7 +133,7 @@ def test_gsq_folding_leaves_the_function_unchanged_before_rounding(replica, shar
         for group in SCALING_GROUPS[model.config.model_type]:
             width = block.get_submodule(group.linears[0]).in_features
             scale = torch.rand(width, generator=generator) + 0.5
-            if not _fold_scale(block, group.prev, list(group.linears), scale):
+            if not scale_group(block, group, list(group.linears), scale):
                 for name in group.linears:
                     block.get_submodule(name).register_forward_pre_hook(
                         lambda _m, args, s=scale: (args[0] / s.to(args[0].dtype),))

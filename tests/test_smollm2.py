@@ -1,10 +1,13 @@
 """End-to-end properties on the embedded model (smollm2-135m), sharing the matrix tests' cached results."""
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from quant.config import ConfigError
+from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
 from quant.snapshots import BASELINES, regressions
 from quant.tasks import evaluate
@@ -122,3 +125,18 @@ def test_fast_int4_path_serves_the_same_model(matrix, workbench):
     kld = (served.exp() * (served - expected)).sum(-1)
     assert kld.mean() <= 0.005, float(kld.mean())
     assert (served.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.93
+
+
+def test_evaluation_windows_that_would_reach_the_calibration_text_are_refused(matrix, workbench):
+    """Perplexity scores the first WikiText windows, calibration draws from the second half: a profile whose
+    windows reach it (here 600 of 512 tokens: more than the whole text) is refused, naming the field to lower."""
+    spec = matrix.models["smollm2-135m"]
+    profiles = copy.deepcopy(matrix.profiles)
+    profiles[workbench.profile]["cpu"]["wikitext"] = 600
+    crowded = Workbench(dataclasses.replace(matrix, profiles=profiles), workbench.profile, workbench.data_dir)
+    crowded._baselines = workbench._baselines  # the loaded model, not a second copy
+    config = matrix.quant["gptq-w4g128"]
+    with pytest.raises(ConfigError, match=rf"profiles\.{workbench.profile}\.cpu\.wikitext = 600 windows of 512 "
+                                          r"tokens would reach the calibration half .*: at most \d+ windows"):
+        crowded.calibration(spec, config)
+    assert workbench.calibration(spec, workbench.calibration_config(spec, config)).shape[1] == 512

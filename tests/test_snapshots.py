@@ -28,6 +28,16 @@ def test_a_drop_beyond_tolerance_names_old_new_and_tolerance():
     assert '{"rel": 0.01} allows 0.5' in problems[1]
 
 
+def test_a_baseline_that_moves_either_way_beyond_tolerance_is_a_regression():
+    """A task change that raises the baseline (capitalised choices, another extraction) moved the gates' reference."""
+    def baseline(accuracy):
+        return record({"n": 20}, {"baseline.accuracy": accuracy, "quantized.accuracy": accuracy}, TOLERANCES)
+
+    assert regressions(baseline(0.5), baseline(0.54)) == regressions(baseline(0.5), baseline(0.46)) == []
+    problems = regressions(baseline(0.5), baseline(0.6))
+    assert len(problems) == 1 and problems[0].startswith("baseline.accuracy: 0.5 -> 0.6 (the baseline must not move)")
+
+
 def test_identities_must_not_move_and_metrics_must_not_vanish():
     changed = _record(model_bytes=1001)
     del changed["metrics"]["quantized.accuracy"]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 import torch
@@ -16,6 +18,9 @@ def test_mcnemar_exact_matches_the_binomial_test():
 def test_ranking_metrics():
     assert stats.ndcg_at_k([3, 2, 0], [3, 2, 0], 10) == pytest.approx(1.0)
     assert stats.ndcg_at_k([0, 0, 3], [3, 0, 0], 10) == pytest.approx(1 / 2)  # log2(4) = 2
+    # trec_eval: the grade is the gain (not 2^g - 1), and the ideal counts judged passages never ranked
+    assert stats.ndcg_at_k([1, 3], [3, 1], 10) == pytest.approx((1 + 3 / math.log2(3)) / (3 + 1 / math.log2(3)))
+    assert stats.ndcg_at_k([2], [2, 2], 10) == pytest.approx(1 / (1 + 1 / math.log2(3)))
     assert stats.mrr_at_k([False, True], 10) == 0.5
     assert stats.mrr_at_k([False] * 12, 10) == 0.0
 

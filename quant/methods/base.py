@@ -186,8 +186,8 @@ def skipped_record(name: str, linear: nn.Linear, config: QuantConfig) -> LayerRe
 
 # ---- sequential calibration over blocks (shared by GPTQ and GSQ) -----------------------------------------
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward once it has what it came for."""
 
 
 @dataclasses.dataclass
@@ -199,46 +199,68 @@ class BlockStep:
     block: nn.Module
     inputs: torch.Tensor  # hidden states entering the block, [samples, tokens, hidden]
     kwargs: dict[str, Any]  # what the model passes every block: rotary embeddings, mask, ...
+    chunk: int  # calibration samples per forward of the block
     outputs: torch.Tensor | None = None
+
+    def chunks(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        return calibration_chunks(self.inputs, self.kwargs, self.chunk)
+
+
+def calibration_chunks(inputs: torch.Tensor, kwargs: dict[str, Any], chunk: int
+                       ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The block's calibration inputs in forwards of ``chunk`` samples, which bounds the activations a forward
+    holds at once (a 1B model's MLP at 128 x 512 tokens: 2 GB per tensor). Keyword tensors with one row per
+    sample (an eager attention mask, [samples, 1, tokens, tokens]) are cut with the inputs; broadcast ones
+    (rotary embeddings, [1, tokens, dim]) are passed whole."""
+    samples = inputs.shape[0]
+
+    def cut(value: Any, start: int, stop: int) -> Any:
+        sliceable = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == samples
+        return value[start:stop] if sliceable else value
+
+    return [(inputs[start:start + chunk], {key: cut(value, start, start + chunk) for key, value in kwargs.items()})
+            for start in range(0, samples, chunk)]
 
 
 @torch.no_grad()
 def block_inputs(model: nn.Module, calibration: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Hidden states entering the first block for the whole calibration set, and the block keyword arguments.
-    The set is one batch, so that a block sees every calibration token in a single call: GPTQ quantizes each
-    linear when it is first called, and the rest of that call then runs on the quantized weights."""
+    Only the embeddings run here, so the whole set goes in one batch; the blocks then run it in chunks."""
     captured: dict[str, Any] = {}
 
     def capture(_module: nn.Module, args: tuple, block_kwargs: dict) -> None:
         captured["hidden"] = args[0] if args else block_kwargs.pop("hidden_states")
         captured["kwargs"] = {k: v for k, v in block_kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        raise _StopForward
+        raise StopForward
 
     handle = decoder_blocks(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         model(calibration.to(next(model.parameters()).device), use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()
     return captured["hidden"], {**captured["kwargs"], "use_cache": False}
 
 
-def sequential_blocks(model: nn.Module, calibration: torch.Tensor | None, method: str) -> Iterator[BlockStep]:
+def sequential_blocks(
+    model: nn.Module, calibration: torch.Tensor | None, method: str, chunk: int | None = None
+) -> Iterator[BlockStep]:
     """Walk the decoder blocks in order with their calibration inputs; once the caller has quantized a block,
     the next block's inputs are this block's outputs, so every block calibrates on what the already-quantized
-    model feeds it."""
+    model feeds it. Blocks run on ``chunk`` samples per forward (None: the whole set at once)."""
     if calibration is None:
         raise ValueError(f"{method} needs calibration token ids [samples, tokens]")
+    chunk = min(chunk or calibration.shape[0], calibration.shape[0])
     blocks = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     with reused_heap():
         inputs, kwargs = block_inputs(model, calibration)
         for index, block in enumerate(blocks):
             started = time.perf_counter()
-            step = BlockStep(f"{prefix}.{index}", block, inputs, kwargs)
+            step = BlockStep(f"{prefix}.{index}", block, inputs, kwargs, chunk)
             yield step
-            inputs = step.outputs if step.outputs is not None else run_block(block, inputs, kwargs)
+            inputs = step.outputs if step.outputs is not None else run_block(block, step.chunks())
             log.info("%s: block %d/%d done in %.1fs", method, index + 1, len(blocks), time.perf_counter() - started)
 
 
@@ -273,7 +295,10 @@ def reused_heap() -> Iterator[None]:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The block's output hidden states."""
-    out = block(inputs, **kwargs)
+def run_block(block: nn.Module, chunks: list[tuple[torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
+    """The block's output hidden states for the calibration set, one forward per chunk."""
+    return torch.cat([block_output(block(inputs, **kwargs)) for inputs, kwargs in chunks])
+
+
+def block_output(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out

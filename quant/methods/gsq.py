@@ -4,8 +4,10 @@ Input channels that see large activations are salient: scaling their weights up 
 down by 1/s) before round-to-nearest quantization shrinks their relative rounding error. Per block and per
 scaling group (layers that share one input), search s = mean|x|^alpha over a grid of alpha for the value
 that minimises the group's output error on calibration activations, fold 1/s into the operation that
-produces the input (a norm, or a linear on a linear path), else keep it as an explicit input scale; then
-quantize in groups. Optionally search a per-group clipping ratio of the weight range as well.
+produces the input (a norm, or a linear on a linear path); where an activation sits between, keep it as an
+explicit input scale (AWQ's ScaledActivation), and where the widths differ (grouped-query v -> o) leave the
+group unscaled as AWQ does (or, with ``explicit_scales``, keep an explicit scale there too); then quantize in
+groups. Optionally search a per-group clipping ratio of the weight range as well.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch import nn
 from quant.config import QuantConfig
 from quant.methods.base import (
     LayerRecord, Quantizer, block_linears, dequantize, effective_group_size, pack_layer, replace_module,
-    rtn_codes, run_block, sequential_blocks, skipped_record,
+    rtn_codes, sequential_blocks, skipped_record,
 )
 
 log = logging.getLogger("quant")
@@ -34,7 +36,7 @@ class ScalingGroup(NamedTuple):
 
 # Per-architecture table (config.model_type -> groups), as AWQ groups layers; a new architecture is an entry.
 # v_proj -> o_proj folds only when v_proj's output width equals o_proj's input (no grouped-query attention);
-# otherwise the scale stays explicit. Phi's fc1 -> fc2 passes through GELU, so it can never fold.
+# otherwise it is left unscaled. Phi's fc1 -> fc2 passes through GELU, so its scale stays explicit.
 _LLAMA = (
     ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",)),
@@ -73,22 +75,26 @@ class GSQ(Quantizer):
         if model_type not in SCALING_GROUPS:
             raise ValueError(f"GSQ: no scaling-group table for model_type {model_type!r}; add it to SCALING_GROUPS")
         records: list[LayerRecord] = []
-        for step in sequential_blocks(model, calibration, self.name):
+        for step in sequential_blocks(model, calibration, self.name, config.calib_chunk):
             block_name, block = step.name, step.block
             layer_configs = {
                 name: config.for_layer(f"{block_name}.{name}") for name in block_linears(block)
             }
             # Inputs of every linear, captured once before any scaling: folding is exact, so a group's
             # input changes only by its own 1/s, which the search accounts for.
-            features = _linear_inputs(block, step.inputs, step.kwargs, config.search_tokens)
-            explicit_scales: dict[str, torch.Tensor] = {}
+            features = _linear_inputs(block, step.chunks(), config.search_tokens)
+            group_scales: dict[str, torch.Tensor] = {}  # every scaled linear's s: its weight is now W diag(s)
+            explicit_scales: dict[str, torch.Tensor] = {}  # ... and those whose input is divided by s explicitly
             for group in SCALING_GROUPS[model_type]:
                 names = [n for n in group.linears if layer_configs[n] is not None]
-                if names:
-                    x_mean, sample = features[names[0]]
-                    scale = _search_scale(block, names, x_mean, sample, layer_configs[names[0]])
-                    if not _fold_scale(block, group.prev, names, scale):
-                        explicit_scales.update({n: scale for n in names})
+                fold = _foldable(block, group, names)
+                if not names or (fold is False and not config.explicit_scales):
+                    continue  # AWQ leaves a group it cannot fold unscaled (v->o under grouped-query attention)
+                x_mean, sample = features[names[0]]
+                scale = _search_scale(block, names, x_mean, sample, layer_configs[names[0]])
+                group_scales.update({name: scale for name in names})
+                if not scale_group(block, group, names, scale):
+                    explicit_scales.update({name: scale for name in names})
             for name, linear in block_linears(block).items():
                 full_name = f"{block_name}.{name}"
                 layer_config = layer_configs[name]
@@ -99,8 +105,8 @@ class GSQ(Quantizer):
                 group_size, _ = effective_group_size(linear.in_features, layer_config.group_size)
                 weight = linear.weight.detach().float()
                 note = None
-                if layer_config.clip_search:
-                    sample = features[name][1] / explicit_scales.get(name, 1.0)
+                if layer_config.clip_search:  # on the inputs the scaled weight now sees: x / s, folded or not
+                    sample = features[name][1] / group_scales.get(name, 1.0)
                     weight, ratio = _search_clip(weight, sample, layer_config.bits, group_size, layer_config.sym)
                     note = f"mean clip ratio {ratio:.3f}"
                 q, scales, zeros = rtn_codes(weight, layer_config.bits, group_size, layer_config.sym)
@@ -113,25 +119,40 @@ class GSQ(Quantizer):
         return records
 
 
-def _linear_inputs(block: nn.Module, inputs: torch.Tensor, kwargs: dict, tokens: int) -> dict[str, tuple]:
-    """Per linear: mean |x| per input channel over all calibration tokens, and a seeded sample of ``tokens``."""
-    features: dict[str, tuple] = {}
+def _linear_inputs(block: nn.Module, chunks: list[tuple[torch.Tensor, dict]], tokens: int) -> dict[str, tuple]:
+    """Per linear: mean |x| per input channel over all calibration tokens, and a seeded sample of ``tokens``.
+    Both come out the same bits however the set is chunked: |x| is summed sample by sample, and the sample's
+    rows are drawn over the whole set and gathered from the chunk that holds each."""
+    total = sum(inputs.shape[0] * inputs.shape[1] for inputs, _ in chunks)
+    # drawn on the CPU whatever the device, so that every device samples the same tokens
+    rows = torch.randperm(total, generator=torch.Generator().manual_seed(0), device="cpu")[:tokens]
+    rows = rows.to(chunks[0][0].device)
+    sums: dict[str, torch.Tensor] = {}
+    picked: dict[str, torch.Tensor] = {}
+    seen = 0  # tokens of the chunks before this one
 
     def hook(name: str):
         def record(_module: nn.Module, inp: tuple, _out: torch.Tensor) -> None:
-            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            # drawn on the CPU whatever the device, so that every device samples the same tokens
-            rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0), device="cpu")[:tokens]
-            features[name] = (x.abs().mean(dim=0), x[rows.to(x.device)])
+            x = inp[0].float()
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[-1], device=x.device)
+                picked[name] = torch.zeros(len(rows), x.shape[-1], device=x.device)
+            for sample in x:
+                sums[name] += sample.abs().sum(dim=0)
+            flat = x.reshape(-1, x.shape[-1])
+            here = (rows >= seen) & (rows < seen + len(flat))
+            picked[name][here] = flat[rows[here] - seen]
         return record
 
     handles = [linear.register_forward_hook(hook(name)) for name, linear in block_linears(block).items()]
     try:
-        run_block(block, inputs, kwargs)
+        for inputs, kwargs in chunks:
+            block(inputs, **kwargs)
+            seen += inputs.shape[0] * inputs.shape[1]
     finally:
         for handle in handles:
             handle.remove()
-    return features
+    return {name: (sums[name] / total, picked[name]) for name in sums}
 
 
 def _search_scale(
@@ -157,20 +178,37 @@ def _search_scale(
     return best_scale
 
 
-def _fold_scale(block: nn.Module, prev: str | None, names: list[str], scale: torch.Tensor) -> bool:
-    """W <- W diag(s) for the group, and 1/s folded into ``prev`` where that is exact.
-    Returns False when it is not (no ``prev``, or widths differ): the caller keeps s as an input scale."""
+def _foldable(block: nn.Module, group: ScalingGroup, names: list[str]) -> bool | None:
+    """Whether 1/s folds exactly into the module producing the group's input: True; False when it cannot (a linear
+    of another width: grouped-query v->o); None when there is none to fold into (an activation: Phi's fc1 -> GELU
+    -> fc2), where AWQ divides the input explicitly (its ScaledActivation). A group with a linear kept in full
+    precision never folds: that linear would read x / s with its weight unscaled."""
+    if group.prev is None:
+        return None
+    prev = block.get_submodule(group.prev)
+    if len(names) < len(group.linears):
+        return None
+    return not (isinstance(prev, nn.Linear) and prev.out_features != block.get_submodule(names[0]).in_features)
+
+
+def scale_group(block: nn.Module, group: ScalingGroup, names: list[str], scale: torch.Tensor) -> bool:
+    """W <- W diag(s) for the group's linears ``names``, and 1/s folded into the module producing their input
+    where that is exact. Returns whether it was folded; if not, the caller divides their input by s."""
     for name in names:
         linear = block.get_submodule(name)
         linear.weight.mul_(scale.to(linear.weight.dtype))
-    prev_module = block.get_submodule(prev) if prev else None
-    if prev_module is None or (isinstance(prev_module, nn.Linear) and prev_module.out_features != scale.numel()):
+    if not _foldable(block, group, names):
         return False
-    inverse = (1 / scale).to(prev_module.weight.dtype)
-    prev_module.weight.mul_(inverse.unsqueeze(1) if isinstance(prev_module, nn.Linear) else inverse)
-    if getattr(prev_module, "bias", None) is not None:
-        prev_module.bias.mul_(inverse)
+    _divide_output(block.get_submodule(group.prev), scale)
     return True
+
+
+def _divide_output(module: nn.Module, scale: torch.Tensor) -> None:
+    """The module's output divided by s: a norm's weight (and bias), or a linear's rows."""
+    inverse = (1 / scale).to(module.weight.dtype)
+    module.weight.mul_(inverse.unsqueeze(1) if isinstance(module, nn.Linear) else inverse)
+    if getattr(module, "bias", None) is not None:
+        module.bias.mul_(inverse)
 
 
 def _search_clip(
