@@ -27,11 +27,13 @@ from quant.kernels import cast_parameters, use_fast_kernels
 from quant.models import ModelSpec, load_model
 from quant.perf import PerfSettings, dtype_name, measure, variant_label
 from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
-from quant.tasks import TaskResult, TaskSpec, evaluate, perplexity_windows, select_items, uses_reference
+from quant.tasks import TaskResult, TaskSpec, evaluate, select_items, text_ids, uses_reference
 
 log = logging.getLogger("quant")
 
 CALIBRATION_SOURCE = "wikitext"
+# llama.cpp --kl-divergence's statistics, reported beside each perplexity row
+DIVERGENCE_METRICS = ("mean_kld", "mean_kld_se", "median_kld", "p99_kld", "same_top_p", "ln_ppl_ratio")
 
 
 @dataclasses.dataclass
@@ -105,7 +107,7 @@ class Workbench:
         if spec.name not in self._wikitext:
             _, tokenizer = self.baseline(spec)
             text = select_items(self.matrix.tasks[CALIBRATION_SOURCE], self.data_dir, None, 0)[0]["text"]
-            self._wikitext[spec.name] = torch.cat(perplexity_windows(tokenizer, text, 1))
+            self._wikitext[spec.name] = text_ids(tokenizer, text)
         return self._wikitext[spec.name]
 
     def calibration(self, spec: ModelSpec, config: QuantConfig) -> torch.Tensor:
@@ -217,11 +219,11 @@ class Workbench:
         def compute() -> dict:
             _, tokenizer = self.baseline(spec)
             model = self.baseline(spec)[0] if config is None else self.quantized(spec, quant_name, config).model
-            reference = self.evaluate(spec, task_name) if config is not None and uses_reference(task) else None
+            reference = self.baseline(spec)[0] if config is not None and uses_reference(task) else None
             label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
             started = time.perf_counter()
             with dequantized_weights(model):
-                result = evaluate(model, tokenizer, task, items, limit=limit, label=label, reference=reference)
+                result = evaluate(model, tokenizer, task, items, limit=limit, label=label, reference_model=reference)
             log.info("%s: %s in %.1fs", label, result.metrics, time.perf_counter() - started)
             return dataclasses.asdict(result)
 
@@ -300,7 +302,7 @@ class Workbench:
         verdict = stats.judge(metric, base_value, quant_value, interval, baseline.n, threshold, informative,
                               fallback, gate["strict"])
         if "mean_kld" in quantized.metrics:
-            extra.update({k: quantized.metrics[k] for k in ("mean_kld", "p99_kld", "same_top_p")})
+            extra.update({k: quantized.metrics[k] for k in DIVERGENCE_METRICS})
             verdict = stats.judge_divergence(verdict, quantized.metrics, gate.get("kld_max"), gate.get("same_top_min"))
         return Comparison(case, metric, baseline, quantized, value, interval, verdict, extra)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from quant.matrix import Case
-from quant.pipeline import Comparison, Workbench, task_metrics
+from quant.pipeline import DIVERGENCE_METRICS, Comparison, Workbench, task_metrics
 from quant.perf import machine_facts, model_bytes, variant_label
 
 log = logging.getLogger("quant")
@@ -32,9 +32,13 @@ NOTES = [
     "interval over items (2,000 resamples, seed 0). Rows whose baseline does not beat chance (or BM25) are "
     "'uninformative' and are gated instead on the correlation of the per-item yes-no score with the baseline's "
     "(BoolQ), of the per-query score (MS MARCO), or on keeping the answer format (GSM8K).",
-    "Mean KLD and same-top-token rate compare each quantized model's next-token distribution with the "
-    "baseline's on the WikiText windows, over the baseline's top-10 tokens plus one bucket for the rest of the "
-    "vocabulary (a lower bound of the full KLD).",
+    "Mean KLD (± its standard error) and same-top-token rate compare each quantized model's next-token "
+    "distribution with the baseline's on the WikiText windows, KL(baseline || quantized) over the whole "
+    "vocabulary with the baseline run beside the model, as llama.cpp's --kl-divergence computes it; the JSON "
+    "rows also hold the median and 99th percentile KLD and ln(PPL ratio).",
+    "Contexts, prompts and perplexity windows start with the tokenizer's own prefix: a BOS for Llama-3, none for "
+    "SmolLM2 or Qwen2 (the tokenizer's rule; lm-evaluation-harness would prefix perplexity windows with any BOS "
+    "the tokenizer has).",
     "Accuracy is computed with weights dequantized once per evaluation (bit-identical to the per-call "
     "reference); memory is measured on the packed model.",
 ]
@@ -96,7 +100,7 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             "flips_wrong_to_correct": flips.get("wrong_to_correct"),
             "mcnemar_p": extra.get("mcnemar_p"), "chance": extra.get("chance"), "bm25": extra.get("bm25"),
             "agreement": extra.get("agreement"), "score_correlation": extra.get("score_correlation"),
-            "mean_kld": extra.get("mean_kld"), "p99_kld": extra.get("p99_kld"), "same_top_p": extra.get("same_top_p"),
+            **{name: extra.get(name) for name in DIVERGENCE_METRICS},
             "roc_auc_baseline": extra.get("roc_auc_baseline"), "roc_auc_quantized": extra.get("roc_auc_quantized"),
             "quantize_seconds": quantized.quantize_seconds, "calibration": quantized.calibration,
             **quantized.layer_counts(),
@@ -134,7 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
             flips = ("–" if row["flips_correct_to_wrong"] is None
                      else f"{row['flips_correct_to_wrong']} / {row['flips_wrong_to_correct']}")
             divergence = ("–" if row["mean_kld"] is None
-                          else f"{row['mean_kld']:.4f} / {row['same_top_p']:.3f}")
+                          else f"{row['mean_kld']:.4f} ± {row['mean_kld_se']:.4f} / {row['same_top_p']:.3f}")
             memory = (f"{row['model_bytes_baseline'] / 1e6:.0f} → {row['model_bytes_quantized'] / 1e6:.0f} "
                       f"({row['memory_reduction']:.2f}×)")
             speed = ("not timed" if row.get("ttft_ms") is None else

@@ -47,7 +47,7 @@ def _aggregate(metric: str) -> Callable[[dict[str, np.ndarray]], float]:
     return lambda c: float(c[f"correct_{metric}"].mean())  # generation extractions (strict-match, ...)
 
 
-LOWER_IS_BETTER = frozenset({"perplexity", "mean_kld", "p99_kld"})
+LOWER_IS_BETTER = frozenset({"perplexity", "mean_kld", "mean_kld_se", "median_kld", "p99_kld", "ln_ppl_ratio"})
 
 
 def lower_is_better(metric: str) -> bool:

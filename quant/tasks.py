@@ -75,15 +75,15 @@ def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed:
 
 
 def uses_reference(task: TaskSpec) -> bool:
-    """Whether the task's evaluator compares with the baseline's result (perplexity: KLD)."""
+    """Whether the task's evaluator runs the baseline beside the model (perplexity: KLD)."""
     return task.kind == "perplexity"
 
 
 def evaluate(model, tokenizer, task: TaskSpec, items: list[dict], limit: int | None = None,
-             label: str = "", reference: TaskResult | None = None) -> TaskResult:
-    """Score ``items`` with the task's evaluator; ``label`` names the run in the progress bar. Evaluators
-    that compare distributions take the baseline's result as ``reference``."""
-    extra = {"reference": reference} if uses_reference(task) else {}
+             label: str = "", reference_model: torch.nn.Module | None = None) -> TaskResult:
+    """Score ``items`` with the task's evaluator; ``label`` names the run in the progress bar. Evaluators that
+    compare distributions run ``reference_model`` (the baseline) beside the model."""
+    extra = {"reference_model": reference_model} if uses_reference(task) else {}
     return EVALUATORS[task.kind](model, tokenizer, task, items, limit=limit, label=label or task.name, **extra)
 
 
@@ -112,13 +112,24 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def text_prefix(tokenizer) -> list[int]:
+    """The tokens the tokenizer itself puts before a text: Llama-3's <|begin_of_text|> (its add_bos_token), none for
+    SmolLM2 or Qwen2. Contexts, prompts and perplexity windows start with them, as the model saw text in training;
+    scoring without them inflates a BOS model's perplexity. (lm-eval would prefix perplexity windows with any BOS
+    the tokenizer has; this follows the tokenizer's own rule.)"""
+    with_special = tokenizer("x").input_ids
+    plain = tokenizer("x", add_special_tokens=False).input_ids
+    prefix_length = len(with_special) - len(plain)
+    return list(with_special[:prefix_length]) if with_special[prefix_length:] == plain else []
+
+
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, label: str) -> list[float]:
     """Sum of log p(continuation | context) for each (context, continuation), batched with right padding."""
-    encoded = []
+    encoded, prefix = [], text_prefix(tokenizer)
     for context, continuation in pairs:
         cont = _encode(tokenizer, continuation)
-        ctx = _encode(tokenizer, context)[-(MAX_CONTEXT - len(cont)):]
+        ctx = prefix + _encode(tokenizer, context)[-(MAX_CONTEXT - len(cont) - len(prefix)):]
         encoded.append((ctx, cont))
     order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
     device = next(model.parameters()).device
@@ -203,7 +214,8 @@ def stop_criteria(tokenizer, until: Sequence[str]) -> Any:
 @torch.no_grad()
 def evaluate_generate(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
     prompts = [item.get("fewshot", "") + task["prompt"].format(**item) for item in items]
-    encoded = [_encode(tokenizer, p)[-MAX_CONTEXT:] for p in prompts]
+    prefix = text_prefix(tokenizer)
+    encoded = [prefix + _encode(tokenizer, p)[-(MAX_CONTEXT - len(prefix)):] for p in prompts]
     order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
     until = task.get("until", [])
@@ -274,58 +286,68 @@ def rank_metrics(ranking: list[dict], judged: list[int], relevant_min: int) -> t
 
 @torch.no_grad()
 def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, label="",
-                        reference: TaskResult | None = None) -> TaskResult:
-    """Perplexity over non-overlapping windows. Without ``reference`` (the baseline) each window also keeps
-    its top-k next-token log-probabilities; with it, the llama.cpp ``--kl-divergence`` statistics are
-    computed against them in the same pass: KL(baseline || model) per token over the baseline's top-k plus
-    one bucket for the remaining mass (a lower bound of the full-vocabulary KLD), and the same-top-token rate."""
-    window, top_k = task["window"], task.get("top_k_reference", 10)
+                        reference_model: torch.nn.Module | None = None) -> TaskResult:
+    """Perplexity over non-overlapping windows. With ``reference_model`` (the baseline), the statistics of
+    llama.cpp's ``--kl-divergence`` as well: the baseline runs beside the model on each batch, so KL(baseline ||
+    model) is taken per token over the whole vocabulary with nothing vocabulary-sized kept: mean (with its
+    standard error), median and 99th percentile, the same-top-token rate, and ln(PPL(model) / PPL(baseline))."""
+    window = task["window"]
     windows = perplexity_windows(tokenizer, items[0]["text"], window)[:limit]
     device = next(model.parameters()).device
-    reference_by_id = {r["id"]: r for r in reference.items} if reference else {}
     records = []
     for chunk in _batches(range(len(windows)), task.get("batch_size", 4), label, unit="window"):
         ids = torch.stack([windows[i] for i in chunk]).to(device)
-        logprobs = torch.log_softmax(model(ids).logits.float()[:, :-1], -1)
+        logprobs = _next_token_logprobs(model, ids)
         nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+        if reference_model is not None:
+            base = _next_token_logprobs(reference_model, ids)
+            base_nll = -base.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+            kld, same_top = full_kld(base, logprobs), base.argmax(-1) == logprobs.argmax(-1)
+            del base
         for row, i in enumerate(chunk):
             record = {"id": f"window-{i}", "nll": float(nll[row]), "tokens": window - 1,
                       "score": float(nll[row]) / (window - 1), "correct": None}
-            if reference is None:
-                top = logprobs[row].topk(top_k, dim=-1)
-                record["top_ids"] = top.indices.tolist()
-                record["top_logprobs"] = [[round(v, 5) for v in token] for token in top.values.tolist()]
-            else:
-                base = reference_by_id[record["id"]]
-                base_ids = torch.tensor(base["top_ids"])
-                quant_logprobs = logprobs[row].gather(-1, base_ids.to(device)).cpu()
-                kld = _top_k_kld(torch.tensor(base["top_logprobs"]), quant_logprobs)
-                record["kld_tokens"] = [round(v, 6) for v in kld.tolist()]
-                record["same_top"] = int((logprobs[row].argmax(-1).cpu() == base_ids[:, 0]).sum())
+            if reference_model is not None:
+                record.update({"base_nll": float(base_nll[row]), "kld_tokens": [round(v, 6) for v in kld[row].tolist()],
+                               "same_top": int(same_top[row].sum())})
             records.append(record)
-    total_nll = sum(r["nll"] for r in records)
     total_tokens = sum(r["tokens"] for r in records)
-    metrics = {"perplexity": math.exp(total_nll / total_tokens)}
-    if reference is not None:
-        klds = torch.tensor([v for r in records for v in r["kld_tokens"]])
-        metrics.update({"mean_kld": float(klds.mean()), "p99_kld": float(klds.quantile(0.99)),
-                        "same_top_p": sum(r["same_top"] for r in records) / total_tokens})
+    metrics = {"perplexity": math.exp(sum(r["nll"] for r in records) / total_tokens)}
+    if reference_model is not None:
+        klds = torch.tensor([v for r in records for v in r["kld_tokens"]], dtype=torch.float64)
+        metrics.update({
+            "mean_kld": float(klds.mean()), "mean_kld_se": float(klds.std() / math.sqrt(len(klds))),
+            "median_kld": float(klds.median()), "p99_kld": float(klds.quantile(0.99)),
+            "same_top_p": sum(r["same_top"] for r in records) / total_tokens,
+            "ln_ppl_ratio": (sum(r["nll"] for r in records) - sum(r["base_nll"] for r in records)) / total_tokens,
+        })
     return TaskResult(task.name, metrics, records)
 
 
-def _top_k_kld(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(p || q) over k shared outcomes plus the remaining-mass bucket; [tokens, k] -> [tokens]."""
-    p, q = p_log.exp(), q_log.exp()
-    p_rest = (1 - p.sum(-1)).clamp(min=1e-10)
-    q_rest = (1 - q.sum(-1)).clamp(min=1e-10)
-    return (p * (p_log - q_log)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+def _next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) over the vocabulary, [batch, window - 1, vocab], in float32."""
+    return torch.log_softmax(model(ids).logits.float()[:, :-1], -1)
+
+
+def full_kld(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p || q) = sum_v p_v (log p_v - log q_v) over the whole vocabulary; [..., vocab] -> [...]."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
 
 
 def perplexity_windows(tokenizer, text: str, window: int) -> list[torch.Tensor]:
-    """Non-overlapping ``window``-token windows from the start of the text (evaluation uses the first ones;
-    calibration draws from the second half of the text, which the evaluation windows never reach)."""
-    ids = torch.tensor(_encode(tokenizer, text))
-    return list(ids[: len(ids) // window * window].view(-1, window))
+    """Non-overlapping ``window``-token windows from the start of the text, each opening with the tokenizer's
+    own prefix (``text_prefix``: a BOS for Llama-3, nothing for SmolLM2) and filled with the text's next tokens.
+    Evaluation uses the first windows; calibration draws from the second half of the text (``text_ids``)."""
+    prefix = text_prefix(tokenizer)
+    body = window - len(prefix)
+    ids = text_ids(tokenizer, text)
+    rows = ids[: len(ids) // body * body].view(-1, body)
+    return list(torch.cat([torch.tensor(prefix, dtype=ids.dtype).expand(len(rows), -1), rows], dim=1))
+
+
+def text_ids(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as token ids, without special tokens."""
+    return torch.tensor(_encode(tokenizer, text))
 
 
 EVALUATORS: dict[str, Callable[..., TaskResult]] = {

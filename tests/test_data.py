@@ -1,11 +1,12 @@
 """Loaders: the shared data as documented, malformed rows named by file and line, deterministic subsets."""
 import json
+import types
 
 import pytest
 
 from quant import data
 from quant.config import data_dir
-from quant.tasks import load_tasks, rank_metrics, select_items, stop_criteria
+from quant.tasks import load_tasks, perplexity_windows, rank_metrics, select_items, stop_criteria, text_prefix
 
 SHARED_COUNTS = {"gsm8k": 1319, "boolq": 3270, "msmarco": 97, "wikitext": 1}
 
@@ -153,3 +154,25 @@ def test_the_stop_string_criterion_is_built_once_per_tokenizer_and_stop_strings(
     assert stop_criteria(small_tokenizer, ["Question:", "\n\n\n"]) is first
     assert stop_criteria(small_tokenizer, ["Question:"]) is not first
     assert stop_criteria(small_tokenizer, []) is None
+
+
+class _Characters:
+    """A tokenizer stand-in: a character per token, and a BOS (id 1) before a text when ``bos`` is set."""
+
+    def __init__(self, bos: bool) -> None:
+        self.bos = bos
+
+    def __call__(self, text, add_special_tokens=True):
+        return types.SimpleNamespace(input_ids=[1] * (self.bos and add_special_tokens) + [ord(c) for c in text])
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_perplexity_windows_open_with_the_tokenizers_own_prefix(bos):
+    """A tokenizer that puts a BOS before a text (Llama-3) gets it at the start of every window, the text filling
+    the rest without a gap; one that puts none (SmolLM2, Qwen2) gets plain windows of the text."""
+    tokenizer, text = _Characters(bos), "abcdefghijklmnopqrstu"
+    assert text_prefix(tokenizer) == ([1] if bos else [])
+    windows = perplexity_windows(tokenizer, text, 8)
+    body = [w[1:] if bos else w for w in windows]
+    assert all(int(w[0]) == 1 for w in windows) == bos and all(len(w) == 8 for w in windows)
+    assert "".join(chr(int(t)) for w in body for t in w) == text[: len(windows) * (7 if bos else 8)]

@@ -67,11 +67,12 @@ def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug)
     for module in broken.modules():
         if isinstance(module, QuantLinear):
             bug(module)
-    _, tokenizer = workbench.baseline(case.model)
     task = workbench.task(case.model, "wikitext")
     limit = workbench.limits(case.model)["wikitext"]
+    baseline_model, tokenizer = workbench.baseline(case.model)
     baseline = workbench.evaluate(case.model, "wikitext")
-    result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit, reference=baseline)
+    result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit,
+                      reference_model=baseline_model)
     comparison = workbench.judge(case, baseline, result)
     assert comparison.verdict.failed, comparison.verdict.reason
     stored = json.loads((BASELINES / "cpu" / workbench.profile / "test_matrix.json").read_text())[f"test_snapshot[{case.id}]"]
@@ -102,10 +103,9 @@ def test_quantize_and_evaluate_again_gives_identical_metrics(matrix, workbench):
     model = copy.deepcopy(baseline_model)
     get_method("rtn").quantize(model, case.quant)
     task = workbench.task(case.model, "wikitext")
-    baseline = workbench.evaluate(case.model, "wikitext")
     with dequantized_weights(model):
         again = evaluate(model, tokenizer, task, workbench.items(case.model, "wikitext"),
-                         limit=workbench.limits(case.model)["wikitext"], reference=baseline)
+                         limit=workbench.limits(case.model)["wikitext"], reference_model=baseline_model)
     cached = workbench.evaluate(case.model, "wikitext", case.quant_name)
     assert again.metrics == cached.metrics
     assert again.items == cached.items

@@ -1,5 +1,8 @@
 """Snapshot baselines: direction-aware tolerances, exact identities, and the syrupy extension's files and failures."""
 import json
+import types
+
+import pytest
 
 from quant.snapshots import record, regressions
 from tests.snapshot_extension import RECORDED, FirstRecording
@@ -88,9 +91,10 @@ def test_syrupy_extension_records_compares_and_explains(pytester, tmp_path):
     assert (folder / "test_quantizer.json").read_bytes() == before
 
 
-def test_a_first_run_on_new_hardware_records_the_case_and_lists_it(tmp_path, request):
+def test_a_first_run_on_new_hardware_records_the_case_and_lists_it(tmp_path):
     location = tmp_path / "h100" / "test" / "test_matrix.json"
     entry = {"exact": {"n": 4}, "metrics": {"quantized.perplexity": {"value": 9.5, "worse": "higher", "tolerance": {}}}}
-    assert FirstRecording(location, "test_snapshot[case]", request.config) == entry
+    session = types.SimpleNamespace(stash=pytest.Stash())  # not this session's: its summary would list the file
+    assert FirstRecording(location, "test_snapshot[case]", session) == entry
     assert json.loads(location.read_text()) == {"test_snapshot[case]": entry}
-    assert (location, "test_snapshot[case]") in request.config.stash[RECORDED]
+    assert session.stash[RECORDED] == [(location, "test_snapshot[case]")]

@@ -4,7 +4,6 @@ to end on two small replicas (a team's own matrix through QUANT_MATRIX, weights 
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 import pytest
