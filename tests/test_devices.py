@@ -9,25 +9,19 @@ device would show:
 from __future__ import annotations
 
 import copy
-from itertools import chain
 
 import pytest
 import torch
 from safetensors.torch import save_model
 
-from quant import kernels
 from quant.config import QuantConfig
 from quant.kernels import Int4Linear, use_fast_kernels
 from quant.methods import get_method
 from quant.pipeline import restore_quantized
 from quant.qlinear import QuantLinear
+from tests.meta_device import META, KernelCalls, devices
 
-META = torch.device("meta")
 CONFIGS = {"rtn": {"sym": False}, "gptq": {"act_order": True}, "gsq": {"clip_search": True}}
-
-
-def devices(module: torch.nn.Module) -> set[torch.device]:
-    return {tensor.device for tensor in chain(module.parameters(), module.buffers())}
 
 
 def _quantized(model, calibration_ids, method):
@@ -56,35 +50,6 @@ def test_a_restored_model_lives_on_the_baselines_device(tiny_llama, calibration_
     restored = restore_quantized(baseline, records, tmp_path / "model.safetensors")
     assert any(isinstance(m, QuantLinear) for m in restored.modules())
     assert devices(restored) == {META}, "the cache restored layers off the baseline's device"
-
-
-class KernelCalls:
-    """Fake int4 kernels for the meta device, and a record of which kernel saw tensors on which device."""
-
-    def __init__(self, monkeypatch):
-        self.calls: list[tuple[str, set[str]]] = []
-        for device, kernel in list(kernels.KERNELS.items()):
-            monkeypatch.setitem(kernels.KERNELS, device, self._recorded(device, kernel))
-        meta = kernels.Kernel(
-            "fake meta kernel",
-            lambda codes, tiles: torch.empty(codes.shape[0], codes.shape[1] // 2, dtype=torch.uint8, device=codes.device),
-            lambda x, packed, group_size, scales: torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype,
-                                                              device=x.device))
-        monkeypatch.setitem(kernels.KERNELS, "meta", self._recorded("meta", meta))
-
-    def _recorded(self, device: str, kernel: kernels.Kernel) -> kernels.Kernel:
-        def pack(codes, tiles):
-            self.calls.append((device, {codes.device.type}))
-            return kernel.pack(codes, tiles)
-
-        def matmul(x, packed, group_size, scales):
-            self.calls.append((device, {x.device.type, packed.device.type, scales.device.type}))
-            return kernel.matmul(x, packed, group_size, scales)
-
-        return kernels.Kernel(kernel.name, pack, matmul)
-
-    def mismatched(self) -> list[tuple[str, set[str]]]:
-        return [(device, seen) for device, seen in self.calls if seen != {device}]
 
 
 def _int4_layer() -> QuantLinear:

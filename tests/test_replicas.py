@@ -20,7 +20,7 @@ from quant.methods.gsq import SCALING_GROUPS, scale_group
 from quant.models import load_model
 from quant.pipeline import Workbench, restore_quantized
 from quant.qlinear import QuantLinear
-from tests.test_devices import META, KernelCalls, devices
+from tests.meta_device import META, KernelCalls, devices
 from tests.test_kernels import RELATIVE_TOLERANCE
 
 # The small replicas' input widths are 192 and 512: g64 divides both, g128 only 512 (192 falls back to g64).
