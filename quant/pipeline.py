@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
+import functools
 import json
 import logging
 import time
@@ -17,7 +17,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from quant import snapshots, stats
-from quant.cache import cached_dir, cached_json
+from quant.cache import cached_dir, cached_json, file_sha256
 from quant.config import ConfigError, QuantConfig
 from quant.data import calibration_windows
 from quant.matrix import Case, Matrix
@@ -77,6 +77,7 @@ class Workbench:
         self._baselines: dict[str, tuple[torch.nn.Module, Any]] = {}
         self._quantized: dict[tuple[str, str], Quantized] = {}
         self._items: dict[tuple[str, str], list[dict]] = {}
+        self._item_fingerprints: dict[tuple[str, str], str] = {}
         self._wikitext: dict[str, torch.Tensor] = {}
 
     # ---- models ----
@@ -185,7 +186,7 @@ class Workbench:
         """Everything a quantized model is made from: the weights, the config, the calibration text."""
         needs_data = get_method(config.method).needs_calibration
         return {"model": spec.fingerprint(), "quant": config.to_dict(),
-                "data": self._data_fingerprint() if needs_data else None}
+                "data": self._calibration_text_fingerprint if needs_data else None}
 
     def result_parts(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> dict[str, Any]:
         """Everything an evaluation result is made from: the model (baseline, or all a quantized model is made
@@ -193,12 +194,14 @@ class Workbench:
         config = None if quant_name is None else self.calibration_config(spec, self.matrix.quant[quant_name])
         return {"model": spec.fingerprint(), "quantized": None if config is None else self.quantized_parts(spec, config),
                 "task": dataclasses.asdict(self.task(spec, task_name)),
-                "items": snapshots.fingerprint(self.items(spec, task_name)),
+                "items": self.items_fingerprint(spec, task_name),
                 "limit": self.limits(spec).get(task_name), "device": self.device_for(spec)}
 
-    def _data_fingerprint(self) -> str:
+    @functools.cached_property
+    def _calibration_text_fingerprint(self) -> str:
+        """Hashed once per workbench: every quantized model's and quantized result's key holds it."""
         path = self.data_dir / "wikitext2" / "wiki.test.raw" if self.data_dir else None
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else "hub:Salesforce/wikitext"
+        return file_sha256(path)[:16] if path else "hub:Salesforce/wikitext"
 
     # ---- evaluation ----
     def items(self, spec: ModelSpec, task_name: str) -> list[dict]:
@@ -207,6 +210,13 @@ class Workbench:
             limit = None if self.matrix.tasks[task_name].kind == "perplexity" else self.limits(spec).get(task_name)
             self._items[key] = select_items(self.matrix.tasks[task_name], self.data_dir, limit, self.matrix.seed)
         return self._items[key]
+
+    def items_fingerprint(self, spec: ModelSpec, task_name: str) -> str:
+        """The hash of the items' content, once per tier and task (every result key of the task holds it)."""
+        key = (spec.tier, task_name)
+        if key not in self._item_fingerprints:
+            self._item_fingerprints[key] = snapshots.fingerprint(self.items(spec, task_name))
+        return self._item_fingerprints[key]
 
     def evaluate(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> TaskResult:
         """The task's result for the baseline (``quant_name`` None) or a quantized model, cached on disk."""

@@ -298,10 +298,10 @@ def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, lab
     for chunk in _batches(range(len(windows)), task.get("batch_size", 4), label, unit="window"):
         ids = torch.stack([windows[i] for i in chunk]).to(device)
         logprobs = _next_token_logprobs(model, ids)
-        nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+        nll = _window_nll(logprobs, ids)
         if reference_model is not None:
             base = _next_token_logprobs(reference_model, ids)
-            base_nll = -base.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+            base_nll = _window_nll(base, ids)
             kld, same_top = full_kld(base, logprobs), base.argmax(-1) == logprobs.argmax(-1)
             del base
         for row, i in enumerate(chunk):
@@ -327,6 +327,11 @@ def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, lab
 def _next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """log p(token t+1 | tokens <= t) over the vocabulary, [batch, window - 1, vocab], in float32."""
     return torch.log_softmax(model(ids).logits.float()[:, :-1], -1)
+
+
+def _window_nll(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each window's tokens after the first, [batch]."""
+    return -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
 def full_kld(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
