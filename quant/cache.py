@@ -18,7 +18,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from quant.config import cache_dir
+from quant.config import cache_dir, file_sha256
 
 log = logging.getLogger("quant")
 
@@ -69,14 +69,6 @@ def key_of(parts: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _payload(folder: Path) -> dict[str, str]:
     return {path.relative_to(folder).as_posix(): file_sha256(path)
             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
@@ -85,12 +77,12 @@ def _payload(folder: Path) -> dict[str, str]:
 def _intact(folder: Path) -> bool:
     """An entry is complete and unaltered: its manifest exists and every payload file still has its hash."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if _payload(folder) == manifest.get("payload"):
-        return True
-    log.warning("cache entry %s does not match its recorded checksums (truncated or altered): rebuilding it", folder)
+        if _payload(folder) == json.loads((folder / MANIFEST).read_text()).get("payload"):
+            return True
+    except (OSError, ValueError, AttributeError):  # unreadable, cut off, or not a JSON object
+        pass
+    log.warning("cache entry %s does not match its recorded checksums (truncated, altered or its manifest "
+                "unreadable): rebuilding it", folder)
     return False
 
 

@@ -1,11 +1,13 @@
 """Command line: ``python -m quant report`` evaluates the matrix and writes reports/latest.{md,json};
 ``python -m quant quantize`` builds (or loads from the cache) one quantized model and prints its log;
 ``python -m quant replica`` saves a random-weight replica of a study model;
-``python -m quant history`` plots the saved benchmark runs."""
+``python -m quant history`` plots the saved benchmark runs;
+``python -m quant crosscheck lm-eval --task boolq`` scores the same items with lm-evaluation-harness and compares."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shlex
 import sys
@@ -15,11 +17,15 @@ import torch
 
 from quant import plan, report
 from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, data_dir
+from quant.crosscheck import LM_EVAL_TASKS, crosscheck
+from quant.data import load as load_data
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.models import DTYPES
 from quant.pipeline import Workbench
+from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
+from quant.tasks import fewshot_exemplars, select_items
 
 MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else matrix.yaml)"
 
@@ -62,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     history.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
                          help="pytest-benchmark storage folder (default: .benchmarks)")
     history.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "history.png")
+    check = commands.add_parser("crosscheck",
+                                help="score the same items with lm-evaluation-harness and compare item by item")
+    check.add_argument("tool", choices=["lm-eval"], help="the reference implementation")
+    check.add_argument("--task", required=True, choices=sorted(LM_EVAL_TASKS))
+    check.add_argument("--limit", type=int, default=None,
+                       help="items (the suite's seeded selection; default: the profile's)")
+    check.add_argument("--model", default="smollm2-135m", help="a model name from matrix.yaml")
+    check.add_argument("--quant", default=None,
+                       help="a quant config name: check the quantized model instead of the baseline")
+    check.add_argument("--profile", default="report", help="profile whose item count and task options apply")
+    check.add_argument("--batch-size", type=int, default=None, help="both evaluators' batch size (default: the task's)")
+    check.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+    check.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
+    check.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "history":
@@ -75,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return quantize(args)
     if args.command == "replica":
         return save_replica_command(args)
+    if args.command == "crosscheck":
+        return crosscheck_command(args)
     try:
         matrix = load_matrix(args.matrix)
         device = _device()
@@ -118,6 +140,37 @@ def save_replica_command(args: argparse.Namespace) -> int:
     print(f"wrote {folder} ({'small' if args.small else 'full-size'} {args.model}, vocabulary {len(tokenizer)}); "
           f"use it with {env}={folder}")
     return 0
+
+
+def crosscheck_command(args: argparse.Namespace) -> int:
+    try:
+        matrix = load_matrix(args.matrix)
+        if args.model not in matrix.models or (args.quant and args.quant not in matrix.quant):
+            raise ConfigError(f"unknown model {args.model!r} or quant config {args.quant!r}; known: "
+                              f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+        folder = data_dir(args.data_dir)
+        workbench = Workbench(matrix, args.profile, folder, _device())
+        spec = matrix.models[args.model]
+        task = workbench.task(spec, args.task)
+        limit = args.limit if args.limit is not None else workbench.limits(spec).get(args.task)
+        items = select_items(task, folder, limit, matrix.seed)
+        exemplars = fewshot_exemplars(task, load_data(task.loader, folder))
+        model, tokenizer = workbench.baseline(spec)
+        if args.quant:
+            config = workbench.calibration_config(spec, matrix.quant[args.quant])
+            model = workbench.quantized(spec, args.quant, config).model
+        with dequantized_weights(model):
+            agreement = crosscheck(model, tokenizer, task, items, exemplars, args.batch_size)
+    except ConfigError as error:
+        print(f"quant: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(agreement.lines()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"crosscheck-lm-eval-{args.task}-{args.model}-{args.quant or 'baseline'}.json"
+    path.write_text(json.dumps({"command": "quant " + shlex.join(sys.argv[1:]), **dataclasses.asdict(agreement),
+                                "agrees": agreement.agrees}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0 if agreement.agrees else 1
 
 
 def _device() -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,15 @@ MATRIX_ENV = "QUANT_MATRIX"
 
 class ConfigError(ValueError):
     """A configuration value the user can fix; the message names the field."""
+
+
+def file_sha256(path: Path) -> str:
+    """A file's content hash (model weights and data files in cache keys; cache payloads in their manifest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 CALIB_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from quant.config import ConfigError
+from quant.config import ConfigError, file_sha256
 
 log = logging.getLogger("quant")
 
@@ -88,11 +88,7 @@ def _sha256(path: Path) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _sha256_of(path: Path, _size: int, _mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _folder_sha256(folder: Path) -> str:

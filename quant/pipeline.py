@@ -17,8 +17,8 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from quant import snapshots, stats
-from quant.cache import cached_dir, cached_json, file_sha256
-from quant.config import ConfigError, QuantConfig
+from quant.cache import cached_dir, cached_json
+from quant.config import ConfigError, QuantConfig, file_sha256
 from quant.data import calibration_windows
 from quant.matrix import Case, Matrix
 from quant.methods import LayerRecord, get_method

@@ -123,24 +123,48 @@ def text_prefix(tokenizer) -> list[int]:
     return list(with_special[:prefix_length]) if with_special[prefix_length:] == plain else []
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sequence:
+    """One forward's tokens: a request's context and the continuations read from it, each as (index, token ids)."""
+    request: int
+    context: list[int]
+    continuations: list[tuple[int, list[int]]]
+
+    @property
+    def tokens(self) -> list[int]:
+        # Single-token continuations are read from the context's last logits; a longer one (alone in its
+        # sequence) is fed in after the context.
+        if all(len(cont) == 1 for _, cont in self.continuations):
+            return self.context
+        return self.context + self.continuations[0][1]
+
+
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, label: str) -> list[float]:
-    """Sum of log p(continuation | context) for each (context, continuation), batched with right padding."""
-    encoded, prefix = [], text_prefix(tokenizer)
-    for context, continuation in pairs:
-        cont = _encode(tokenizer, continuation)
-        ctx = prefix + _encode(tokenizer, context)[-(MAX_CONTEXT - len(cont) - len(prefix)):]
-        encoded.append((ctx, cont))
-    order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+def continuation_logprobs(model, tokenizer, requests: list[tuple[str, list[str]]], batch_size: int,
+                          label: str) -> list[list[float]]:
+    """Sum of log p(continuation | context) for each context's continuations. When every continuation of a context is
+    one token (BoolQ's " no" / " yes"), one forward of the context scores them all from its last logits; otherwise
+    each (context, continuation) is a sequence of its own. Batched with right padding, longest first."""
+    prefix, sequences = text_prefix(tokenizer), []
+    for index, (context, continuations) in enumerate(requests):
+        encoded = [_encode(tokenizer, c) for c in continuations]
+        longest = max(len(c) for c in encoded)
+        ctx = prefix + _encode(tokenizer, context)[-(MAX_CONTEXT - longest - len(prefix)):]
+        if longest == 1:
+            sequences.append(_Sequence(index, ctx, list(enumerate(encoded))))
+        else:
+            sequences += [_Sequence(index, ctx, [(j, cont)]) for j, cont in enumerate(encoded)]
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].tokens))
     device = next(model.parameters()).device
-    scores = [0.0] * len(pairs)
-    for chunk in _batches(order, batch_size, label):
-        ids, mask = _pad([encoded[i][0] + encoded[i][1] for i in chunk], tokenizer.pad_token_id, left=False)
+    scores = [[0.0] * len(continuations) for _, continuations in requests]
+    for chunk in _batches(order, batch_size, label, unit="sequence"):
+        ids, mask = _pad([sequences[i].tokens for i in chunk], tokenizer.pad_token_id, left=False)
         logprobs = torch.log_softmax(model(ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
         for row, i in enumerate(chunk):
-            ctx, cont = encoded[i]
-            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
-            scores[i] = float(logprobs[row, positions, torch.tensor(cont)].sum())
+            sequence = sequences[i]
+            for j, cont in sequence.continuations:
+                positions = torch.arange(len(sequence.context) - 1, len(sequence.context) + len(cont) - 1)
+                scores[sequence.request][j] = float(logprobs[row, positions, torch.tensor(cont)].sum())
     return scores
 
 
@@ -148,11 +172,10 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
 
 def evaluate_choice(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
     choices = task["choices"]
-    pairs = [(task["prompt"].format(**item), choice) for item in items for choice in choices]
-    scores = continuation_logprobs(model, tokenizer, pairs, task.get("batch_size", 8), label)
+    requests = [(task["prompt"].format(**item), choices) for item in items]
+    scores = continuation_logprobs(model, tokenizer, requests, task.get("batch_size", 8), label)
     records = []
-    for index, item in enumerate(items):
-        logprobs = scores[index * len(choices) : (index + 1) * len(choices)]
+    for item, logprobs in zip(items, scores):
         prediction = max(range(len(choices)), key=logprobs.__getitem__)
         gold = int(item[task["label_field"]])
         records.append({
@@ -163,34 +186,42 @@ def evaluate_choice(model, tokenizer, task: TaskSpec, items, limit=None, label="
     return TaskResult(task.name, {"accuracy": stats.mean([r["correct"] for r in records])}, records)
 
 
-def _fewshot_prefix(task: TaskSpec, items: list[dict]) -> str:
+def fewshot_exemplars(task: TaskSpec, items: list[dict]) -> list[dict]:
+    """The task's few-shot exemplars from its data, in the configured order."""
     by_id = {item["id"]: item for item in items}
-    shots = []
-    for shot_id in task.get("fewshot_ids", [])[: task.get("num_fewshot", 0)]:
-        if shot_id not in by_id:
-            raise ConfigError(f"task {task.name!r}: few-shot id {shot_id!r} is not in the data")
-        item = by_id[shot_id]
-        shots.append(task["prompt"].format(**item) + task["fewshot_target"].format(**item))
+    missing = [i for i in task.get("fewshot_ids", []) if i not in by_id]
+    if missing:
+        raise ConfigError(f"task {task.name!r}: few-shot id {missing[0]!r} is not in the data")
+    return [by_id[i] for i in task.get("fewshot_ids", [])[: task.get("num_fewshot", 0)]]
+
+
+def _fewshot_prefix(task: TaskSpec, items: list[dict]) -> str:
+    shots = [task["prompt"].format(**item) + task["fewshot_target"].format(**item)
+             for item in fewshot_exemplars(task, items)]
     delimiter = task.get("fewshot_delimiter", "\n\n")
     return delimiter.join(shots) + (delimiter if shots else "")
 
 
-def extract_answer(text: str, regex: str, group_select: int, ignore: Sequence[str]) -> str | None:
-    """lm-evaluation-harness's regex filter: the ``group_select``-th match (first non-empty group), then the
-    ``ignore`` patterns removed; None when nothing matches."""
+def extract_answer(
+    text: str, regex: str, group_select: int, ignore: Sequence[str], ignore_case: bool = False
+) -> str | None:
+    """lm-evaluation-harness's regex filter: the ``group_select``-th match (first non-empty group), then normalised
+    as its exact match does (``normalise_answer``); None when nothing matches."""
     matches = re.findall(regex, text)
     if not matches:
         return None
     match = matches[group_select]
     if isinstance(match, tuple):
         match = next((group for group in match if group), "")
-    return normalise_answer(match, ignore)
+    return normalise_answer(match, ignore, ignore_case)
 
 
-def normalise_answer(text: str, ignore: Sequence[str]) -> str:
+def normalise_answer(text: str, ignore: Sequence[str], ignore_case: bool = False) -> str:
+    """The ``ignore`` patterns removed, lower-cased with ``ignore_case`` (lm-eval's exact_match options)."""
     for pattern in ignore:
         text = re.sub(pattern, "", text)
-    return text.strip()
+    text = text.strip()
+    return text.lower() if ignore_case else text
 
 
 _STOP_CRITERIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {stop strings: criteria}
@@ -231,14 +262,19 @@ def evaluate_generate(model, tokenizer, task: TaskSpec, items, limit=None, label
             for stop in until:
                 text = text.split(stop)[0]
             outputs[i] = text
-    ignore = task.get("ignore", [])
+    return score_generations(task, items, outputs)
+
+
+def score_generations(task: TaskSpec, items: list[dict], outputs: list[str]) -> TaskResult:
+    """Each extraction's answer from each generated text, against the item's target."""
+    ignore, ignore_case = task.get("ignore", []), task.get("ignore_case", False)
     extractors = task["extract"]
     records = []
     for item, output in zip(items, outputs):
-        target = normalise_answer(str(item[task["target_field"]]), ignore)
+        target = normalise_answer(str(item[task["target_field"]]), ignore, ignore_case)
         record = {"id": item["id"], "output": output, "target": target}
         for name, rule in extractors.items():
-            answer = extract_answer(output, rule["regex"], rule["group_select"], ignore)
+            answer = extract_answer(output, rule["regex"], rule["group_select"], ignore, ignore_case)
             record[f"prediction_{name}"] = answer
             record[f"correct_{name}"] = answer == target
         headline = next(iter(extractors))
@@ -250,15 +286,15 @@ def evaluate_generate(model, tokenizer, task: TaskSpec, items, limit=None, label
 
 def evaluate_rerank(model, tokenizer, task: TaskSpec, items, limit=None, label="") -> TaskResult:
     top_k = task["top_k"]
-    pairs, owners = [], []
+    requests, owners = [], []
     for index, item in enumerate(items):
         for candidate in item["candidates"][:top_k]:
-            pairs.append((task["prompt"].format(passage=candidate["text"], **item),
-                          task["continuation"].format(**item)))
+            prompt = task["prompt"].format(passage=candidate["text"], **item)
+            requests.append((prompt, [task["continuation"].format(**item)]))
             owners.append((index, candidate))
-    scores = continuation_logprobs(model, tokenizer, pairs, task.get("batch_size", 16), label)
+    scores = continuation_logprobs(model, tokenizer, requests, task.get("batch_size", 16), label)
     ranked: dict[int, list[tuple[float, dict]]] = {}
-    for (index, candidate), score in zip(owners, scores):
+    for (index, candidate), (score,) in zip(owners, scores):
         ranked.setdefault(index, []).append((score, candidate))
     records = []
     for index, item in enumerate(items):

@@ -14,6 +14,7 @@ from quant.config import QuantConfig
 from quant.matrix import load_matrix
 from quant.models import ModelSpec
 from quant.pipeline import Workbench
+from quant.snapshots import fingerprint
 from quant.tasks import load_tasks
 
 
@@ -152,3 +153,36 @@ def test_a_changed_data_file_changes_its_results_key(shared_data, tmp_path):
     path = copy / "wikitext2" / "wiki.test.raw"
     path.write_bytes(path.read_bytes()[:-200])  # the end of the text: the calibration half only
     assert key_of(parts(copy, "boolq", "gptq-w4g128")) != key_of(calibrated)
+
+
+def test_an_entry_without_its_manifest_is_rebuilt(tmp_path):
+    """The manifest is written last: without it the build did not finish, whatever the payload looks like."""
+    builds = []
+
+    def build(folder):
+        builds.append(1)
+        (folder / "model.bin").write_bytes(b"x" * 100)
+
+    folder = cached_dir("models", {"entry": 4}, build, root=tmp_path)
+    (folder / cache.MANIFEST).unlink()
+    assert cached_dir("models", {"entry": 4}, build, root=tmp_path) == folder
+    assert len(builds) == 2 and (folder / cache.MANIFEST).is_file()
+
+
+def test_a_key_does_not_depend_on_the_order_its_parts_were_written_in():
+    assert key_of({"a": 1, "b": {"x": 1, "y": 2}}) == key_of({"b": {"y": 2, "x": 1}, "a": 1})
+    assert key_of({"a": Path("/x")}) != key_of({"a": Path("/y")})  # non-JSON values enter by their text
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+
+
+def test_an_entry_with_an_unreadable_manifest_is_rebuilt(tmp_path, caplog):
+    builds = []
+
+    def build(folder):
+        builds.append(1)
+        (folder / "value.json").write_text("1")
+
+    folder = cached_dir("results", {"entry": 5}, build, root=tmp_path)
+    (folder / cache.MANIFEST).write_text('{"payload": ')  # cut off mid-write
+    cached_dir("results", {"entry": 5}, build, root=tmp_path)
+    assert len(builds) == 2 and "rebuilding" in caplog.text

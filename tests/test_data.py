@@ -3,9 +3,10 @@ import json
 import types
 
 import pytest
+import torch
 
 from quant import data
-from quant.config import data_dir
+from quant.config import ConfigError, data_dir
 from quant.tasks import load_tasks, perplexity_windows, rank_metrics, select_items, stop_criteria, text_prefix
 
 SHARED_COUNTS = {"gsm8k": 1319, "boolq": 3270, "msmarco": 97, "wikitext": 1}
@@ -176,3 +177,86 @@ def test_perplexity_windows_open_with_the_tokenizers_own_prefix(bos):
     body = [w[1:] if bos else w for w in windows]
     assert all(int(w[0]) == 1 for w in windows) == bos and all(len(w) == 8 for w in windows)
     assert "".join(chr(int(t)) for w in body for t in w) == text[: len(windows) * (7 if bos else 8)]
+
+
+# ---- the hub path, on what is local: a stand-in `datasets` serves rows shaped as the hub's --------------------
+
+HUB_ROWS = {
+    ("openai/gsm8k", "main", "test"): [{"question": "q0", "answer": "2 + 2 = 4\n#### 4"},
+                                       {"question": "q1", "answer": "so\n#### 1,000"}],
+    ("google/boolq", "validation"): [{"question": "is it", "passage": "p", "answer": True},
+                                     {"question": "is not", "passage": "p", "answer": False}],
+    ("microsoft/ms_marco", "v1.1", "validation"): [
+        {"query_id": 7, "query": "what", "passages": {"passage_text": ["a", "b"], "is_selected": [0, 1]}}],
+    ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"): [{"text": " = A = \n"}, {"text": " b c \n"}],
+}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    requested = []
+
+    def load_dataset(dataset_id, *args, split):
+        requested.append((dataset_id, *args, split))
+        return HUB_ROWS[(dataset_id, *args, split)]
+
+    monkeypatch.setitem(__import__("sys").modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return requested
+
+
+def test_without_a_data_folder_each_loader_reads_its_hub_dataset(hub):
+    gsm8k, boolq = data.load("gsm8k", None), data.load("boolq", None)
+    msmarco, wikitext = data.load("msmarco", None), data.load("wikitext", None)
+    assert hub == [("openai/gsm8k", "main", "test"), ("google/boolq", "validation"),
+                   ("microsoft/ms_marco", "v1.1", "validation"), ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+    assert [(i["id"], i["target"]) for i in gsm8k] == [("gsm8k-0", "4"), ("gsm8k-1", "1,000")]
+    assert [(i["id"], i["question"], i["passage"], i["label"]) for i in boolq] == [
+        ("boolq-0", "is it", "p", True), ("boolq-1", "is not", "p", False)]
+    assert msmarco == [{"id": "msmarco-7", "query": "what", "judged": [0, 3], "candidates": [
+        {"docid": "0", "bm25_rank": 1, "text": "a", "label": 0}, {"docid": "1", "bm25_rank": 2, "text": "b", "label": 3}]}]
+    assert wikitext == [{"id": "wikitext2-test", "text": " = A = \n b c \n"}]
+
+
+@pytest.mark.parametrize("label,expected", [("true", True), ("False", False), (1, True), (0, False), (True, True)])
+def test_boolq_labels_in_each_spelling(tmp_path, label, expected):
+    _write(tmp_path, "boolq/val.jsonl", [json.dumps({"question": "q", "passage": "p", "label": label})])
+    assert data.load("boolq", tmp_path)[0]["label"] is expected
+
+
+@pytest.mark.parametrize("label", [2, -1, "yes", None])
+def test_boolq_labels_outside_true_false_are_refused(tmp_path, label):
+    _write(tmp_path, "boolq/val.jsonl", [json.dumps({"question": "q", "passage": "p", "label": label})])
+    with pytest.raises(data.DataError, match=r"val.jsonl:1: field 'label' must be true/false"):
+        data.load("boolq", tmp_path)
+
+
+def test_calibration_windows_come_from_the_second_half_seeded():
+    ids = torch.arange(1000)
+    windows = data.calibration_windows(ids, samples=64, tokens=100, seed=3)
+    assert windows.shape == (64, 100)
+    assert bool((windows[:, 0] >= 500).all()) and bool((windows[:, -1] <= 999).all())
+    assert bool((windows[:, 1:] - windows[:, :-1] == 1).all())  # contiguous text, not scattered tokens
+    assert torch.equal(windows, data.calibration_windows(ids, 64, 100, seed=3))
+    assert not torch.equal(windows, data.calibration_windows(ids, 64, 100, seed=4))
+    assert len(set(windows[:, 0].tolist())) > 32  # drawn across the half, not one start repeated
+    assert data.calibration_windows(torch.arange(202), 4, 100, seed=0).shape == (4, 100)  # 101 tokens in the half
+    with pytest.raises(data.DataError, match="calibration text too short: 200 tokens for 100-token windows"):
+        data.calibration_windows(torch.arange(200), 4, 100, seed=0)
+
+
+def test_an_unknown_loader_is_named():
+    with pytest.raises(ConfigError, match=r"unknown data loader 'squad'; known: \['boolq', 'gsm8k', 'msmarco', 'wikitext'\]"):
+        data.load("squad", None)
+
+
+def test_subset_without_a_limit_keeps_every_item():
+    items = [{"id": str(i)} for i in range(10)]
+    assert sorted(i["id"] for i in data.subset(items, None, seed=0)) == [str(i) for i in range(10)]
+
+
+def test_msmarco_items_hold_what_the_reranker_reads(shared):
+    item = data.load("msmarco", shared)[0]
+    assert sorted(item) == ["candidates", "id", "judged", "query"] and item["query"]
+    assert sorted(item["candidates"][0]) == ["bm25_rank", "docid", "label", "text"]
+    assert [c["bm25_rank"] for c in item["candidates"]] == list(range(1, len(item["candidates"]) + 1))
+    assert all(isinstance(c["docid"], str) and c["text"] for c in item["candidates"])

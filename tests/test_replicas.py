@@ -16,7 +16,7 @@ from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.matrix import load_matrix
 from quant.methods import get_method
-from quant.methods.gsq import SCALING_GROUPS, scale_group
+from quant.methods.gsq import SCALING_GROUPS, foldable, scale_group
 from quant.models import load_model
 from quant.pipeline import Workbench, restore_quantized
 from quant.qlinear import QuantLinear
@@ -133,7 +133,9 @@ def test_gsq_folding_leaves_the_function_unchanged_before_rounding(replica, shar
         for group in SCALING_GROUPS[model.config.model_type]:
             width = block.get_submodule(group.linears[0]).in_features
             scale = torch.rand(width, generator=generator) + 0.5
-            if not scale_group(block, group, list(group.linears), scale):
+            fold = foldable(block, group, list(group.linears))
+            scale_group(block, group, list(group.linears), scale, fold)
+            if not fold:
                 for name in group.linears:
                     block.get_submodule(name).register_forward_pre_hook(
                         lambda _m, args, s=scale: (args[0] / s.to(args[0].dtype),))

@@ -10,7 +10,7 @@ from quant.config import ConfigError
 from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
 from quant.snapshots import BASELINES, regressions
-from quant.tasks import evaluate
+from quant.tasks import evaluate, text_prefix
 
 MODEL = "smollm2-135m"
 
@@ -140,3 +140,34 @@ def test_evaluation_windows_that_would_reach_the_calibration_text_are_refused(ma
                                           r"tokens would reach the calibration half .*: at most \d+ windows"):
         crowded.calibration(spec, config)
     assert workbench.calibration(spec, workbench.calibration_config(spec, config)).shape[1] == 512
+
+
+def test_choice_items_take_one_forward_and_score_as_one_forward_per_choice(matrix, workbench):
+    """BoolQ's " no" / " yes" are one token each: one forward of the context scores both. Against a forward of
+    context + choice per choice (the way lm-eval and the evaluator before it scored them): the same predictions,
+    log-likelihoods within 1e-5, and half the forwards."""
+    spec = matrix.models[MODEL]
+    model, tokenizer = workbench.baseline(spec)
+    # One sequence per batch, as the reference runs them: batch composition alone moves float32 sums by ~1e-5.
+    boolq = workbench.task(spec, "boolq")
+    task = dataclasses.replace(boolq, options={**boolq.options, "batch_size": 1})
+    items = workbench.items(spec, "boolq")[:8]
+    forwards = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, output: forwards.append(args[0].shape[0]),
+                                         with_kwargs=True)
+    try:
+        result = evaluate(model, tokenizer, task, items)
+    finally:
+        handle.remove()
+    assert sum(forwards) == len(items)
+    prefix = text_prefix(tokenizer)
+    for item, record in zip(items, result.items):
+        context = prefix + tokenizer(task["prompt"].format(**item), add_special_tokens=False).input_ids
+        reference = []
+        for choice in task["choices"]:
+            (token,) = tokenizer(choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([context + [token]])).logits[0, len(context) - 1].float()
+            reference.append(float(torch.log_softmax(logits, -1)[token]))
+        assert record["prediction"] == max(range(len(reference)), key=reference.__getitem__)
+        assert record["logprobs"] == pytest.approx(reference, abs=1e-5)

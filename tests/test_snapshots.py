@@ -98,3 +98,40 @@ def test_a_first_run_on_new_hardware_records_the_case_and_lists_it(tmp_path):
     assert FirstRecording(location, "test_snapshot[case]", session) == entry
     assert json.loads(location.read_text()) == {"test_snapshot[case]": entry}
     assert session.stash[RECORDED] == [(location, "test_snapshot[case]")]
+
+
+def test_every_change_is_listed_not_only_the_first():
+    """A new identity, a vanished one, a new metric and a vanished one: four problems, each named."""
+    stored = record({"items": "abc", "config": "x"}, {"quantized.accuracy": 0.5, "baseline.accuracy": 0.6}, {})
+    current = record({"items": "abc", "model_bytes": 10}, {"quantized.accuracy": 0.5, "quantized.mrr@10": 0.4}, {})
+    problems = regressions(stored, current)
+    assert problems == [
+        "config: must not change: snapshot 'x', now None",
+        "model_bytes: must not change: snapshot None, now 10",
+        "baseline.accuracy: in the snapshot (0.6) but no longer measured",
+        "quantized.mrr@10: measured (0.4) but not in the snapshot (run pytest --snapshot-update to record it)",
+    ]
+
+
+def test_an_absolute_tolerance_alone_allows_that_much():
+    tolerance = {"perplexity": {"abs": 0.5}}
+    stored = record({}, {"quantized.perplexity": 50.0}, tolerance)
+    assert regressions(stored, record({}, {"quantized.perplexity": 50.4}, tolerance)) == []
+    assert regressions(stored, record({}, {"quantized.perplexity": 50.6}, tolerance))
+
+
+def test_the_side_is_read_before_the_first_dot_only():
+    """`baseline.correct_strict-match` style names: a metric with dots of its own stays one metric."""
+    entry = record({}, {"baseline.ndcg@10.dl19": 0.5}, {"ndcg@10.dl19": {"abs": 0.1}})["metrics"]["baseline.ndcg@10.dl19"]
+    assert entry["worse"] == "either" and entry["tolerance"] == {"abs": 0.1}
+    assert record({}, {"mean_kld": 0.3}, {})["metrics"]["mean_kld"]["worse"] == "higher"
+
+
+def test_hardware_class_names_the_gpu_model(monkeypatch):
+    from quant import snapshots
+
+    assert snapshots.hardware_class("cpu") == "cpu"
+    for name, expected in [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-40GB", "a100"),
+                           ("NVIDIA L4", "l4"), ("Tesla T4", "t4"), ("Some Accelerator", "accelerator")]:
+        monkeypatch.setattr(snapshots.torch.cuda, "get_device_name", lambda name=name: name)
+        assert snapshots.hardware_class("cuda:0") == expected, name

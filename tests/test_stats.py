@@ -122,3 +122,95 @@ def test_perplexity_reports_llama_cpps_kld_statistics_over_the_full_vocabulary(t
     base = evaluate_perplexity(tiny_llama, CharacterTokenizer(), task, items)
     expected = math.log(result.metrics["perplexity"] / base.metrics["perplexity"])
     assert result.metrics["ln_ppl_ratio"] == pytest.approx(expected, rel=1e-5)
+
+
+# ---- closing mutation-testing survivors (make mutate): each test fails on a mutant that gave a wrong number ----
+
+def test_ndcg_when_the_query_has_nothing_relevant_and_when_the_ideal_is_one():
+    assert stats.ndcg_at_k([0, 0], [0, 0], 10) == 0.0  # trec_eval: no relevant passage judged, nDCG 0
+    assert stats.ndcg_at_k([0, 1], [1], 10) == pytest.approx(1 / math.log2(3))  # ideal DCG exactly 1
+
+
+@pytest.mark.parametrize("metric,base,quant,expected", [
+    ("accuracy", {"correct": True}, {"correct": False}, 0.0),
+    ("perplexity", {"nll": 20.0, "tokens": 10}, {"nll": 25.0, "tokens": 10}, math.exp(2.0) / math.exp(2.5)),
+    ("ndcg@10", {"score": 0.8, "mrr": 1.0}, {"score": 0.6, "mrr": 0.25}, 0.75),
+    ("mrr@10", {"score": 0.8, "mrr": 1.0}, {"score": 0.6, "mrr": 0.25}, 0.25),
+    ("strict-match", {"correct": False, "correct_strict-match": True, "output": "", "prediction": "1"},
+     {"correct": True, "correct_strict-match": True, "output": "", "prediction": None}, 1.0),
+    ("answered", {"correct": False, "correct_strict-match": True, "output": "", "prediction": "1"},
+     {"correct": True, "correct_strict-match": True, "output": "", "prediction": None}, 0.0),
+])
+def test_each_metric_is_aggregated_from_its_own_per_item_column(metric, base, quant, expected):
+    """With one item every bootstrap resample is that item, so the interval collapses onto the retention computed
+    by hand from the metric's own column (perplexity from NLL and tokens, MRR from mrr, nDCG from score, ...)."""
+    low, high = stats.retention_interval([{"id": "a", **base}], [{"id": "a", **quant}], metric, resamples=20)
+    assert low == pytest.approx(expected) and high == pytest.approx(expected)
+
+
+def test_the_bootstrap_resamples_every_item_with_replacement():
+    """One item in 100 differs: resampling must sometimes leave it out (retention 1) and sometimes draw it twice."""
+    base = _items([True] * 100)
+    quant = _items([False] + [True] * 99)
+    low, high = stats.retention_interval(base, quant, "accuracy")
+    assert low <= 0.98 and high == 1.0
+
+
+def test_gate_boundaries_and_reasons():
+    no_interval = stats.judge("accuracy", 0.5, 0.45, None, 40, 0.9, informative=True)
+    assert no_interval.status == "pass" and "0.900" in no_interval.reason  # retention exactly at the threshold
+    assert stats.judge("accuracy", 0.5, 0.44, None, 40, 0.9, informative=True).status == "fail"
+    # Perplexity retention is inverted: 10 -> 11 retains 0.909, which fails 0.95.
+    assert stats.judge("perplexity", 10.0, 11.0, None, 40, 0.95, informative=True).status == "fail"
+    assert stats.judge("accuracy", 0.5, 0.46, (0.80, 0.90), 100, 0.9, informative=True).status == "inconclusive"
+    at_low = stats.judge("accuracy", 0.5, 0.46, (0.90, 0.95), 100, 0.9, informative=True)
+    assert at_low.status == "pass" and "[0.900, 0.950]" in at_low.reason
+    below = stats.judge("accuracy", 0.5, 0.40, (0.70, 0.85), 100, 0.9, informative=True)
+    assert "[0.700, 0.850]" in below.reason and "below" in below.reason
+    # the items that would settle it: n x (half-width / distance to the threshold)^2 = 100 x (0.05 / 0.02)^2
+    settle = stats.judge("accuracy", 0.5, 0.44, (0.83, 0.93), 100, 0.9, informative=True)
+    assert "n=625" in settle.reason, settle.reason
+    straddle = stats.judge("accuracy", 0.5, 0.44, (0.83, 0.93), 100, 0.9, informative=True, strict=True)
+    assert straddle.status == "fail" and "strict" in straddle.reason
+    at_minimum = stats.judge("accuracy", 0.5, 0.5, None, 50, 0.9, informative=False, fallback=("correlation", 0.3, 0.3))
+    assert at_minimum.status == "uninformative" and "correlation: 0.300 >= 0.3" in at_minimum.reason
+    below_minimum = stats.judge("accuracy", 0.5, 0.5, None, 50, 0.9, informative=False, fallback=("correlation", 0.2, 0.3))
+    assert "correlation: 0.200 < 0.3" in below_minimum.reason
+    assert "not informative" in stats.judge("accuracy", 0.5, 0.5, None, 50, 0.9, informative=False).reason
+
+
+def test_divergence_bounds_are_inclusive():
+    passed = stats.Verdict("pass", "retention")
+    assert stats.judge_divergence(passed, {"mean_kld": 0.5, "same_top_p": 0.8}, 0.5, 0.8) is passed
+    failed = stats.judge_divergence(passed, {"mean_kld": 0.6, "same_top_p": 0.8}, 0.5, None)
+    assert failed.status == "fail" and "0.6000 > 0.5" in failed.reason
+    assert "0.700 < 0.8" in stats.judge_divergence(passed, {"mean_kld": 0.1, "same_top_p": 0.7}, None, 0.8).reason
+
+
+def test_agreement_answered_rate_and_score_correlation():
+    base = [{"id": "a", "prediction": 1, "score": 1.0}, {"id": "b", "prediction": 0, "score": 2.0},
+            {"id": "c", "prediction": 1, "score": 4.0}]
+    quant = [{"id": "a", "prediction": 1, "score": 2.0}, {"id": "b", "prediction": 1, "score": 4.0},
+             {"id": "c", "prediction": 1, "score": 8.0}]
+    assert stats.agreement(base, quant) == pytest.approx(2 / 3)
+    assert stats.score_correlation(base, quant) == pytest.approx(1.0)
+    assert stats.score_correlation(base, [{**q, "score": -q["score"]} for q in quant]) == pytest.approx(-1.0)
+    assert stats.score_correlation(base, [{**q, "score": 1.0} for q in quant]) == 0.0  # a constant score
+    assert stats.score_correlation([{"id": "a", "score": None}], [{"id": "a", "score": None}]) is None
+    rankings = [{"id": "q", "ranking": ["d1", "d2"]}], [{"id": "q", "ranking": ["d2", "d1"]}]
+    assert stats.agreement(*rankings) == 0.0 and stats.agreement(rankings[0], rankings[0]) == 1.0
+    assert stats.agreement([{"id": "w", "nll": 1.0}], [{"id": "w", "nll": 2.0}]) is None
+    generations = [{"id": str(i), "output": "", "prediction": p} for i, p in enumerate(["3", None, None, "4"])]
+    assert stats.answered_rate(generations) == 0.5
+
+
+def test_flips_roc_auc_and_chance_read_every_item():
+    assert stats.flips([{"id": "a", "nll": 1.0}], [{"id": "a", "nll": 1.0}]) is None
+    assert stats.roc_auc([0.2, 0.9, 0.4], [True, False, False]) == 0.0  # the positive ranks below both negatives
+    assert stats.roc_auc([0.9, 0.1, 0.5], [True, False, False]) == 1.0
+    assert stats.roc_auc([0.9, 0.8], [True, True]) is None
+    assert stats.chance_rate([{"id": "x"}, {"id": "y", "label": True}]) is None
+    assert stats.mcnemar_exact(1, 0) == 1.0
+    with pytest.raises(ValueError, match="same items in the same order"):
+        stats.flips(_items([True, False]), list(reversed(_items([True, False]))))
+    assert math.isnan(stats.mean([]))

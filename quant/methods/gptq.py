@@ -31,11 +31,15 @@ log = logging.getLogger("quant")
 class GPTQ:
     """Hessian accumulation and the blocked column loop for one linear layer."""
 
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear, shared: GPTQ | None = None) -> None:
+        """``shared``: a layer with the same inputs (q, k, v) whose Hessian this one uses instead of its own."""
         self.layer = layer
         self.rows, self.columns = layer.weight.shape
-        self.H = torch.zeros(self.columns, self.columns, device=layer.weight.device)
-        self.nsamples = 0
+        if shared is not None:
+            self.H, self.nsamples = shared.H, shared.nsamples
+        else:
+            self.H = torch.zeros(self.columns, self.columns, device=layer.weight.device)
+            self.nsamples = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add 2 x x^T of every token of ``inp`` [samples, tokens, columns] to H, one sample at a time: the
@@ -223,8 +227,7 @@ class BlockCalibration:
     def _quantize(self, name: str, linear: nn.Linear) -> None:
         """Quantize ``linear`` on the stage's Hessian; the rest of the forward sees the quantized layer (the same
         values QuantLinear computes with)."""
-        gptq = GPTQ(linear)
-        gptq.H, gptq.nsamples = self.stage.H, self.stage.nsamples
+        gptq = GPTQ(linear, shared=self.stage)
         with torch.autocast(self.device, enabled=False):  # column loop in float32
             self.quantized[name], record = _quantize_layer(f"{self.step.name}.{name}", linear, self.todo[name], gptq)
         # the Hessian's time goes to the stage's first linear; the ones sharing it cost nothing more

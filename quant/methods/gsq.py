@@ -87,13 +87,14 @@ class GSQ(Quantizer):
             explicit_scales: dict[str, torch.Tensor] = {}  # ... and those whose input is divided by s explicitly
             for group in SCALING_GROUPS[model_type]:
                 names = [n for n in group.linears if layer_configs[n] is not None]
-                fold = _foldable(block, group, names)
+                fold = foldable(block, group, names)
                 if not names or (fold is False and not config.explicit_scales):
                     continue  # AWQ leaves a group it cannot fold unscaled (v->o under grouped-query attention)
                 x_mean, sample = features[names[0]]
                 scale = _search_scale(block, names, x_mean, sample, layer_configs[names[0]])
                 group_scales.update({name: scale for name in names})
-                if not scale_group(block, group, names, scale):
+                scale_group(block, group, names, scale, fold)
+                if not fold:
                     explicit_scales.update({name: scale for name in names})
             for name, linear in block_linears(block).items():
                 full_name = f"{block_name}.{name}"
@@ -178,7 +179,7 @@ def _search_scale(
     return best_scale
 
 
-def _foldable(block: nn.Module, group: ScalingGroup, names: list[str]) -> bool | None:
+def foldable(block: nn.Module, group: ScalingGroup, names: list[str]) -> bool | None:
     """Whether 1/s folds exactly into the module producing the group's input: True; False when it cannot (a linear
     of another width: grouped-query v->o); None when there is none to fold into (an activation: Phi's fc1 -> GELU
     -> fc2), where AWQ divides the input explicitly (its ScaledActivation). A group with a linear kept in full
@@ -191,16 +192,16 @@ def _foldable(block: nn.Module, group: ScalingGroup, names: list[str]) -> bool |
     return not (isinstance(prev, nn.Linear) and prev.out_features != block.get_submodule(names[0]).in_features)
 
 
-def scale_group(block: nn.Module, group: ScalingGroup, names: list[str], scale: torch.Tensor) -> bool:
-    """W <- W diag(s) for the group's linears ``names``, and 1/s folded into the module producing their input
-    where that is exact. Returns whether it was folded; if not, the caller divides their input by s."""
+def scale_group(
+    block: nn.Module, group: ScalingGroup, names: list[str], scale: torch.Tensor, fold: bool | None
+) -> None:
+    """W <- W diag(s) for the group's linears ``names``, and 1/s folded into the module producing their input when
+    ``fold`` (``foldable``); if not, the caller divides their input by s."""
     for name in names:
         linear = block.get_submodule(name)
         linear.weight.mul_(scale.to(linear.weight.dtype))
-    if not _foldable(block, group, names):
-        return False
-    _divide_output(block.get_submodule(group.prev), scale)
-    return True
+    if fold:
+        _divide_output(block.get_submodule(group.prev), scale)
 
 
 def _divide_output(module: nn.Module, scale: torch.Tensor) -> None:
