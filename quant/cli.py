@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quant: {error}", file=sys.stderr)
         return 2
     json_path, md_path = report.write(result, args.out)
-    print(report.markdown(result))
+    print("\n".join(report.headline(result)))
     print(f"\nwrote {md_path} and {json_path}")
     return 0
 

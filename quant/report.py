@@ -123,30 +123,82 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+# A task's verdict is its worst metric's, in this order; the headline counts rows by verdict.
+VERDICT_ORDER = ("fail", "inconclusive", "pass", "uninformative")
+
+
+def headline(report: dict[str, Any]) -> list[str]:
+    """The first screen: per model, one line per quant config with each task's verdict (its worst metric's), the
+    stored size and the decode speed-up; the fail and inconclusive reasons; the counts; skipped cases as one line
+    per reason."""
+    measured = [r for r in report["rows"] if not r.get("skipped_reason")]
+    timing = {(p["model"], p["quant"]): p for p in report.get("performance", []) if not p.get("skipped_reason")}
+    lines, reasons = [], []
+    for model in dict.fromkeys(r["model"] for r in measured):
+        rows = [r for r in measured if r["model"] == model]
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        base = timing.get((model, "baseline"), {})
+        lines += [f"**{model}** (baseline {rows[0]['model_bytes_baseline'] / 1e6:.0f} MB"
+                  + (f", decode {base['decode_tokens_per_s']:.1f} tok/s" if base else "") + ")", "",
+                  "| config | " + " | ".join(tasks) + " | MB (×) | decode speed-up |",
+                  "|" + "---|" * (len(tasks) + 3)]
+        for quant in dict.fromkeys(r["quant"] for r in rows):
+            config_rows = [r for r in rows if r["quant"] == quant]
+            cells = []
+            for task in tasks:
+                task_rows = [r for r in config_rows if r["task"] == task]
+                worst = min(task_rows, key=lambda r: VERDICT_ORDER.index(r["verdict"]), default=None)
+                cells.append("–" if worst is None else worst["verdict"])
+                if worst is not None and worst["verdict"] in ("fail", "inconclusive"):
+                    reasons.append(f"- {model} {quant} {task} ({worst['metric']}): {worst['verdict']}: "
+                                   f"{worst['verdict_reason']}")
+            first, speed = config_rows[0], timing.get((model, quant), {})
+            cells += [f"{first['model_bytes_quantized'] / 1e6:.0f} ({first['memory_reduction']:.1f}×)",
+                      _fmt(speed.get("decode_speedup"), 2) + ("×" if speed.get("decode_speedup") else "")]
+            lines.append(f"| {quant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    counts = {v: sum(r["verdict"] == v for r in measured) for v in VERDICT_ORDER}
+    lines.append(f"Rows: {len(measured)} measured: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".")
+    lines += reasons
+    skipped: dict[str, list[dict]] = {}
+    for row in report["rows"]:
+        if row.get("skipped_reason"):
+            skipped.setdefault(row["skipped_reason"], []).append(row)
+    for reason, rows in skipped.items():
+        models = ", ".join(dict.fromkeys(r["model"] for r in rows))
+        cases = len({(r["model"], r["quant"], r["task"]) for r in rows})
+        lines.append(f"Skipped, {reason}: {cases} cases ({len(rows)} rows) of {models}.")
+    return lines
+
+
+def kernel_legend(report: dict[str, Any]) -> dict[str, str]:
+    """A short key (K1, K2, ...) for each kernel description, which is long and repeats on every row."""
+    kernels = dict.fromkeys(r["kernel"] for r in report["rows"] + report.get("performance", []) if r.get("kernel"))
+    return {kernel: f"K{number}" for number, kernel in enumerate(kernels, start=1)}
+
+
 def markdown(report: dict[str, Any]) -> str:
+    """The detailed table: every measured row (skipped ones are summed up in the headline), kernels by their key."""
     header = ["model", "method", "config", "task", "metric", "n", "baseline", "quantized", "retention [95% CI]",
               "flips (c→w / w→c)", "McNemar p", "chance / BM25", "mean KLD / same top", "MB base → quant (×)",
               "TTFT ms / decode tok/s [kernel]", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in report["rows"]:
-        if row.get("skipped_reason"):
-            cells = [row["model"], row["method"], row["config"], row["task"], row["metric"]] + \
-                    [""] * (len(header) - 6) + [f"skipped: {row['skipped_reason']}"]
-        else:
-            interval = (f" [{row['retention_ci_low']:.3f}, {row['retention_ci_high']:.3f}]"
-                        if row["retention_ci_low"] is not None else "")
-            flips = ("–" if row["flips_correct_to_wrong"] is None
-                     else f"{row['flips_correct_to_wrong']} / {row['flips_wrong_to_correct']}")
-            divergence = ("–" if row["mean_kld"] is None
-                          else f"{row['mean_kld']:.4f} ± {row['mean_kld_se']:.4f} / {row['same_top_p']:.3f}")
-            memory = (f"{row['model_bytes_baseline'] / 1e6:.0f} → {row['model_bytes_quantized'] / 1e6:.0f} "
-                      f"({row['memory_reduction']:.2f}×)")
-            speed = ("not timed" if row.get("ttft_ms") is None else
-                     f"{row['ttft_ms']:.0f} / {row['decode_tokens_per_s']:.1f} [{row['kernel']}]")
-            cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
-                     _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval, flips,
-                     _fmt(row["mcnemar_p"]), _fmt(row["chance"] if row["bm25"] is None else row["bm25"], 4),
-                     divergence, memory, speed, row["verdict"]]
+    legend = kernel_legend(report)
+    for row in (r for r in report["rows"] if not r.get("skipped_reason")):
+        interval = (f" [{row['retention_ci_low']:.3f}, {row['retention_ci_high']:.3f}]"
+                    if row["retention_ci_low"] is not None else "")
+        flips = ("–" if row["flips_correct_to_wrong"] is None
+                 else f"{row['flips_correct_to_wrong']} / {row['flips_wrong_to_correct']}")
+        divergence = ("–" if row["mean_kld"] is None
+                      else f"{row['mean_kld']:.4f} ± {row['mean_kld_se']:.4f} / {row['same_top_p']:.3f}")
+        memory = (f"{row['model_bytes_baseline'] / 1e6:.0f} → {row['model_bytes_quantized'] / 1e6:.0f} "
+                  f"({row['memory_reduction']:.2f}×)")
+        speed = ("not timed" if row.get("ttft_ms") is None else
+                 f"{row['ttft_ms']:.0f} / {row['decode_tokens_per_s']:.1f} [{legend[row['kernel']]}]")
+        cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
+                 _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval, flips,
+                 _fmt(row["mcnemar_p"]), _fmt(row["chance"] if row["bm25"] is None else row["bm25"], 4),
+                 divergence, memory, speed, row["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -168,12 +220,13 @@ def performance_table(report: dict[str, Any]) -> str:
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
               "peak memory MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    legend = kernel_legend(report)
     for row in report.get("performance", []):
         if row.get("skipped_reason"):
             cells = [row["model"], row["quant"]] + [""] * (len(header) - 3) + [f"not timed: {row['skipped_reason']}"]
         else:
             peak = row["peak_memory_bytes"]
-            cells = [row["model"], row["quant"], row["dtype"], row["kernel"], _fmt(row["ttft_ms"], 0),
+            cells = [row["model"], row["quant"], row["dtype"], legend[row["kernel"]], _fmt(row["ttft_ms"], 0),
                      _fmt(row["decode_ms_per_token"], 1), _fmt(row["decode_tokens_per_s"], 1),
                      _fmt(row["output_tokens_per_s"], 1), f"{row['batch_decode_tokens_per_s']:.1f} (batch {row['batch']})",
                      f"{row['model_bytes'] / 1e6:.0f}", _fmt(row.get("memory_reduction"), 2),
@@ -189,7 +242,9 @@ def write(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     machine = ", ".join(f"{k}={v}" for k, v in report["machine"].items())
     text = [
         "# quant report", "", f"Command: `{report['command']}`  ", f"Profile: `{report['profile']}`  ",
-        f"Machine: {machine}", "", markdown(report), "", "## Performance", "", PERF_NOTE, "",
+        f"Machine: {machine}", "", *headline(report), "", "## Results", "", markdown(report), "",
+        "Kernels: " + "; ".join(f"{key} = {kernel}" for kernel, key in kernel_legend(report).items()), "",
+        "## Performance", "", PERF_NOTE, "",
         performance_table(report), "", "## Quantization", "", quantization_table(report), "",
         "## Notes", "", *[f"- {note}" for note in NOTES], "",
     ]
