@@ -19,6 +19,7 @@ from quant import plan, report
 from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, data_dir
 from quant.crosscheck import LM_EVAL_TASKS, crosscheck
 from quant.data import load as load_data
+from quant.decide import AVERAGE, frontier, load_report, parse_size, plot_pareto, points, recommend
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.models import DTYPES
@@ -82,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
     check.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     check.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    report_path = REPO_ROOT / "reports" / "latest.json"
+    pareto = commands.add_parser("pareto",
+                                 help="the Pareto frontier of a written report: quality against size and speed")
+    recommend = commands.add_parser("recommend", help="the config to ship under constraints, from a written report")
+    for command in (pareto, recommend):
+        command.add_argument("--report", type=Path, default=report_path, help="a report's JSON (default: %(default)s)")
+        command.add_argument("--model", default="smollm2-135m", help="a model of the report")
+        command.add_argument("--task", default=AVERAGE,
+                             help=f"a task's retention, {AVERAGE!r} (the mean over the model's informative tasks)"
+                                  + (" or 'kld' (mean KLD)" if command is pareto else ""))
+    pareto.add_argument("--out", type=Path, default=None, help="the PNG (default: next to the report)")
+    recommend.add_argument("--max-memory", default=None, help="largest model size, e.g. 150MB")
+    recommend.add_argument("--min-retention", type=float, default=None,
+                           help="smallest retention lower bound (95%% CI) on --task")
+    recommend.add_argument("--min-decode-speedup", type=float, default=None, help="e.g. 2 for twice the baseline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "history":
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return save_replica_command(args)
     if args.command == "crosscheck":
         return crosscheck_command(args)
+    if args.command in ("pareto", "recommend"):
+        return decide_command(args)
     try:
         matrix = load_matrix(args.matrix)
         device = _device()
@@ -171,6 +189,27 @@ def crosscheck_command(args: argparse.Namespace) -> int:
                                 "agrees": agreement.agrees}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0 if agreement.agrees else 1
+
+
+def decide_command(args: argparse.Namespace) -> int:
+    try:
+        candidates, baseline = points(load_report(args.report), args.model)
+        if args.command == "pareto":
+            out = args.out or args.report.parent / f"pareto-{args.model}-{args.task}.png"
+            line = frontier(candidates, args.task)
+            print(f"Pareto frontier ({args.task} against bytes), smallest first:")
+            print("\n".join(f"  {p.quant}: {p.bytes / 1e6:.0f} MB, "
+                            + (f"mean KLD {p.mean_kld:.4f}" if args.task == "kld" else
+                               f"retention {p.score(args.task)[0]:.3f}") for p in line))
+            print(f"wrote {plot_pareto(candidates, baseline, args.task, out)}")
+            return 0
+        max_bytes = parse_size(args.max_memory) if args.max_memory else None
+        advice = recommend(candidates, args.task, max_bytes, args.min_retention, args.min_decode_speedup)
+    except ConfigError as error:
+        print(f"quant: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(advice.lines(args.task)))
+    return 0 if advice.chosen else 1
 
 
 def _device() -> str:
