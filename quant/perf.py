@@ -20,7 +20,8 @@ import transformers
 
 from quant.qlinear import model_bytes
 
-__all__ = ["PerfSettings", "Timer", "decode", "dtype_name", "machine_facts", "measure", "model_bytes", "peak_memory",
+__all__ = ["PerfSettings", "Timer", "decode", "dtype_name", "kv_cache_bytes", "machine_facts", "measure",
+           "memory_bandwidth", "model_bytes", "peak_memory", "roofline",
            "prefill", "variant_label"]
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -138,6 +139,36 @@ def _median(timer: Timer, settings: PerfSettings, setup: Callable[[], Any], work
     return statistics.median(times)
 
 
+def memory_bandwidth(device: str, megabytes: int = 256, repeats: int = 5) -> float:
+    """This machine's memory bandwidth in bytes/s, measured STREAM-copy style: the best of ``repeats`` copies of a
+    ``megabytes`` float32 buffer into another, counting the bytes read and the bytes written."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    timer = Timer(device)
+    best = min(timer(lambda: target.copy_(source)) for _ in range(repeats))
+    return 2 * source.numel() * source.element_size() / best
+
+
+def kv_cache_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes of the KV cache after ``tokens`` tokens at batch 1: keys and values of every layer, in the model's
+    activation dtype (what a decode step reads besides the weights)."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * tokens * element
+
+
+def roofline(row: dict[str, Any], bandwidth: float) -> dict[str, float]:
+    """Decode at batch 1 against the memory roofline: every weight and the KV cache are read once per token, so
+    ``bytes_per_token`` / bandwidth is the fastest a token can be; the achieved GB/s and its share of the measured
+    bandwidth say how far the kernel is from it."""
+    seconds = row["decode_ms_per_token"] / 1000
+    achieved = row["bytes_per_token"] / seconds
+    return {"achieved_gb_per_s": achieved / 1e9, "bandwidth_share": achieved / bandwidth,
+            "roofline_ms_per_token": row["bytes_per_token"] / bandwidth * 1000}
+
+
 def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings: PerfSettings) -> dict[str, Any]:
     """Latency, throughput and memory of ``model`` on ``prompt`` (token ids, at least ``prompt_tokens`` long)."""
     timer = Timer(device)
@@ -159,6 +190,8 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
         "batch_decode_tokens_per_s": settings.batch * settings.batch_new_tokens / batch_seconds,
         "peak_memory_bytes": peak_memory(device),
         "model_bytes": model_bytes(model),
+        # read per decode step at batch 1: the weights, and the KV cache halfway through the generated tokens
+        "bytes_per_token": model_bytes(model) + kv_cache_bytes(model, ids.shape[1] + settings.new_tokens // 2),
         "threads": torch.get_num_threads(),
         "settings": dataclasses.asdict(settings),
     }

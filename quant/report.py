@@ -10,7 +10,7 @@ import torch
 
 from quant.matrix import Case
 from quant.pipeline import DIVERGENCE_METRICS, Comparison, Workbench, task_metrics
-from quant.perf import machine_facts, model_bytes, variant_label
+from quant.perf import machine_facts, memory_bandwidth, model_bytes, roofline, variant_label
 
 log = logging.getLogger("quant")
 
@@ -47,7 +47,10 @@ NOTES = [
 PERF_NOTE = (
     "Batch 1 unless stated: time to first token = prefill of the first WikiText-2 tokens (perf settings in "
     "matrix.yaml, recorded per row in latest.json); decode = greedy steps on the KV cache; output tok/s = "
-    "generated tokens over prefill + decode (the reference study's throughput). Medians after warm-up. Model MB "
+    "generated tokens over prefill + decode (the reference study's throughput). Medians after warm-up. Roofline: a "
+    "decode step at batch 1 reads every weight and the KV cache once (MB read / token); achieved GB/s is that over "
+    "decode ms/token, its share is of this machine's memory bandwidth (machine line: a copy of a 256 MiB buffer, "
+    "best of 5, read + written bytes), and roofline ms/token is the fastest the bytes allow. Model MB "
     "counts the tensors as they run (the fast kernels' tiled codes and bf16 scale/offset pairs, the rest of the "
     "model in bf16); peak memory is the process's peak RSS during the timing (every model the run holds), or "
     "torch.cuda.max_memory_allocated on a GPU."
@@ -218,7 +221,7 @@ def quantization_table(report: dict[str, Any]) -> str:
 def performance_table(report: dict[str, Any]) -> str:
     header = ["model", "variant", "dtype", "kernel", "TTFT ms (prefill)", "decode ms/token", "decode tok/s",
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
-              "peak memory MB"]
+              "peak memory MB", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
     for row in report.get("performance", []):
@@ -230,7 +233,10 @@ def performance_table(report: dict[str, Any]) -> str:
                      _fmt(row["decode_ms_per_token"], 1), _fmt(row["decode_tokens_per_s"], 1),
                      _fmt(row["output_tokens_per_s"], 1), f"{row['batch_decode_tokens_per_s']:.1f} (batch {row['batch']})",
                      f"{row['model_bytes'] / 1e6:.0f}", _fmt(row.get("memory_reduction"), 2),
-                     _fmt(row.get("decode_speedup"), 2), "–" if peak is None else f"{peak / 1e6:.0f}"]
+                     _fmt(row.get("decode_speedup"), 2), "–" if peak is None else f"{peak / 1e6:.0f}",
+                     f"{row['bytes_per_token'] / 1e6:.0f}",
+                     f"{row['achieved_gb_per_s']:.1f} ({row['bandwidth_share']:.0%})",
+                     _fmt(row["roofline_ms_per_token"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -255,9 +261,10 @@ def write(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
 PERF_COLUMNS = ("kernel", "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s", "batch_decode_tokens_per_s")
 
 
-def performance_rows(workbench: Workbench, cases: list[Case]) -> list[dict[str, Any]]:
+def performance_rows(workbench: Workbench, cases: list[Case], bandwidth: float) -> list[dict[str, Any]]:
     """One timing per model variant the cases use: the baseline in its own dtype (and in bf16 when that is
-    fp32, the cheap alternative a user would compare with), and each quantized model on its fastest kernel."""
+    fp32, the cheap alternative a user would compare with), and each quantized model on its fastest kernel; each
+    with its decode against the memory roofline at ``bandwidth`` bytes/s."""
     variants: dict[tuple[str, str | None, Any], Case] = {}
     for case in cases:
         dtypes = [None, torch.bfloat16] if case.model.dtype == "float32" else [None]
@@ -269,7 +276,8 @@ def performance_rows(workbench: Workbench, cases: list[Case]) -> list[dict[str, 
         row = {"model": model, "quant": label}
         log.info("timing %d/%d: %s %s", number, len(variants), model, label)
         try:
-            rows.append({**row, **workbench.performance(case.model, quant_name, dtype)})
+            timing = workbench.performance(case.model, quant_name, dtype)
+            rows.append({**row, **timing, **roofline(timing, bandwidth)})
         except Exception as error:  # a variant that cannot be timed is a row that says why, not a hole
             log.error("timing %s %s: %s", model, label, error)
             rows.append({**row, "skipped_reason": f"{type(error).__name__}: {error}"})
@@ -289,10 +297,13 @@ def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str
         rows += case_rows(workbench, case)
     for case, reason in skipped:
         rows += skipped_rows(case, reason)
-    performance = performance_rows(workbench, cases)
+    bandwidth = memory_bandwidth(workbench.device)
+    log.info("memory bandwidth: %.1f GB/s (copy of a 256 MiB buffer, best of 5)", bandwidth / 1e9)
+    performance = performance_rows(workbench, cases, bandwidth)
     timings = {(p["model"], p["quant"]): p for p in performance if not p.get("skipped_reason")}
     for row in rows:  # each accuracy row carries the speed of the model that produced it
         timing = timings.get((row["model"], row.get("quant")), {})
         row.update({column: timing.get(column) for column in PERF_COLUMNS})
-    return {"machine": machine_facts(workbench.device), "command": command, "profile": workbench.profile,
+    machine = {**machine_facts(workbench.device), "memory_bandwidth_gb_per_s": round(bandwidth / 1e9, 2)}
+    return {"machine": machine, "command": command, "profile": workbench.profile,
             "rows": rows, "performance": performance}

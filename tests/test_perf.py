@@ -8,7 +8,8 @@ import torch
 from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.methods import get_method
-from quant.perf import PerfSettings, machine_facts, measure, peak_memory
+from quant.perf import (PerfSettings, kv_cache_bytes, machine_facts, measure, memory_bandwidth, peak_memory,
+                        roofline)
 
 SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
                      warmup=0, repeats=1)
@@ -23,6 +24,9 @@ def test_measure_reports_latency_throughput_and_memory(tiny_llama, calibration_i
     assert result["ttft_ms"] > 0 and result["batch_decode_tokens_per_s"] > 0
     assert result["batch"] == 2 and result["settings"]["new_tokens"] == 4
     assert result["threads"] == torch.get_num_threads()
+    # halfway through the new tokens after the prompt, in the activations' dtype (bf16 on the fast kernels)
+    tokens = SHORT.prompt_tokens + SHORT.new_tokens // 2
+    assert result["bytes_per_token"] == result["model_bytes"] + kv_cache_bytes(tiny_llama, tokens)
 
 
 PEAK_PROBE = """
@@ -53,3 +57,19 @@ def test_unknown_perf_settings_are_refused():
 def test_machine_facts_name_the_dtype_and_threads():
     facts = machine_facts("cpu", torch.bfloat16)
     assert facts["dtype"] == "bfloat16" and facts["torch_threads"] == torch.get_num_threads()
+
+
+def test_roofline_counts_weights_and_kv_cache_read_per_token(tiny_llama):
+    config = tiny_llama.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32
+    assert kv_cache_bytes(tiny_llama, 100) == 100 * per_token
+    row = {"decode_ms_per_token": 10.0, "bytes_per_token": 50e6}
+    line = roofline(row, bandwidth=20e9)
+    assert line == {"achieved_gb_per_s": pytest.approx(5.0), "bandwidth_share": pytest.approx(0.25),
+                    "roofline_ms_per_token": pytest.approx(2.5)}
+
+
+def test_memory_bandwidth_is_a_copy_of_read_and_written_bytes():
+    bandwidth = memory_bandwidth("cpu", megabytes=16, repeats=2)
+    assert 1e8 < bandwidth < 1e13  # between 0.1 GB/s and 10 TB/s: a rate, not a size or a time

@@ -36,7 +36,8 @@ def _report():
                for model in ("llama-3.2-1b", "qwen2.5-0.5b", "phi-1.5") for quant in ("rtn-w4g128", "gptq-w4g128")
                for task in ("boolq", "gsm8k", "msmarco")]
     timed = {"dtype": "float32", "ttft_ms": 800.0, "decode_ms_per_token": 25.0, "output_tokens_per_s": 30.0,
-             "batch_decode_tokens_per_s": 100.0, "batch": 8, "model_bytes": 538e6, "peak_memory_bytes": 2e9}
+             "batch_decode_tokens_per_s": 100.0, "batch": 8, "model_bytes": 538e6, "peak_memory_bytes": 2e9,
+             "bytes_per_token": 560e6, "achieved_gb_per_s": 22.4, "bandwidth_share": 0.5, "roofline_ms_per_token": 12.5}
     performance = [{**timed, "model": "smollm2-135m", "quant": "baseline", "decode_tokens_per_s": 20.0,
                     "kernel": "dense fp32"},
                    {**timed, "model": "smollm2-135m", "quant": "rtn-w4g128", "decode_tokens_per_s": 40.0,
@@ -73,6 +74,7 @@ def test_the_detailed_table_keeps_measured_rows_and_names_kernels_by_a_key(tmp_p
     assert text.index("**smollm2-135m**") < text.index("## Results") < text.index("## Performance")
     assert f"K1 = {KERNEL}" in text and text.count(KERNEL) == 1
     assert json.loads(json_path.read_text())["rows"] == built["rows"]  # the JSON keeps every row, skipped ones too
+    assert "| 560 | 22.4 (50%) | 12.50 |" in text  # the roofline columns of the performance table
 
 
 def _decision_report():
