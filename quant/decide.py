@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import ConfigError
+from quant.figures import pyplot, save
 
 AVERAGE = "informative"  # --task value: the mean retention over the tasks that are informative for the model
 SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -146,11 +147,7 @@ def recommend(candidates: list[Point], task: str, max_bytes: float | None = None
 def plot_pareto(candidates: list[Point], baseline: Point, task: str, path: Path) -> Path:
     """Two panels: quality against bytes and against decode speed-up, the bytes frontier drawn, the baseline
     marked. Quality is retention on ``task`` (with its interval) or mean KLD for "kld"."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     kld = task == "kld"
     label = "mean KLD to the baseline (lower is better)" if kld else f"retention on {task} (95% CI)"
 
@@ -176,9 +173,4 @@ def plot_pareto(candidates: list[Point], baseline: Point, task: str, path: Path)
     line = frontier(candidates, task)
     axes[0].plot([p.bytes / 1e6 for p in line], [y(p)[0] for p in line], "r--", label="Pareto frontier")
     axes[0].legend()
-    figure.suptitle(f"{baseline.model}: quality against size and speed ({len(shown)} configs)")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save(figure, f"{baseline.model}: quality against size and speed ({len(shown)} configs)", path)

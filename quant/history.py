@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from quant.figures import pyplot, save
+
 Benchmark = dict[str, Any]
 
 # panel title -> (series name, value) pairs read from one saved benchmark
@@ -59,11 +61,7 @@ def series(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]
 
 def plot(storage: Path, out: Path) -> Path:
     """Write the history PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = load_runs(storage)
     panels = {title: lines for title, lines in series(runs).items() if lines}
     figure, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), squeeze=False)
@@ -74,9 +72,4 @@ def plot(storage: Path, out: Path) -> Path:
         axis.set_xticks(range(len(runs)), [run_label(run) for run in runs], fontsize=7)
         axis.legend(fontsize=6, ncol=3, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         axis.grid(alpha=0.3)
-    figure.suptitle(f"benchmark history: {len(runs)} saved runs in {storage}")
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save(figure, f"benchmark history: {len(runs)} saved runs in {storage}", out)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from quant.figures import kld_chart, retention_chart
 from quant.matrix import Case
 from quant.pipeline import DIVERGENCE_METRICS, Comparison, Workbench, task_metrics
 from quant.perf import machine_facts, memory_bandwidth, model_bytes, roofline, variant_label
@@ -245,10 +246,14 @@ def write(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "latest.json", folder / "latest.md"
     json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    pictures = [(title, figure) for title, figure in (
+        ("retention per task and config", retention_chart(report, folder / "retention.png")),
+        ("mean KLD per config", kld_chart(report, folder / "kld.png"))) if figure is not None]
     machine = ", ".join(f"{k}={v}" for k, v in report["machine"].items())
     text = [
         "# quant report", "", f"Command: `{report['command']}`  ", f"Profile: `{report['profile']}`  ",
-        f"Machine: {machine}", "", *headline(report), "", "## Results", "", markdown(report), "",
+        f"Machine: {machine}", "", *headline(report), "",
+        *[f"![{title}]({figure.name})" for title, figure in pictures], "", "## Results", "", markdown(report), "",
         "Kernels: " + "; ".join(f"{key} = {kernel}" for kernel, key in kernel_legend(report).items()), "",
         "## Performance", "", PERF_NOTE, "",
         performance_table(report), "", "## Quantization", "", quantization_table(report), "",

@@ -75,6 +75,16 @@ def test_the_detailed_table_keeps_measured_rows_and_names_kernels_by_a_key(tmp_p
     assert f"K1 = {KERNEL}" in text and text.count(KERNEL) == 1
     assert json.loads(json_path.read_text())["rows"] == built["rows"]  # the JSON keeps every row, skipped ones too
     assert "| 560 | 22.4 (50%) | 12.50 |" in text  # the roofline columns of the performance table
+    assert "![retention per task and config](retention.png)" in text  # no KLD figure: no row has a KLD
+    assert (tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "kld.png").exists()
+
+
+def test_the_kld_figure_is_drawn_when_rows_have_a_kld(tmp_path):
+    built = _decision_report()
+    for row in built["rows"]:
+        row["mean_kld_se"] = None if row["mean_kld"] is None else 0.01
+    assert report.kld_chart(built, tmp_path / "kld.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.retention_chart(built, tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _decision_report():
