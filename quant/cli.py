@@ -19,7 +19,7 @@ from quant import plan, report
 from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, data_dir
 from quant.crosscheck import LM_EVAL_TASKS, crosscheck
 from quant.data import load as load_data
-from quant.decide import AVERAGE, frontier, load_report, parse_size, plot_pareto, points, recommend
+from quant.decide import AVERAGE, correlations, frontier, load_report, parse_size, plot_pareto, points, recommend
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.models import DTYPES
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     pareto = commands.add_parser("pareto",
                                  help="the Pareto frontier of a written report: quality against size and speed")
     recommend = commands.add_parser("recommend", help="the config to ship under constraints, from a written report")
+    correlate = commands.add_parser("correlate", help="does perplexity (or KLD) predict the task scores of a report?")
+    correlate.add_argument("--report", type=Path, default=report_path, help="a report's JSON (default: %(default)s)")
+    correlate.add_argument("--model", default="smollm2-135m", help="a model of the report")
     for command in (pareto, recommend):
         command.add_argument("--report", type=Path, default=report_path, help="a report's JSON (default: %(default)s)")
         command.add_argument("--model", default="smollm2-135m", help="a model of the report")
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return save_replica_command(args)
     if args.command == "crosscheck":
         return crosscheck_command(args)
+    if args.command == "correlate":
+        return correlate_command(args)
     if args.command in ("pareto", "recommend"):
         return decide_command(args)
     try:
@@ -210,6 +215,22 @@ def decide_command(args: argparse.Namespace) -> int:
         return 2
     print("\n".join(advice.lines(args.task)))
     return 0 if advice.chosen else 1
+
+
+def correlate_command(args: argparse.Namespace) -> int:
+    try:
+        table = correlations(load_report(args.report), args.model)
+    except ConfigError as error:
+        print(f"quant: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: Spearman's rho across quant configs, task retention against the WikiText perplexity ratio "
+          "and mean KLD (this model and data only; p: permutation test of no association)")
+    for row in table:
+        if "rho" in row:
+            print(f"  {row['task']} vs {row['predictor']}: rho {row['rho']:+.3f}, n {row['n']}, p {row['p']:.3f}")
+        else:
+            print(f"  {row['task']}" + (f" vs {row['predictor']}" if "predictor" in row else "") + f": {row['note']}")
+    return 0
 
 
 def _device() -> str:

@@ -174,3 +174,71 @@ def plot_pareto(candidates: list[Point], baseline: Point, task: str, path: Path)
     axes[0].plot([p.bytes / 1e6 for p in line], [y(p)[0] for p in line], "r--", label="Pareto frontier")
     axes[0].legend()
     return save(figure, f"{baseline.model}: quality against size and speed ({len(shown)} configs)", path)
+
+
+def spearman(x: list[float], y: list[float], exact_up_to: int = 8, permutations: int = 20_000) -> tuple[float, float]:
+    """Spearman's rank correlation and its two-sided p-value under no association: every permutation of ``y``
+    counted for n <= ``exact_up_to``, else a seeded sample of ``permutations`` of them."""
+    import itertools
+    import random
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        ranked = [0.0] * len(values)
+        i = 0
+        while i < len(order):  # ties share the mean of their ranks
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                ranked[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return ranked
+
+    def pearson(a: list[float], b: list[float]) -> float:
+        mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+        cov = sum((p - mean_a) * (q - mean_b) for p, q in zip(a, b))
+        spread = (sum((p - mean_a) ** 2 for p in a) * sum((q - mean_b) ** 2 for q in b)) ** 0.5
+        return cov / spread if spread else 0.0
+
+    rx, ry = ranks(x), ranks(y)
+    rho = pearson(rx, ry)
+    if len(x) <= exact_up_to:
+        shuffles = list(itertools.permutations(ry))
+    else:
+        rng = random.Random(0)
+        shuffles = [rng.sample(ry, len(ry)) for _ in range(permutations)]
+    extreme = sum(abs(pearson(rx, list(s))) >= abs(rho) - 1e-12 for s in shuffles)
+    return rho, extreme / len(shuffles)
+
+
+def correlations(report: dict[str, Any], model: str, reference: str = "wikitext") -> list[dict[str, Any]]:
+    """Across the model's configs: Spearman's rho between the perplexity ratio (quantized / baseline, from the
+    ``reference`` task's retention) or the mean KLD, and each other task's retention; a task that is uninformative
+    for the model (every config's row) is named, not correlated."""
+    rows = [r for r in report["rows"] if r["model"] == model and not r.get("skipped_reason")]
+    first = {}
+    for row in rows:
+        first.setdefault((row["quant"], row["task"]), row)
+    configs = [q for q in dict.fromkeys(r["quant"] for r in rows) if (q, reference) in first]
+    predictors = {
+        "perplexity ratio": {q: 1 / first[(q, reference)]["retention"] for q in configs},
+        "mean KLD": {q: first[(q, reference)]["mean_kld"] for q in configs
+                     if first[(q, reference)].get("mean_kld") is not None},
+    }
+    table = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        if task == reference:
+            continue
+        task_rows = {q: first[(q, task)] for q in configs if (q, task) in first}
+        if all(r["verdict"] == "uninformative" for r in task_rows.values()):
+            table.append({"task": task, "note": "uninformative for this model: not correlated"})
+            continue
+        for name, predictor in predictors.items():
+            shared = [q for q in task_rows if q in predictor and task_rows[q]["retention"] is not None]
+            if len(shared) < 3:
+                table.append({"task": task, "predictor": name, "n": len(shared), "note": "fewer than 3 configs"})
+                continue
+            rho, p = spearman([predictor[q] for q in shared], [task_rows[q]["retention"] for q in shared])
+            table.append({"task": task, "predictor": name, "n": len(shared), "rho": rho, "p": p})
+    return table

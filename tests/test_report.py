@@ -158,3 +158,27 @@ def test_pareto_and_recommend_commands(tmp_path, capsys):
     assert main(["recommend", "--report", str(path), "--task", "wikitext", "--max-memory", "110MB",
                  "--min-retention", "0.95"]) == 1
     assert "closest: rtn-w4g128" in capsys.readouterr().out  # 0.87 for 0.95; w8 is 45% too large
+
+
+def test_spearman_with_its_exact_permutation_p_value():
+    assert decide.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == (pytest.approx(1.0), pytest.approx(2 / 24))
+    assert decide.spearman([1, 2, 3, 4], [4, 3, 2, 1])[0] == pytest.approx(-1.0)
+    rho, p = decide.spearman([1, 2, 2, 3], [1, 3, 2, 4])  # ties share their mean rank
+    assert rho == pytest.approx(0.9486832980505138) and 0 < p < 1
+    rho, p = decide.spearman(list(range(12)), list(range(12)))  # sampled permutations beyond 8 items
+    assert rho == pytest.approx(1.0) and p < 0.001
+
+
+def test_correlations_skip_uninformative_tasks_and_state_n_and_p(tmp_path, capsys):
+    table = decide.correlations(_decision_report(), "smollm2-135m")
+    assert table[0] == {"task": "boolq", "note": "uninformative for this model: not correlated"}
+    # msmarco retention falls as the perplexity ratio and the KLD rise: rho -1 over 3 configs, p = 2 / 3!
+    assert table[1] == {"task": "msmarco", "predictor": "perplexity ratio", "n": 3, "rho": pytest.approx(-1.0),
+                        "p": pytest.approx(1 / 3)}
+    assert table[2]["predictor"] == "mean KLD" and table[2]["rho"] == pytest.approx(-1.0)
+    from quant.cli import main
+
+    path = tmp_path / "latest.json"
+    path.write_text(json.dumps(_decision_report()))
+    assert main(["correlate", "--report", str(path)]) == 0
+    assert "msmarco vs perplexity ratio: rho -1.000, n 3, p 0.333" in capsys.readouterr().out
