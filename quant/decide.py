@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import ConfigError
-from quant.figures import pyplot, save
+from quant.figures import headline_rows, pyplot, save
 
 AVERAGE = "informative"  # --task value: the mean retention over the tasks that are informative for the model
 SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -52,7 +52,7 @@ def points(report: dict[str, Any], model: str) -> tuple[list[Point], Point]:
     found = []
     for quant in dict.fromkeys(r["quant"] for r in rows):
         config_rows = [r for r in rows if r["quant"] == quant]
-        headline = {r["task"]: r for r in reversed(config_rows)}  # the first row of each task wins
+        headline = {r["task"]: r for r in headline_rows({"rows": config_rows})}
         retention = {task: (r["retention"], r["retention_ci_low"], r["retention_ci_high"])
                      for task, r in headline.items()
                      if r["verdict"] != "uninformative" and r["retention_ci_low"] is not None}
@@ -217,9 +217,7 @@ def correlations(report: dict[str, Any], model: str, reference: str = "wikitext"
     ``reference`` task's retention) or the mean KLD, and each other task's retention; a task that is uninformative
     for the model (every config's row) is named, not correlated."""
     rows = [r for r in report["rows"] if r["model"] == model and not r.get("skipped_reason")]
-    first = {}
-    for row in rows:
-        first.setdefault((row["quant"], row["task"]), row)
+    first = {(r["quant"], r["task"]): r for r in headline_rows({"rows": rows})}
     configs = [q for q in dict.fromkeys(r["quant"] for r in rows) if (q, reference) in first]
     predictors = {
         "perplexity ratio": {q: 1 / first[(q, reference)]["retention"] for q in configs},

@@ -26,7 +26,7 @@ def save(figure: Any, title: str, path: Path) -> Path:
     return path
 
 
-def _headline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def headline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each (model, config, task)'s first measured row: the task's headline metric."""
     first: dict[tuple[str, str, str], dict[str, Any]] = {}
     for row in report["rows"]:
@@ -37,7 +37,7 @@ def _headline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def retention_chart(report: dict[str, Any], path: Path) -> Path | None:
     """A panel per model and task: each config's retention with its 95% interval, coloured by verdict."""
-    rows = _headline_rows(report)
+    rows = headline_rows(report)
     panels = list(dict.fromkeys((r["model"], r["task"]) for r in rows))
     if not panels:
         return None
@@ -61,7 +61,7 @@ def retention_chart(report: dict[str, Any], path: Path) -> Path | None:
 
 def kld_chart(report: dict[str, Any], path: Path) -> Path | None:
     """Mean KLD to the baseline (± its standard error) per config, a panel per model."""
-    rows = [r for r in _headline_rows(report) if r.get("mean_kld") is not None]
+    rows = [r for r in headline_rows(report) if r.get("mean_kld") is not None]
     models = list(dict.fromkeys(r["model"] for r in rows))
     if not models:
         return None
