@@ -2,7 +2,8 @@
 ``python -m quant quantize`` builds (or loads from the cache) one quantized model and prints its log;
 ``python -m quant replica`` saves a random-weight replica of a study model;
 ``python -m quant history`` plots the saved benchmark runs;
-``python -m quant crosscheck lm-eval --task boolq`` scores the same items with lm-evaluation-harness and compares."""
+``python -m quant crosscheck lm-eval --task boolq`` scores the same items with lm-evaluation-harness and compares;
+``python -m quant perf MODEL`` times its variants' decode, eager and compiled, against the memory roofline."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from quant.decide import AVERAGE, correlations, frontier, load_report, parse_siz
 from quant.history import plot as plot_history
 from quant.matrix import load_matrix
 from quant.models import DTYPES
+from quant.perf import machine_facts, memory_bandwidth
 from quant.pipeline import Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
@@ -83,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
     check.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     check.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    speed = commands.add_parser("perf", help="time a model's baseline and quant configs side by side: decode eager "
+                                             "and compiled, against this machine's memory roofline")
+    speed.add_argument("model", help="a model name from matrix.yaml")
+    speed.add_argument("--quant", action="append", default=None,
+                       help="a quant config to time (repeat the flag; default: every config the model's cases use)")
+    speed.add_argument("--compiled", default="inductor",
+                       help="torch.compile backend of the static-cache decode, or 'none' (default: %(default)s)")
+    speed.add_argument("--profile", default="report", help="profile whose perf settings apply")
+    speed.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+    speed.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
+    speed.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     report_path = REPO_ROOT / "reports" / "latest.json"
     pareto = commands.add_parser("pareto",
                                  help="the Pareto frontier of a written report: quality against size and speed")
@@ -116,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return save_replica_command(args)
     if args.command == "crosscheck":
         return crosscheck_command(args)
+    if args.command == "perf":
+        return perf_command(args)
     if args.command == "correlate":
         return correlate_command(args)
     if args.command in ("pareto", "recommend"):
@@ -194,6 +209,36 @@ def crosscheck_command(args: argparse.Namespace) -> int:
                                 "agrees": agreement.agrees}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0 if agreement.agrees else 1
+
+
+def perf_command(args: argparse.Namespace) -> int:
+    try:
+        matrix = load_matrix(args.matrix)
+        if args.model not in matrix.models or not set(args.quant or []) <= set(matrix.quant):
+            raise ConfigError(f"unknown model {args.model!r} or quant config in {args.quant}; known: "
+                              f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
+        spec = matrix.models[args.model]
+        variants = [v for v in report.timed_variants([c for c in matrix.cases if c.model is spec])
+                    if args.quant is None or v[1] is None]
+        variants += [(spec, quant_name, None) for quant_name in args.quant or []]
+        device = workbench.device_for(spec)
+        settings = dataclasses.replace(workbench.perf_settings(spec),
+                                       compiled=None if args.compiled == "none" else args.compiled)
+        bandwidth = memory_bandwidth(device)
+        rows = report.performance_rows(workbench, variants, bandwidth, settings)
+    except ConfigError as error:
+        print(f"quant: {error}", file=sys.stderr)
+        return 2
+    machine = {**machine_facts(device), "memory_bandwidth_gb_per_s": round(bandwidth / 1e9, 2)}
+    timed = {"rows": [], "performance": rows, "machine": machine}
+    print(f"{args.model}: {machine}\n{report.performance_table(timed)}")
+    print("\n".join(f"{key}: {kernel}" for kernel, key in report.kernel_legend(timed).items()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"perf-{args.model}.json"
+    path.write_text(json.dumps({"command": "quant " + shlex.join(sys.argv[1:]), **timed}, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0
 
 
 def decide_command(args: argparse.Namespace) -> int:

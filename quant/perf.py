@@ -1,5 +1,7 @@
 """Performance, measured the way a user would feel it: time to first token (prefill of a fixed prompt), per-token
-decode time and tokens per second at batch 1 and at a larger batch, model bytes from the tensors, peak memory.
+decode time and tokens per second at batch 1 and at a larger batch, model bytes from the tensors, and peak memory
+as the model's weights plus what inference allocates on top (not the process's peak, which counts whatever else it
+holds, such as the baseline a quantized model is compared with).
 
 On CUDA every timed region is bracketed by CUDA events and synchronised; on CPU the thread count is recorded
 with the result. Each figure is the median of ``repeats`` runs after ``warmup`` runs.
@@ -20,8 +22,8 @@ import transformers
 
 from quant.qlinear import model_bytes
 
-__all__ = ["PerfSettings", "Timer", "decode", "dtype_name", "kv_cache_bytes", "machine_facts", "measure",
-           "memory_bandwidth", "model_bytes", "peak_memory", "roofline",
+__all__ = ["CompiledDecoder", "PerfSettings", "Timer", "decode", "dtype_name", "kv_cache_bytes", "machine_facts", "measure",
+           "memory_bandwidth", "memory_in_use", "model_bytes", "peak_memory", "roofline",
            "prefill", "variant_label"]
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -38,6 +40,9 @@ class PerfSettings:
     batch_new_tokens: int = 16
     warmup: int = 1
     repeats: int = 3
+    # a torch.compile backend ("inductor"): also time batch-1 decode on a static KV cache through a compiled step
+    # (CompiledDecoder); its first calls compile, so the warm-up runs must carry that cost, not the timed ones
+    compiled: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, int] | None) -> PerfSettings:
@@ -113,6 +118,40 @@ def decode(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps: int) 
     return token
 
 
+class CompiledDecoder:
+    """Greedy batch-1 decode on a preallocated (static) KV cache through a ``torch.compile``d step. The eager loop
+    pays a kernel launch per op per token, which bounds a small model's decode far above its bandwidth floor;
+    fixed shapes let the compiler fuse the step, and on CUDA replay it as one captured graph
+    (``mode="reduce-overhead"``). ``backend="eager"`` runs the same static-cache path without compiling (tests)."""
+
+    def __init__(self, model: torch.nn.Module, device: str, backend: str = "inductor") -> None:
+        self.model = model
+        cuda_graphs = device.startswith("cuda") and backend == "inductor"
+        self.step = torch.compile(self._step, backend=backend, mode="reduce-overhead" if cuda_graphs else None,
+                                  fullgraph=True, dynamic=False)
+
+    def _step(self, token: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
+        # the cache counts its own length (positions and the slots to write follow from it)
+        return self.model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, new_tokens: int) -> tuple[transformers.StaticCache, torch.Tensor]:
+        """The prompt, eager, into a static cache with room for ``new_tokens`` more: (cache, first token)."""
+        cache = transformers.StaticCache(config=self.model.config, max_cache_len=ids.shape[1] + new_tokens)
+        out = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def decode(self, cache: transformers.StaticCache, token: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` greedy tokens after those in the cache; returns them, [batch, steps]."""
+        tokens = []
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's output is consumed: reuse its memory
+            token = self.step(token, cache).clone()
+            tokens.append(token)
+        return torch.cat(tokens, dim=1)
+
+
 def peak_memory(device: str, reset: bool = False) -> int | None:
     """Peak bytes since the last reset: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS
     (VmHWM, reset through /proc/self/clear_refs) on Linux CPUs; None where neither exists."""
@@ -124,7 +163,18 @@ def peak_memory(device: str, reset: bool = False) -> int | None:
         return None
     if reset:
         PROC_CLEAR_REFS.write_text("5")
-    line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+    return _proc_status_bytes("VmHWM:")
+
+
+def memory_in_use(device: str) -> int | None:
+    """Bytes in use now, counted as ``peak_memory`` counts them: allocated on a GPU, resident (VmRSS) on a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    return _proc_status_bytes("VmRSS:") if PROC_STATUS.exists() else None
+
+
+def _proc_status_bytes(field: str) -> int:
+    line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith(field))
     return int(line.split()[1]) * 1024
 
 
@@ -162,11 +212,13 @@ def kv_cache_bytes(model: torch.nn.Module, tokens: int) -> int:
 def roofline(row: dict[str, Any], bandwidth: float) -> dict[str, float]:
     """Decode at batch 1 against the memory roofline: every weight and the KV cache are read once per token, so
     ``bytes_per_token`` / bandwidth is the fastest a token can be; the achieved GB/s and its share of the measured
-    bandwidth say how far the kernel is from it."""
-    seconds = row["decode_ms_per_token"] / 1000
-    achieved = row["bytes_per_token"] / seconds
-    return {"achieved_gb_per_s": achieved / 1e9, "bandwidth_share": achieved / bandwidth,
-            "roofline_ms_per_token": row["bytes_per_token"] / bandwidth * 1000}
+    bandwidth say how far the kernel is from it (for the compiled decode too, when it was timed)."""
+    figures = {"roofline_ms_per_token": row["bytes_per_token"] / bandwidth * 1000}
+    for prefix in ("", "compiled_"):
+        if f"{prefix}decode_ms_per_token" in row:
+            achieved = row["bytes_per_token"] / (row[f"{prefix}decode_ms_per_token"] / 1000)
+            figures.update({f"{prefix}achieved_gb_per_s": achieved / 1e9, f"{prefix}bandwidth_share": achieved / bandwidth})
+    return figures
 
 
 def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings: PerfSettings) -> dict[str, Any]:
@@ -174,12 +226,23 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
     timer = Timer(device)
     ids = prompt[:, : settings.prompt_tokens].to(device)
     batch_ids = prompt[:, : settings.batch_prompt_tokens].repeat(settings.batch, 1).to(device)
+    in_use = memory_in_use(device)  # other models this process holds (the baseline beside a quantized one) too
     peak_memory(device, reset=True)
     ttft = _median(timer, settings, lambda: None, lambda _: prefill(model, ids))
     decode_seconds = _median(timer, settings, lambda: prefill(model, ids),
                              lambda state: decode(model, *state, settings.new_tokens))
     batch_seconds = _median(timer, settings, lambda: prefill(model, batch_ids),
                             lambda state: decode(model, *state, settings.batch_new_tokens))
+    # read before the compiled decode: compiling is not serving
+    peak, weights = peak_memory(device), model_bytes(model)
+    working = None if peak is None or in_use is None else max(peak - in_use, 0)
+    compiled = {}
+    if settings.compiled:
+        decoder = CompiledDecoder(model, device, settings.compiled)
+        seconds = _median(timer, settings, lambda: decoder.prefill(ids, settings.new_tokens),
+                          lambda state: decoder.decode(*state, settings.new_tokens))
+        compiled = {"compiled_decode_ms_per_token": seconds / settings.new_tokens * 1000,
+                    "compiled_decode_tokens_per_s": settings.new_tokens / seconds}
     return {
         "ttft_ms": ttft * 1000,
         "decode_ms_per_token": decode_seconds / settings.new_tokens * 1000,
@@ -188,10 +251,15 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
         "output_tokens_per_s": settings.new_tokens / (ttft + decode_seconds),
         "batch": settings.batch,
         "batch_decode_tokens_per_s": settings.batch * settings.batch_new_tokens / batch_seconds,
-        "peak_memory_bytes": peak_memory(device),
-        "model_bytes": model_bytes(model),
+        # what serving this model takes: its weights, plus the most that inference allocated on top of what was in
+        # use before (activations, KV caches). On a CPU that is resident-set growth, a lower bound: pages that
+        # the allocator kept from earlier work are reused without growing it.
+        "working_memory_bytes": working,
+        "peak_memory_bytes": None if working is None else weights + working,
+        "model_bytes": weights,
         # read per decode step at batch 1: the weights, and the KV cache halfway through the generated tokens
-        "bytes_per_token": model_bytes(model) + kv_cache_bytes(model, ids.shape[1] + settings.new_tokens // 2),
+        "bytes_per_token": weights + kv_cache_bytes(model, ids.shape[1] + settings.new_tokens // 2),
         "threads": torch.get_num_threads(),
         "settings": dataclasses.asdict(settings),
+        **compiled,
     }

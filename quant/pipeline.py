@@ -141,13 +141,15 @@ class Workbench:
         model = copy.deepcopy(self.quantized(spec, quant_name, quant).model)
         return model, use_fast_kernels(model).describe()
 
-    def performance(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None
-                    ) -> dict[str, Any]:
-        """Latency, throughput and memory (perf.measure) of a baseline or quantized model, with its kernel.
-        Measured afresh every time: timings describe this machine now, so they are never cached."""
+    def performance(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None,
+                    settings: PerfSettings | None = None) -> dict[str, Any]:
+        """Latency, throughput and memory (perf.measure, with the profile's settings unless given) of a baseline or
+        quantized model, with its kernel. Measured afresh every time: timings describe this machine now, so they
+        are never cached."""
         model, kernel = self.runnable(spec, quant_name, dtype)
         log.info("timing %s %s on %s", spec.name, variant_label(quant_name, dtype), kernel)
-        return {**measure(model, self.wikitext_ids(spec)[None], self.device_for(spec), self.perf_settings(spec)),
+        settings = settings or self.perf_settings(spec)
+        return {**measure(model, self.wikitext_ids(spec)[None], self.device_for(spec), settings),
                 "kernel": kernel, "dtype": dtype_name(next(model.parameters()).dtype)}
 
     def quantized(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:

@@ -10,8 +10,9 @@ import torch
 
 from quant.figures import kld_chart, retention_chart
 from quant.matrix import Case
+from quant.models import ModelSpec
 from quant.pipeline import DIVERGENCE_METRICS, Comparison, Workbench, task_metrics
-from quant.perf import machine_facts, memory_bandwidth, model_bytes, roofline, variant_label
+from quant.perf import PerfSettings, machine_facts, memory_bandwidth, model_bytes, roofline, variant_label
 
 log = logging.getLogger("quant")
 
@@ -222,7 +223,8 @@ def quantization_table(report: dict[str, Any]) -> str:
 def performance_table(report: dict[str, Any]) -> str:
     header = ["model", "variant", "dtype", "kernel", "TTFT ms (prefill)", "decode ms/token", "decode tok/s",
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
-              "peak memory MB", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token"]
+              "peak memory MB (weights + working)", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token",
+              "compiled decode ms/token (share)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
     for row in report.get("performance", []):
@@ -237,7 +239,9 @@ def performance_table(report: dict[str, Any]) -> str:
                      _fmt(row.get("decode_speedup"), 2), "–" if peak is None else f"{peak / 1e6:.0f}",
                      f"{row['bytes_per_token'] / 1e6:.0f}",
                      f"{row['achieved_gb_per_s']:.1f} ({row['bandwidth_share']:.0%})",
-                     _fmt(row["roofline_ms_per_token"], 2)]
+                     _fmt(row["roofline_ms_per_token"], 2),
+                     f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
+                     if "compiled_decode_ms_per_token" in row else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -266,25 +270,36 @@ def write(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
 PERF_COLUMNS = ("kernel", "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s", "batch_decode_tokens_per_s")
 
 
-def performance_rows(workbench: Workbench, cases: list[Case], bandwidth: float) -> list[dict[str, Any]]:
-    """One timing per model variant the cases use: the baseline in its own dtype (and in bf16 when that is
-    fp32, the cheap alternative a user would compare with), and each quantized model on its fastest kernel; each
-    with its decode against the memory roofline at ``bandwidth`` bytes/s."""
-    variants: dict[tuple[str, str | None, Any], Case] = {}
+Variant = tuple[ModelSpec, str | None, torch.dtype | None]  # model, quant config (None: baseline), baseline recast
+
+
+def timed_variants(cases: list[Case]) -> list[Variant]:
+    """The model variants the cases use: the baseline in its own dtype (and in bf16 when that is fp32, the cheap
+    alternative a user would compare with), and each quantized model."""
+    variants: dict[tuple[str, str | None, Any], Variant] = {}
     for case in cases:
-        dtypes = [None, torch.bfloat16] if case.model.dtype == "float32" else [None]
-        variants.update({(case.model.name, None, dtype): case for dtype in dtypes})
-        variants[(case.model.name, case.quant_name, None)] = case
+        for dtype in [None, torch.bfloat16] if case.model.dtype == "float32" else [None]:
+            variants[(case.model.name, None, dtype)] = (case.model, None, dtype)
+        variants[(case.model.name, case.quant_name, None)] = (case.model, case.quant_name, None)
+    return list(variants.values())
+
+
+def performance_rows(workbench: Workbench, variants: list[Variant], bandwidth: float,
+                     settings: PerfSettings | None = None) -> list[dict[str, Any]]:
+    """One timing per variant, quantized models on their fastest kernel, each with its decode against the memory
+    roofline at ``bandwidth`` bytes/s. ``settings``: the profile's unless given."""
     rows = []
-    for number, ((model, quant_name, dtype), case) in enumerate(variants.items(), start=1):
+    for number, (spec, quant_name, dtype) in enumerate(variants, start=1):
         label = variant_label(quant_name, dtype)
-        row = {"model": model, "quant": label}
-        log.info("timing %d/%d: %s %s", number, len(variants), model, label)
+        row = {"model": spec.name, "quant": label}
+        log.info("timing %d/%d: %s %s", number, len(variants), spec.name, label)
         try:
-            timing = workbench.performance(case.model, quant_name, dtype)
+            timing = workbench.performance(spec, quant_name, dtype, settings)
             rows.append({**row, **timing, **roofline(timing, bandwidth)})
+            log.info("timed %s %s: decode %.2f ms/token eager%s", spec.name, label, timing["decode_ms_per_token"],
+                     f", {timing['compiled_decode_ms_per_token']:.2f} compiled" if settings and settings.compiled else "")
         except Exception as error:  # a variant that cannot be timed is a row that says why, not a hole
-            log.error("timing %s %s: %s", model, label, error)
+            log.error("timing %s %s: %s", spec.name, label, error)
             rows.append({**row, "skipped_reason": f"{type(error).__name__}: {error}"})
     baseline = {r["model"]: r for r in rows if r["quant"] == "baseline" and not r.get("skipped_reason")}
     for row in rows:
@@ -304,7 +319,7 @@ def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str
         rows += skipped_rows(case, reason)
     bandwidth = memory_bandwidth(workbench.device)
     log.info("memory bandwidth: %.1f GB/s (copy of a 256 MiB buffer, best of 5)", bandwidth / 1e9)
-    performance = performance_rows(workbench, cases, bandwidth)
+    performance = performance_rows(workbench, timed_variants(cases), bandwidth)
     timings = {(p["model"], p["quant"]): p for p in performance if not p.get("skipped_reason")}
     for row in rows:  # each accuracy row carries the speed of the model that produced it
         timing = timings.get((row["model"], row.get("quant")), {})

@@ -1,4 +1,5 @@
 """perf.measure on a tiny model: every figure present and consistent; the peak-memory reset really resets."""
+import dataclasses
 import subprocess
 import sys
 
@@ -8,8 +9,8 @@ import torch
 from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.methods import get_method
-from quant.perf import (PerfSettings, kv_cache_bytes, machine_facts, measure, memory_bandwidth, peak_memory,
-                        roofline)
+from quant.perf import (CompiledDecoder, PerfSettings, kv_cache_bytes, machine_facts, measure, memory_bandwidth,
+                        memory_in_use, peak_memory, roofline)
 
 SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
                      warmup=0, repeats=1)
@@ -27,6 +28,65 @@ def test_measure_reports_latency_throughput_and_memory(tiny_llama, calibration_i
     # halfway through the new tokens after the prompt, in the activations' dtype (bf16 on the fast kernels)
     tokens = SHORT.prompt_tokens + SHORT.new_tokens // 2
     assert result["bytes_per_token"] == result["model_bytes"] + kv_cache_bytes(tiny_llama, tokens)
+
+
+def test_peak_memory_is_the_models_weights_plus_what_inference_adds(tiny_llama, calibration_ids):
+    if memory_in_use("cpu") is None:
+        pytest.skip("no /proc/self/status on this platform")
+    resident = torch.ones(128 * 2**20 // 4)  # 128 MiB held beside the model, as a baseline is beside its quantized copy
+    result = measure(tiny_llama, calibration_ids[:1], "cpu", SHORT)
+    assert result["peak_memory_bytes"] == result["model_bytes"] + result["working_memory_bytes"]
+    # the process's peak counts the resident block; the model's does not (a tiny model's decode adds a few MB)
+    assert peak_memory("cpu") > resident.numel() * 4 > result["peak_memory_bytes"]
+
+
+def _eager_tokens(model, ids, steps):
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(steps):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tokens.append(token)
+    return torch.cat(tokens, dim=1)
+
+
+def _varied(model):
+    """A tiny random model whose greedy continuation changes from token to token (at initialisation it repeats one
+    token, which would hide a wrong cache position)."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3) if param.dim() > 1 else None
+    return model
+
+
+@pytest.mark.parametrize("quantized,backend", [(False, "eager"), (True, "eager"), (True, "inductor")])
+def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quantized, backend):
+    model = _varied(tiny_llama)
+    if quantized:  # the int4 kernel inside the compiled graph
+        get_method("rtn").quantize(model, QuantConfig(method="rtn", bits=4, group_size=32))
+        use_fast_kernels(model)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    expected = _eager_tokens(model, ids, 10)
+    assert len(set(expected[0].tolist())) > 3
+    decoder = CompiledDecoder(model, "cpu", backend)
+    for _ in range(2):  # a second prefill starts a fresh cache: the same tokens again
+        assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), expected)
+
+
+def test_static_cache_decode_keeps_every_tensor_on_the_models_device(tiny_llama):
+    model = tiny_llama.to("meta")  # a tensor created without device= would land on the CPU and fail the forward
+    decoder = CompiledDecoder(model, "meta", backend="eager")
+    cache, token = decoder.prefill(torch.zeros(1, 6, dtype=torch.long, device="meta"), 3)
+    assert token.device.type == "meta"
+    assert decoder.decode(cache, token, 3).device.type == "meta"
+    assert {layer.keys.device.type for layer in cache.layers} == {"meta"}
+
+
+def test_measure_times_the_compiled_decode_when_asked(tiny_llama, calibration_ids):
+    result = measure(tiny_llama, calibration_ids[:1], "cpu", dataclasses.replace(SHORT, compiled="eager"))
+    assert result["compiled_decode_tokens_per_s"] == pytest.approx(1000 / result["compiled_decode_ms_per_token"])
+    assert "compiled_decode_ms_per_token" not in measure(tiny_llama, calibration_ids[:1], "cpu", SHORT)
 
 
 PEAK_PROBE = """

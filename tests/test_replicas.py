@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_model
 
 from quant.cli import main
-from quant.config import QuantConfig
+from quant.config import REPO_ROOT, QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.matrix import load_matrix
 from quant.methods import get_method
@@ -182,3 +184,31 @@ def test_the_replica_command_saves_a_folder_the_matrix_model_loads(small_tokeniz
     monkeypatch.setenv(spec.override_env, str(tmp_path / "qwen"))
     model, tokenizer = load_model(spec)
     assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tokenizer) == 512
+
+
+def test_the_perf_command_times_each_variant_eager_and_compiled(small_tokenizer, shared_data, tmp_path, monkeypatch,
+                                                                capsys):
+    """``quant perf`` on a small replica: the baseline and an int4 config side by side, eager and on the static-cache
+    path (the eager backend: the same path without compiling), each against the measured bandwidth."""
+    small_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert main(["replica", "llama-3.2-1b", "--small", "--tokenizer", str(tmp_path / "tokenizer"),
+                 "--out", str(tmp_path / "llama")]) == 0
+    monkeypatch.setenv("QUANT_MODEL_LLAMA_3_2_1B", str(tmp_path / "llama"))
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path / "cache"))
+    raw = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
+    raw["profiles"]["replica"] = {"gpu": {"wikitext": 2, "perf": {
+        "prompt_tokens": 16, "new_tokens": 4, "batch": 2, "batch_prompt_tokens": 8, "batch_new_tokens": 2,
+        "warmup": 1, "repeats": 1}}}
+    (tmp_path / "matrix.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["perf", "llama-3.2-1b", "--quant", "rtn-w4g128", "--compiled", "eager", "--profile", "replica",
+                 "--matrix", str(tmp_path / "matrix.yaml"), "--data-dir", str(shared_data),
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "compiled decode ms/token" in out and "aten._weight_int4pack_mm_for_cpu" in out
+    written = json.loads((tmp_path / "perf-llama-3.2-1b.json").read_text())
+    rows = {row["quant"]: row for row in written["performance"]}
+    assert list(rows) == ["baseline", "rtn-w4g128"]  # a bf16 replica has no recast baseline row
+    for row in rows.values():
+        assert row["compiled_decode_ms_per_token"] > 0 and 0 < row["compiled_bandwidth_share"]
+        assert row["settings"]["compiled"] == "eager"
+    assert rows["rtn-w4g128"]["memory_reduction"] > 2 and written["machine"]["memory_bandwidth_gb_per_s"] > 0
