@@ -226,6 +226,8 @@ def perf_command(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(workbench.perf_settings(spec),
                                        compiled=None if args.compiled == "none" else args.compiled)
         bandwidth = memory_bandwidth(device)
+        print(f"memory bandwidth of {device}: {bandwidth / 1e9:.1f} GB/s (copy of a 256 MiB buffer, best of 5)",
+              flush=True)
         rows = report.performance_rows(workbench, variants, bandwidth, settings)
     except ConfigError as error:
         print(f"quant: {error}", file=sys.stderr)

@@ -40,13 +40,17 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "damp_percent": ((int, float), "a number"),
     "calib_chunk": ((int,), "an integer"), "calib_samples": ((int,), "an integer"),
     "calib_tokens": ((int,), "an integer"),
+    "lm_head_bits": ((int,), "an integer"), "lm_head_group_size": ((int,), "an integer"),
 }
-NULLABLE_FIELDS = ("group_size", "calib_chunk")
+NULLABLE_FIELDS = ("group_size", "calib_chunk", "lm_head_bits", "lm_head_group_size")
+# Fields added after configs were cached and snapshotted: left out of to_dict() at their default (None), so an
+# existing config keeps its identity (cache keys, snapshot fingerprints).
+LATER_FIELDS = ("lm_head_bits", "lm_head_group_size")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize the linears of a model's decoder blocks.
+    """How to quantize the linears of a model's decoder blocks (and, when asked, its output projection).
 
     ``group_size`` None means one group per output channel (per-channel). ``layer_overrides`` maps a
     substring of a layer name (e.g. ``down_proj``) to field overrides, or to ``"skip"`` to keep that
@@ -80,6 +84,10 @@ class QuantConfig:
     # activations; the codes are the same bits for every chunk on the CPU (tests/test_methods.py).
     calib_chunk: int | None = None
     layer_overrides: tuple[tuple[str, Any], ...] = ()
+    # The output projection stays in full precision unless lm_head_bits is set: then RTN puts it on its own grid
+    # (llama.cpp keeps the output matrix at 6-8 bits), untied from the input embeddings, which stay as they are.
+    lm_head_bits: int | None = None
+    lm_head_group_size: int | None = None  # None: per-channel
 
     def __post_init__(self) -> None:
         for name, (kinds, what) in FIELD_TYPES.items():
@@ -88,11 +96,16 @@ class QuantConfig:
                 continue
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ConfigError(f"{name}={value!r}: must be {what}")
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits={self.bits}: supported bit widths are 2..8")
+        for name in ("bits", "lm_head_bits"):
+            if getattr(self, name) is not None and not 2 <= getattr(self, name) <= 8:
+                raise ConfigError(f"{name}={getattr(self, name)}: supported bit widths are 2..8")
         # smaller groups are not a layout any kernel or the fallback (which stops at 16) produces
-        if self.group_size is not None and (self.group_size < 16 or self.group_size % 2):
-            raise ConfigError(f"group_size={self.group_size}: use an even group size >= 16, or null for per-channel")
+        for name in ("group_size", "lm_head_group_size"):
+            size = getattr(self, name)
+            if size is not None and (size < 16 or size % 2):
+                raise ConfigError(f"{name}={size}: use an even group size >= 16, or null for per-channel")
+        if self.lm_head_group_size is not None and self.lm_head_bits is None:
+            raise ConfigError(f"lm_head_group_size={self.lm_head_group_size} needs lm_head_bits")
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent={self.damp_percent}: must lie in (0, 1)")
         if self.calib_chunk is not None and self.calib_chunk < 1:
@@ -107,7 +120,9 @@ class QuantConfig:
     def label(self) -> str:
         """Short name such as ``w4g128-sym``, ``w8-asym`` (per-channel) or ``w4g128-sym-xs`` (explicit scales)."""
         group = f"g{self.group_size}" if self.group_size else ""
-        return f"w{self.bits}{group}-{'sym' if self.sym else 'asym'}{'-xs' if self.explicit_scales else ''}"
+        head = (f"-head{self.lm_head_bits}" + (f"g{self.lm_head_group_size}" if self.lm_head_group_size else "")
+                if self.lm_head_bits else "")
+        return f"w{self.bits}{group}-{'sym' if self.sym else 'asym'}{'-xs' if self.explicit_scales else ''}{head}"
 
     def for_layer(self, layer_name: str) -> QuantConfig | None:
         """The config that applies to one layer, or None when that layer stays in full precision."""
@@ -120,7 +135,8 @@ class QuantConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        return {key: value for key, value in data.items() if not (key in LATER_FIELDS and value is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "quant config") -> QuantConfig:

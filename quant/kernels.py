@@ -1,4 +1,4 @@
-"""Fast paths for packed 4-bit layers: torch's own weight-only int4 matmuls, behind the QuantLinear interface.
+"""Fast paths for packed 4- and 8-bit layers: torch's own weight-only matmuls, behind the QuantLinear interface.
 
 QuantLinear (dequantize in forward) is the correctness reference and the storage format; ``use_fast_kernels``
 swaps each layer that a kernel supports for an ``Int4Linear`` holding the same codes in the kernel's tiled
@@ -9,6 +9,9 @@ per group, so a zero-point ``z`` becomes the float offset ``(8 - z) * scale`` (0
   1536x576, group 64) 0.075 ms at one token against 0.154 ms for the fp32 dense matmul; its fp32-activation
   variant is a slow fallback (1.05 ms), so activations are cast to bf16 around it and back.
 - CUDA: ``aten._weight_int4pack_mm`` (tinygemm, the kernel behind torchao's int4 weight-only layout; bf16).
+- 8-bit per-channel symmetric layers (``rtn-w8``, an 8-bit ``lm_head``): ``Int8Linear``, an int8 weight and one
+  scale per channel; ``aten._weight_int8pack_mm`` on the CPU, a matmul that torch.compile fuses with the
+  dequantization on CUDA.
 """
 from __future__ import annotations
 
@@ -54,9 +57,13 @@ KERNELS = {
 
 
 def unsupported_reason(layer: QuantLinear) -> str | None:
-    """Why a layer must stay on the reference path, or None when the int4 kernels take it."""
+    """Why a layer must stay on the reference path, or None when the int4 or int8 kernels take it."""
+    if layer.bits == 8:
+        if layer.group_size != layer.in_features or not layer.sym:
+            return "8-bit codes in groups or asymmetric (the int8 kernel is per-channel symmetric)"
+        return None
     if layer.bits != 4:
-        return f"{layer.bits}-bit codes (the kernels are 4-bit)"
+        return f"{layer.bits}-bit codes (the kernels are 4- and 8-bit)"
     if layer.group_size not in KERNEL_GROUP_SIZES:
         return f"group size {layer.group_size} (the kernels take {'/'.join(map(str, KERNEL_GROUP_SIZES))})"
     if inner_k_tiles(layer.in_features) is None or layer.out_features % 16:
@@ -131,6 +138,50 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
+def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
+    # no int8 weight-only matmul in torch for CUDA: eager this dequantizes the weight first; torch.compile fuses
+    # the cast and the scale into the matmul, which then reads the int8 weight once
+    return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales
+
+
+INT8_KERNELS = {"cpu": "aten._weight_int8pack_mm (bf16 activations)",
+                "cuda": "int8 weight x bf16 (dequantized in the matmul; fused under torch.compile)"}
+
+
+class Int8Linear(nn.Module):
+    """A per-channel symmetric 8-bit QuantLinear as an int8 weight (the codes minus the grid's zero, 128) and one
+    scale per output channel, for torch's int8 weight-only matmul."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        reason = unsupported_reason(layer)
+        if reason or layer.bits != 8:
+            raise ValueError(f"Int8Linear cannot take this layer: {reason or f'{layer.bits}-bit codes'}")
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("weight", (layer.codes().to(torch.int16) - 128).to(torch.int8))
+        self.register_buffer("scales", layer.scales.reshape(-1).to(ACTIVATION_DTYPE))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
+        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.clone())
+
+    @property
+    def kernel(self) -> str:
+        return INT8_KERNELS.get(self.weight.device.type, f"int8 weight x bf16 on {self.weight.device.type}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        out = _int8_matmul(x.to(ACTIVATION_DTYPE), self.weight, self.scales).to(dtype)
+        out = out.reshape(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 @dataclasses.dataclass
 class KernelPlan:
     """Which kernel runs the model's quantized layers, for the report beside every timing."""
@@ -148,7 +199,8 @@ class KernelPlan:
 
 
 def use_fast_kernels(model: nn.Module) -> KernelPlan:
-    """Replace, in place, every QuantLinear a fast kernel supports; the others stay on the reference.
+    """Replace, in place, every QuantLinear a fast kernel supports (4-bit: Int4Linear; 8-bit per-channel
+    symmetric: Int8Linear); the others stay on the reference.
 
     The kernels take bf16 activations, so the rest of the model (embeddings, norms, a tied lm_head) is cast to
     bf16 as well: otherwise the fp32 lm_head alone reads more bytes per token than all the int4 layers. Layers
@@ -161,10 +213,11 @@ def use_fast_kernels(model: nn.Module) -> KernelPlan:
         reason = unsupported_reason(module)
         if reason:
             reference[reason] += 1
-        else:
-            replace_module(model, name, Int4Linear(module))
-            kernels.add(kernel_for(module.qweight.device).name)
-            fast += 1
+            continue
+        fast_layer = Int8Linear(module) if module.bits == 8 else Int4Linear(module)
+        replace_module(model, name, fast_layer)
+        kernels.add(fast_layer.kernel if module.bits == 8 else kernel_for(module.qweight.device).name)
+        fast += 1
     if fast:
         cast_parameters(model, ACTIVATION_DTYPE)
     return KernelPlan(" + ".join(sorted(kernels)), fast, reference)

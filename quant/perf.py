@@ -24,7 +24,7 @@ from quant.qlinear import model_bytes
 
 __all__ = ["CompiledDecoder", "PerfSettings", "Timer", "decode", "dtype_name", "kv_cache_bytes", "machine_facts", "measure",
            "memory_bandwidth", "memory_in_use", "model_bytes", "peak_memory", "roofline",
-           "prefill", "variant_label"]
+           "prefill", "variant_label", "weight_bytes_per_token"]
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -209,6 +209,16 @@ def kv_cache_bytes(model: torch.nn.Module, tokens: int) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * tokens * element
 
 
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes a batch-1 decode step reads: all of them, except an input embedding matrix that the output
+    projection does not share, of which a step reads one row (an untied model, or an lm_head quantized apart)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    total = model_bytes(model)
+    if getattr(head, "weight", None) is not embed.weight:
+        total -= (embed.weight.shape[0] - 1) * embed.weight[0].numel() * embed.weight.element_size()
+    return total
+
+
 def roofline(row: dict[str, Any], bandwidth: float) -> dict[str, float]:
     """Decode at batch 1 against the memory roofline: every weight and the KV cache are read once per token, so
     ``bytes_per_token`` / bandwidth is the fastest a token can be; the achieved GB/s and its share of the measured
@@ -258,7 +268,7 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
         "peak_memory_bytes": None if working is None else weights + working,
         "model_bytes": weights,
         # read per decode step at batch 1: the weights, and the KV cache halfway through the generated tokens
-        "bytes_per_token": weights + kv_cache_bytes(model, ids.shape[1] + settings.new_tokens // 2),
+        "bytes_per_token": weight_bytes_per_token(model) + kv_cache_bytes(model, ids.shape[1] + settings.new_tokens // 2),
         "threads": torch.get_num_threads(),
         "settings": dataclasses.asdict(settings),
         **compiled,

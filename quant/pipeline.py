@@ -22,7 +22,7 @@ from quant.config import ConfigError, QuantConfig, file_sha256
 from quant.data import calibration_windows
 from quant.matrix import Case, Matrix
 from quant.methods import LayerRecord, get_method
-from quant.methods.base import replace_module
+from quant.methods.base import quantize_lm_head, replace_module, untie_output
 from quant.kernels import cast_parameters, use_fast_kernels
 from quant.models import ModelSpec, load_model
 from quant.perf import PerfSettings, dtype_name, measure, variant_label
@@ -173,6 +173,7 @@ class Workbench:
             started = time.perf_counter()
             log.info("quantizing %s with %s (%s)", spec.name, config.method, config.label)
             records = method.quantize(model, config, self.calibration(spec, config) if method.needs_calibration else None)
+            records += [record for record in [quantize_lm_head(model, config)] if record]
             seconds = time.perf_counter() - started
             save_safetensors(model, str(folder / "model.safetensors"))
             meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds}
@@ -341,6 +342,8 @@ def restore_quantized(baseline: torch.nn.Module, records: list[LayerRecord], pat
         if record.bits is None:
             continue
         linear = model.get_submodule(record.name)
+        if linear is model.get_output_embeddings():
+            untie_output(model)
         out_features, in_features = record.shape
         qlayer = QuantLinear(
             in_features, out_features, record.bits, record.group_size, sym=f"{record.name}.qzeros" not in keys,

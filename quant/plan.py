@@ -10,7 +10,7 @@ import math
 import torch
 
 from quant.config import QuantConfig
-from quant.kernels import KERNEL_GROUP_SIZES, KERNELS
+from quant.kernels import INT8_KERNELS, KERNEL_GROUP_SIZES, KERNELS
 from quant.matrix import Case, Matrix
 from quant.methods import get_method
 from quant.replicas import REPLICAS
@@ -28,7 +28,9 @@ def kernel_label(config: QuantConfig, device: str) -> str:
     """The kernel a config's layers are served on (layers whose width does not tile stay on the reference)."""
     if config.bits == 4 and (config.group_size or 0) in KERNEL_GROUP_SIZES and device in KERNELS:
         return KERNELS[device].name
-    why = f"{config.bits}-bit" if config.bits != 4 else f"group size {config.group_size}"
+    if config.bits == 8 and config.group_size is None and config.sym and device in INT8_KERNELS:
+        return INT8_KERNELS[device]
+    why = {4: f"group size {config.group_size}", 8: "8-bit in groups or asymmetric"}.get(config.bits, f"{config.bits}-bit")
     return f"dequantizing reference ({why})"
 
 

@@ -296,8 +296,10 @@ def performance_rows(workbench: Workbench, variants: list[Variant], bandwidth: f
         try:
             timing = workbench.performance(spec, quant_name, dtype, settings)
             rows.append({**row, **timing, **roofline(timing, bandwidth)})
-            log.info("timed %s %s: decode %.2f ms/token eager%s", spec.name, label, timing["decode_ms_per_token"],
-                     f", {timing['compiled_decode_ms_per_token']:.2f} compiled" if settings and settings.compiled else "")
+            compiled = timing.get("compiled_decode_ms_per_token")
+            log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
+                     label, timing["decode_ms_per_token"], f", {compiled:.2f} compiled" if compiled else "",
+                     timing["bytes_per_token"] / 1e6, rows[-1]["roofline_ms_per_token"])
         except Exception as error:  # a variant that cannot be timed is a row that says why, not a hole
             log.error("timing %s %s: %s", spec.name, label, error)
             rows.append({**row, "skipped_reason": f"{type(error).__name__}: {error}"})

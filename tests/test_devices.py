@@ -17,6 +17,7 @@ from safetensors.torch import save_model
 from quant.config import QuantConfig
 from quant.kernels import Int4Linear, use_fast_kernels
 from quant.methods import get_method
+from quant.methods.base import quantize_lm_head
 from quant.pipeline import restore_quantized
 from quant.qlinear import QuantLinear
 from tests.meta_device import META, KernelCalls, devices
@@ -50,6 +51,19 @@ def test_a_restored_model_lives_on_the_baselines_device(tiny_llama, calibration_
     restored = restore_quantized(baseline, records, tmp_path / "model.safetensors")
     assert any(isinstance(m, QuantLinear) for m in restored.modules())
     assert devices(restored) == {META}, "the cache restored layers off the baseline's device"
+
+
+@torch.no_grad()
+def test_a_quantized_lm_head_is_built_and_restored_on_the_models_device(tiny_llama, tmp_path):
+    model = copy.deepcopy(tiny_llama)
+    config = QuantConfig(method="rtn", bits=4, group_size=32, lm_head_bits=8)
+    with META:
+        records = get_method("rtn").quantize(model, config) + [quantize_lm_head(model, config)]
+    assert devices(model) == {torch.device("cpu")}
+    save_model(model, str(tmp_path / "model.safetensors"))
+    baseline = copy.deepcopy(tiny_llama).to(META)
+    baseline.tie_weights()
+    assert devices(restore_quantized(baseline, records, tmp_path / "model.safetensors")) == {META}
 
 
 def _int4_layer() -> QuantLinear:

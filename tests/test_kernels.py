@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quant.config import QuantConfig
-from quant.kernels import Int4Linear, unsupported_reason, use_fast_kernels
+from quant.kernels import Int4Linear, Int8Linear, unsupported_reason, use_fast_kernels
 from quant.methods import get_method
 from quant.qlinear import QuantLinear
 
@@ -43,14 +43,40 @@ def test_int4_kernel_matches_the_reference(device, shape, group_size, sym):
         _assert_agrees(fast(x).float(), layer(x).float())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_int8_kernel_matches_the_reference(device):
+    """Per-channel symmetric 8-bit codes (rtn-w8, an 8-bit lm_head): the int8 weight is the codes minus 128."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 256, (96, 160), generator=generator)
+    scales = torch.rand(96, 1, generator=generator) * 0.01 + 1e-3
+    layer = QuantLinear.from_quantized(q, scales, torch.full_like(scales, 128), 8, 160, True,
+                                       bias=torch.randn(96, generator=generator)).to(device)
+    fast = Int8Linear(layer)
+    assert torch.equal(fast.weight.cpu().to(torch.int16) + 128, q.to(torch.int16))
+    for tokens in (1, 7):
+        x = torch.randn(2, tokens, 160, generator=torch.Generator().manual_seed(tokens)).to(device)
+        _assert_agrees(fast(x).float(), layer(x).float())
+
+
 @pytest.mark.parametrize("bits,group_size,shape,reason", [
     (3, 64, (64, 128), "3-bit codes"), (4, 16, (64, 128), "group size 16"), (4, 32, (24, 96), "does not tile"),
+    (8, 64, (64, 128), "8-bit codes in groups"),
 ])
 def test_layers_the_kernel_cannot_take_say_why(bits, group_size, shape, reason):
     layer = _layer(*shape, group_size, sym=True, bits=bits)
     assert reason in unsupported_reason(layer)
     with pytest.raises(ValueError, match=reason):
-        Int4Linear(layer)
+        (Int8Linear if bits == 8 else Int4Linear)(layer)
+
+
+@torch.no_grad()
+def test_an_8_bit_model_runs_on_the_int8_kernel(tiny_llama, calibration_ids):
+    get_method("rtn").quantize(tiny_llama, QuantConfig(method="rtn", bits=8, group_size=None))
+    fast = copy.deepcopy(tiny_llama)
+    plan = use_fast_kernels(fast)
+    assert plan.fast_layers == 14 and not plan.reference_layers and "_weight_int8pack_mm" in plan.describe()
+    _assert_agrees(fast(calibration_ids).logits, tiny_llama(calibration_ids).logits)
 
 
 @torch.no_grad()
@@ -71,6 +97,6 @@ def test_mixed_models_keep_unsupported_layers_on_the_reference(tiny_llama, calib
     get_method("rtn").quantize(tiny_llama, config)
     fast = copy.deepcopy(tiny_llama)
     plan = use_fast_kernels(fast)
-    assert plan.reference_layers == {"3-bit codes (the kernels are 4-bit)": 2}  # one down_proj per block
+    assert plan.reference_layers == {"3-bit codes (the kernels are 4- and 8-bit)": 2}  # one down_proj per block
     assert "2 on the dequantizing reference: 3-bit codes" in plan.describe()
     _assert_agrees(fast(calibration_ids).logits, tiny_llama(calibration_ids).logits)

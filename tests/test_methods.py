@@ -11,7 +11,7 @@ from torch import nn
 from quant.config import REPO_ROOT, ConfigError, QuantConfig
 from quant.methods import get_method
 from quant.methods import gsq
-from quant.methods.base import block_linears, dequantize, rtn_codes
+from quant.methods.base import block_linears, dequantize, quantize_lm_head, rtn_codes
 from tests.glibc import glibc_mallinfo
 from quant.methods.gptq import GPTQ
 from quant.methods.gsq import _search_scale
@@ -176,6 +176,37 @@ def test_quantized_model_reloads_bit_identically(tiny_llama, calibration_ids, tm
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
     ids = calibration_ids[:2]
     assert torch.equal(model(ids).logits, restored(ids).logits)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+@torch.no_grad()
+def test_a_quantized_lm_head_is_untied_from_the_embeddings_and_reloads(tiny_llama, calibration_ids, tmp_path, bits,
+                                                                       group_size):
+    baseline = tiny_llama
+    model = copy.deepcopy(baseline)
+    config = QuantConfig(method="rtn", bits=4, group_size=32, lm_head_bits=bits, lm_head_group_size=group_size)
+    records = get_method("rtn").quantize(model, config) + [quantize_lm_head(model, config)]
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == bits
+    assert records[-1].name == "lm_head" and records[-1].group_size == (group_size or 96)
+    assert torch.equal(model.model.embed_tokens.weight, baseline.model.embed_tokens.weight)  # the input side as it was
+    model.tie_weights()  # what loading or resizing calls: the quantized head must stay as it is
+    assert not hasattr(model.lm_head, "weight") or not isinstance(model.lm_head.weight, torch.nn.Parameter)
+    save_model(model, str(tmp_path / "model.safetensors"))
+    restored = restore_quantized(baseline, records, tmp_path / "model.safetensors")
+    assert isinstance(restored.lm_head, QuantLinear) and not restored.config.tie_word_embeddings
+    ids = calibration_ids[:2]
+    assert torch.equal(model(ids).logits, restored(ids).logits)
+    assert config.label == f"w4g32-sym-head{bits}" + (f"g{group_size}" if group_size else "")
+
+
+def test_a_config_without_an_lm_head_setting_keeps_its_identity():
+    """Cache keys and snapshot fingerprints hash to_dict(): the lm_head fields appear only when set."""
+    assert "lm_head_bits" not in QuantConfig().to_dict()
+    assert QuantConfig(lm_head_bits=8).to_dict()["lm_head_bits"] == 8
+    with pytest.raises(ConfigError, match="lm_head_group_size=64 needs lm_head_bits"):
+        QuantConfig(lm_head_group_size=64)
+    with pytest.raises(ConfigError, match="lm_head_bits=9"):
+        QuantConfig(lm_head_bits=9)
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ import torch
 from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.methods import get_method
+from quant.methods.base import quantize_lm_head
 from quant.perf import (CompiledDecoder, PerfSettings, kv_cache_bytes, machine_facts, measure, memory_bandwidth,
-                        memory_in_use, peak_memory, roofline)
+                        memory_in_use, model_bytes, peak_memory, roofline, weight_bytes_per_token)
 
 SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
                      warmup=0, repeats=1)
@@ -87,6 +88,16 @@ def test_measure_times_the_compiled_decode_when_asked(tiny_llama, calibration_id
     result = measure(tiny_llama, calibration_ids[:1], "cpu", dataclasses.replace(SHORT, compiled="eager"))
     assert result["compiled_decode_tokens_per_s"] == pytest.approx(1000 / result["compiled_decode_ms_per_token"])
     assert "compiled_decode_ms_per_token" not in measure(tiny_llama, calibration_ids[:1], "cpu", SHORT)
+
+
+def test_a_decode_step_reads_one_row_of_an_embedding_matrix_the_output_does_not_share(tiny_llama):
+    tied = weight_bytes_per_token(tiny_llama)
+    assert tied == model_bytes(tiny_llama)  # the tied matrix is read whole, by the output projection
+    config = QuantConfig(method="rtn", bits=4, group_size=32, lm_head_bits=8)
+    quantize_lm_head(tiny_llama, config)
+    embedding = tiny_llama.model.embed_tokens.weight
+    row = embedding[0].numel() * embedding.element_size()
+    assert weight_bytes_per_token(tiny_llama) == model_bytes(tiny_llama) - embedding.numel() * embedding.element_size() + row
 
 
 PEAK_PROBE = """

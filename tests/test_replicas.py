@@ -200,14 +200,18 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_tokenizer,
         "prompt_tokens": 16, "new_tokens": 4, "batch": 2, "batch_prompt_tokens": 8, "batch_new_tokens": 2,
         "warmup": 1, "repeats": 1}}}
     (tmp_path / "matrix.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["perf", "llama-3.2-1b", "--quant", "rtn-w4g128", "--compiled", "eager", "--profile", "replica",
+    assert main(["perf", "llama-3.2-1b", "--quant", "rtn-w4g128", "--quant", "rtn-w4g128-head8", "--compiled", "eager",
+                 "--profile", "replica",
                  "--matrix", str(tmp_path / "matrix.yaml"), "--data-dir", str(shared_data),
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "compiled decode ms/token" in out and "aten._weight_int4pack_mm_for_cpu" in out
+    assert "aten._weight_int8pack_mm" in out  # the 8-bit output projection
     written = json.loads((tmp_path / "perf-llama-3.2-1b.json").read_text())
     rows = {row["quant"]: row for row in written["performance"]}
-    assert list(rows) == ["baseline", "rtn-w4g128"]  # a bf16 replica has no recast baseline row
+    assert list(rows) == ["baseline", "rtn-w4g128", "rtn-w4g128-head8"]  # a bf16 replica has no recast baseline
+    # the tied bf16 matrix is read whole by the int4 model's lm_head; with an int8 head, one row of it per token
+    assert rows["rtn-w4g128-head8"]["bytes_per_token"] < rows["rtn-w4g128"]["bytes_per_token"]
     for row in rows.values():
         assert row["compiled_decode_ms_per_token"] > 0 and 0 < row["compiled_bandwidth_share"]
         assert row["settings"]["compiled"] == "eager"

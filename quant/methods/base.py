@@ -138,6 +138,37 @@ def pack_layer(
     return qlayer, entry
 
 
+def output_projection(model: nn.Module) -> tuple[str, nn.Module]:
+    """The name and module of the model's output projection (lm_head)."""
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head), head
+
+
+def untie_output(model: nn.Module) -> None:
+    """The output projection no longer shares the input embeddings' weight: keep transformers from tying them
+    again (``tie_weights`` would set a ``weight`` on the quantized layer)."""
+    model.config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False
+
+
+@torch.no_grad()
+def quantize_lm_head(model: nn.Module, config: QuantConfig) -> LayerRecord | None:
+    """RTN of the output projection onto its own grid when ``config.lm_head_bits`` is set (whatever the blocks'
+    method: llama.cpp rounds its output matrix the same way); the input embeddings stay as they are."""
+    if config.lm_head_bits is None:
+        return None
+    name, head = output_projection(model)
+    head_config = dataclasses.replace(config, bits=config.lm_head_bits, group_size=config.lm_head_group_size)
+    started = time.perf_counter()
+    group_size, _ = effective_group_size(head.in_features, head_config.group_size)
+    q, scales, zeros = rtn_codes(head.weight, head_config.bits, group_size, head_config.sym)
+    qlayer, record = pack_layer(name, head, head_config, q, scales, zeros, group_size, started,
+                                note="output projection (RTN)")
+    replace_module(model, name, qlayer)
+    untie_output(model)
+    return record
+
+
 # ---- the interface ---------------------------------------------------------------------------------------
 
 class Quantizer(abc.ABC):
