@@ -3,7 +3,8 @@
 ``python -m quant replica`` saves a random-weight replica of a study model;
 ``python -m quant history`` plots the saved benchmark runs;
 ``python -m quant crosscheck lm-eval --task boolq`` scores the same items with lm-evaluation-harness and compares;
-``python -m quant perf MODEL`` times its variants' decode, eager and compiled, against the memory roofline."""
+``python -m quant perf MODEL`` times its variants' decode, eager and compiled, against the memory roofline;
+``python -m quant sensitivity MODEL`` ranks its linears by the divergence each causes quantized alone."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from quant.perf import machine_facts, memory_bandwidth
 from quant.pipeline import Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
+from quant.sensitivity import heatmap, layer_sensitivity, mixed_precision_overrides
 from quant.tasks import fewshot_exemplars, select_items
 
 MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else matrix.yaml)"
@@ -96,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
     speed.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     speed.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    sensitive = commands.add_parser("sensitivity", help="quantize one linear at a time (RTN) and rank them by the "
+                                                        "KL divergence each causes; a heatmap and a mixed-precision config")
+    sensitive.add_argument("model", help="a model name from matrix.yaml")
+    sensitive.add_argument("--quant", default="rtn-w4g128", help="an rtn config from matrix.yaml (default: %(default)s)")
+    sensitive.add_argument("--windows", type=int, default=None,
+                           help="WikiText windows to measure on (default: the profile's wikitext count)")
+    sensitive.add_argument("--budget", type=float, default=0.10,
+                           help="mixed precision: the most sensitive linears go to 8 bits while the quantized "
+                                "linears' bytes grow by at most this share (default: %(default)s)")
+    sensitive.add_argument("--profile", default="test", help="profile whose wikitext window count applies")
+    sensitive.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+    sensitive.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
+    sensitive.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     report_path = REPO_ROOT / "reports" / "latest.json"
     pareto = commands.add_parser("pareto",
                                  help="the Pareto frontier of a written report: quality against size and speed")
@@ -131,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return crosscheck_command(args)
     if args.command == "perf":
         return perf_command(args)
+    if args.command == "sensitivity":
+        return sensitivity_command(args)
     if args.command == "correlate":
         return correlate_command(args)
     if args.command in ("pareto", "recommend"):
@@ -240,6 +257,42 @@ def perf_command(args: argparse.Namespace) -> int:
     path = args.out / f"perf-{args.model}.json"
     path.write_text(json.dumps({"command": "quant " + shlex.join(sys.argv[1:]), **timed}, indent=1, default=str) + "\n")
     print(f"wrote {path}")
+    return 0
+
+
+def sensitivity_command(args: argparse.Namespace) -> int:
+    try:
+        matrix = load_matrix(args.matrix)
+        if args.model not in matrix.models or args.quant not in matrix.quant:
+            raise ConfigError(f"unknown model {args.model!r} or quant config {args.quant!r}; known: "
+                              f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
+        spec = matrix.models[args.model]
+        windows = args.windows or workbench.limits(spec)["wikitext"]
+        ranking = layer_sensitivity(workbench, spec, args.quant, windows)
+    except ConfigError as error:
+        print(f"quant: {error}", file=sys.stderr)
+        return 2
+    config = matrix.quant[args.quant]
+    overrides = mixed_precision_overrides(ranking, config, args.budget)
+    ranked = sorted(ranking, key=lambda row: row.mean_kld, reverse=True)
+    stem = f"sensitivity-{args.model}-{args.quant}"  # (not Path.with_suffix: model names hold dots)
+    json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
+    title = (f"{args.model}: mean KLD with one linear quantized alone ({config.label}, RTN), "
+             f"{windows} WikiText windows")
+    picture = heatmap(ranking, title, png_path)
+    json_path.write_text(json.dumps({
+        "command": "quant " + shlex.join(sys.argv[1:]), "windows": windows, "quant": config.to_dict(),
+        "ranking": [dataclasses.asdict(row) for row in ranked], "mixed_precision_overrides": overrides}, indent=1) + "\n")
+    print(f"{title}; most sensitive first:")
+    print("\n".join(f"  {row.mean_kld:.5f}  same top {row.same_top_p:.3f}  {row.name}" for row in ranked[:10]))
+    print(f"  ... {len(ranked) - 10} more in {json_path}" if len(ranked) > 10 else "")
+    print(f"mixed precision within +{args.budget:.0%} of the quantized linears' bytes: {len(overrides)} linears at "
+          f"8 bits per channel; as a matrix.yaml quant entry:")
+    print(f"  {args.quant}-mixed: " + json.dumps({**{k: v for k, v in config.to_dict().items()
+                                                     if k in ("method", "bits", "group_size", "sym")},
+                                                  "layer_overrides": overrides}))
+    print(f"wrote {picture} and {json_path}")
     return 0
 
 

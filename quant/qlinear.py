@@ -48,6 +48,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream * weights).sum(-1).to(torch.uint8)
 
 
+def packed_bytes(out_features: int, in_features: int, bits: int, group_size: int, sym: bool) -> int:
+    """Bytes of a QuantLinear's codes, fp16 scales and (asymmetric) packed zero-points; its bias aside."""
+    groups = in_features // group_size
+    zeros = 0 if sym else out_features * ((groups * bits + 7) // 8)
+    return out_features * ((in_features * bits + 7) // 8) + out_features * groups * 2 + zeros
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight lives packed; ``forward`` dequantizes (the correctness reference)."""
 

@@ -186,10 +186,10 @@ def test_the_replica_command_saves_a_folder_the_matrix_model_loads(small_tokeniz
     assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tokenizer) == 512
 
 
-def test_the_perf_command_times_each_variant_eager_and_compiled(small_tokenizer, shared_data, tmp_path, monkeypatch,
-                                                                capsys):
-    """``quant perf`` on a small replica: the baseline and an int4 config side by side, eager and on the static-cache
-    path (the eager backend: the same path without compiling), each against the measured bandwidth."""
+@pytest.fixture
+def small_llama(small_tokenizer, shared_data, tmp_path, monkeypatch) -> list[str]:
+    """A small llama replica as QUANT_MODEL_LLAMA_3_2_1B, and the CLI arguments of a matrix whose profile
+    ``replica`` times it and measures it briefly."""
     small_tokenizer.save_pretrained(tmp_path / "tokenizer")
     assert main(["replica", "llama-3.2-1b", "--small", "--tokenizer", str(tmp_path / "tokenizer"),
                  "--out", str(tmp_path / "llama")]) == 0
@@ -200,10 +200,15 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_tokenizer,
         "prompt_tokens": 16, "new_tokens": 4, "batch": 2, "batch_prompt_tokens": 8, "batch_new_tokens": 2,
         "warmup": 1, "repeats": 1}}}
     (tmp_path / "matrix.yaml").write_text(yaml.safe_dump(raw))
+    return ["--profile", "replica", "--matrix", str(tmp_path / "matrix.yaml"), "--data-dir", str(shared_data),
+            "--out", str(tmp_path)]
+
+
+def test_the_perf_command_times_each_variant_eager_and_compiled(small_llama, tmp_path, capsys):
+    """``quant perf`` on a small replica: the baseline and an int4 config side by side, eager and on the static-cache
+    path (the eager backend: the same path without compiling), each against the measured bandwidth."""
     assert main(["perf", "llama-3.2-1b", "--quant", "rtn-w4g128", "--quant", "rtn-w4g128-head8", "--compiled", "eager",
-                 "--profile", "replica",
-                 "--matrix", str(tmp_path / "matrix.yaml"), "--data-dir", str(shared_data),
-                 "--out", str(tmp_path)]) == 0
+                 *small_llama]) == 0
     out = capsys.readouterr().out
     assert "compiled decode ms/token" in out and "aten._weight_int4pack_mm_for_cpu" in out
     assert "aten._weight_int8pack_mm" in out  # the 8-bit output projection
@@ -216,3 +221,15 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_tokenizer,
         assert row["compiled_decode_ms_per_token"] > 0 and 0 < row["compiled_bandwidth_share"]
         assert row["settings"]["compiled"] == "eager"
     assert rows["rtn-w4g128"]["memory_reduction"] > 2 and written["machine"]["memory_bandwidth_gb_per_s"] > 0
+
+
+def test_the_sensitivity_command_ranks_every_linear_and_proposes_a_mixed_config(small_llama, tmp_path, capsys):
+    assert main(["sensitivity", "llama-3.2-1b", "--budget", "0.5", *small_llama]) == 0
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "sensitivity-llama-3.2-1b-rtn-w4g128.json").read_text())
+    klds = [row["mean_kld"] for row in written["ranking"]]
+    assert len(klds) == 14 and klds == sorted(klds, reverse=True) and written["windows"] == 2
+    assert (tmp_path / "sensitivity-llama-3.2-1b-rtn-w4g128.png").stat().st_size > 1000
+    overrides = written["mixed_precision_overrides"]
+    assert overrides and written["ranking"][0]["name"] in overrides
+    assert "rtn-w4g128-mixed: " in out and f"{len(overrides)} linears at 8 bits" in out
