@@ -23,7 +23,7 @@ from quant.crosscheck import LM_EVAL_TASKS, crosscheck
 from quant.data import load as load_data
 from quant.decide import AVERAGE, correlations, frontier, load_report, parse_size, plot_pareto, points, recommend
 from quant.history import plot as plot_history
-from quant.matrix import load_matrix
+from quant.matrix import Matrix, load_matrix
 from quant.models import DTYPES
 from quant.perf import machine_facts, memory_bandwidth
 from quant.pipeline import Workbench
@@ -200,9 +200,7 @@ def save_replica_command(args: argparse.Namespace) -> int:
 def crosscheck_command(args: argparse.Namespace) -> int:
     try:
         matrix = load_matrix(args.matrix)
-        if args.model not in matrix.models or (args.quant and args.quant not in matrix.quant):
-            raise ConfigError(f"unknown model {args.model!r} or quant config {args.quant!r}; known: "
-                              f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+        _check_names(matrix, args.model, [args.quant] if args.quant else [])
         folder = data_dir(args.data_dir)
         workbench = Workbench(matrix, args.profile, folder, _device())
         spec = matrix.models[args.model]
@@ -231,9 +229,7 @@ def crosscheck_command(args: argparse.Namespace) -> int:
 def perf_command(args: argparse.Namespace) -> int:
     try:
         matrix = load_matrix(args.matrix)
-        if args.model not in matrix.models or not set(args.quant or []) <= set(matrix.quant):
-            raise ConfigError(f"unknown model {args.model!r} or quant config in {args.quant}; known: "
-                              f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+        _check_names(matrix, args.model, args.quant or [])
         workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
         spec = matrix.models[args.model]
         variants = [v for v in report.timed_variants([c for c in matrix.cases if c.model is spec])
@@ -263,9 +259,7 @@ def perf_command(args: argparse.Namespace) -> int:
 def sensitivity_command(args: argparse.Namespace) -> int:
     try:
         matrix = load_matrix(args.matrix)
-        if args.model not in matrix.models or args.quant not in matrix.quant:
-            raise ConfigError(f"unknown model {args.model!r} or quant config {args.quant!r}; known: "
-                              f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+        _check_names(matrix, args.model, [args.quant])
         workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
         spec = matrix.models[args.model]
         windows = args.windows or workbench.limits(spec)["wikitext"]
@@ -333,6 +327,13 @@ def correlate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(matrix: Matrix, model: str, quants: list[str]) -> None:
+    """Refuse a model or quant config name that the matrix does not define, listing the ones it does."""
+    if model not in matrix.models or not set(quants) <= set(matrix.quant):
+        raise ConfigError(f"unknown model {model!r} or quant config {', '.join(map(repr, quants))}; known: "
+                          f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -340,9 +341,7 @@ def _device() -> str:
 def quantize(args: argparse.Namespace) -> int:
     try:
         matrix = load_matrix(args.matrix)
-        if args.model not in matrix.models or args.quant not in matrix.quant:
-            raise ConfigError(f"unknown model {args.model!r} or quant config {args.quant!r}; known: "
-                              f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+        _check_names(matrix, args.model, [args.quant])
         workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device(), args.calib_samples)
         spec = matrix.models[args.model]
         config = matrix.quant[args.quant]
