@@ -2,6 +2,7 @@
 score any task of their shape. Every evaluator returns per-item records, not only an aggregate."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -250,12 +251,25 @@ def evaluate_generate(model, tokenizer, task: TaskSpec, items, limit=None, label
     order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
     until = task.get("until", [])
+    # The few-shot exemplars open every prompt: their KV cache is computed once and copied into every batch
+    # (tokens common to all prompts, so no tokenizer boundary is assumed); each batch then prefills only its own
+    # questions, padded on the left of them, between the shared part and the generation.
+    shared = _common_prefix(encoded) if task.get("shared_prefix_cache", True) else []
+    shared_cache = _prefill(model, shared, device) if len(shared) >= SHARED_PREFIX_MIN else None
+    shared = shared if shared_cache is not None else []
     outputs = [""] * len(items)
     for chunk in _batches(order, task.get("batch_size", 8), label):
-        ids, mask = _pad([encoded[i] for i in chunk], tokenizer.pad_token_id, left=True)
+        own, own_mask = _pad([encoded[i][len(shared):] for i in chunk], tokenizer.pad_token_id, left=True)
+        ids = torch.cat([torch.tensor([shared] * len(chunk), dtype=torch.long).view(len(chunk), -1), own], 1)
+        mask = torch.cat([torch.ones(len(chunk), len(shared), dtype=torch.long), own_mask], 1)
+        cache = None
+        if shared_cache is not None:
+            cache = copy.deepcopy(shared_cache)
+            cache.batch_repeat_interleave(len(chunk))
         generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=task.get("max_new_tokens", 256),
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop_criteria(tokenizer, until),
+            input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+            max_new_tokens=task.get("max_new_tokens", 256), do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=stop_criteria(tokenizer, until),
         )
         for row, i in enumerate(chunk):
             text = tokenizer.decode(generated[row, ids.shape[1]:], skip_special_tokens=True)
@@ -263,6 +277,23 @@ def evaluate_generate(model, tokenizer, task: TaskSpec, items, limit=None, label
                 text = text.split(stop)[0]
             outputs[i] = text
     return score_generations(task, items, outputs)
+
+
+SHARED_PREFIX_MIN = 16  # tokens; a shorter common prefix is not worth a cache copy per batch
+
+
+def _common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The tokens every sequence starts with, less one: each sequence keeps at least one token of its own."""
+    shortest = min(sequences, key=len)
+    length = next((n for n, token in enumerate(shortest) if any(s[n] != token for s in sequences)), len(shortest))
+    return shortest[: min(length, len(shortest) - 1)]
+
+
+def _prefill(model, tokens: list[int], device) -> Any:
+    """The KV cache of ``tokens`` (batch 1), or None for no tokens."""
+    if not tokens:
+        return None
+    return model(torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1).past_key_values
 
 
 def score_generations(task: TaskSpec, items: list[dict], outputs: list[str]) -> TaskResult:

