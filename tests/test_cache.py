@@ -104,12 +104,14 @@ def _changed(value):
 
 
 # a valid other value where the generic change would not be one
-OTHER_VALUES = {"method": "gsq", "bits": 3, "damp_percent": 0.1, "calib_dtype": "bfloat16"}
+OTHER_VALUES = {"method": "gsq", "bits": 3, "damp_percent": 0.1, "calib_dtype": "bfloat16", "lm_head_bits": 8}
+# what a field needs set beside it to take another value
+REQUIRES = {"lm_head_group_size": {"lm_head_bits": 8}}
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(QuantConfig)])
 def test_every_quant_config_field_changes_the_key(field):
-    config = QuantConfig(method="gptq")
+    config = QuantConfig(method="gptq", **REQUIRES.get(field, {}))
     changed = dataclasses.replace(config, **{field: OTHER_VALUES.get(field, _changed(getattr(config, field)))})
     assert key_of({"quant": changed.to_dict()}) != key_of({"quant": config.to_dict()})
 
