@@ -79,26 +79,55 @@ def kernel_for(device: torch.device) -> Kernel:
         raise ValueError(f"no int4 kernel for device {device.type!r}; kernels exist for {sorted(KERNELS)}") from None
 
 
-class Int4Linear(nn.Module):
+class WeightOnlyLinear(nn.Module):
+    """What the fast layers share: the QuantLinear's bias and input scale kept as they are, and bf16 activations
+    into the kernel (``_matmul``, [tokens, in] -> [tokens, out]) and back to the caller's dtype."""
+
+    bits: int
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        reason = unsupported_reason(layer) or (None if layer.bits == self.bits else f"{layer.bits}-bit codes")
+        if reason:
+            raise ValueError(f"{type(self).__name__} cannot take this layer: {reason}")
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
+        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.clone())
+
+    @property
+    def kernel(self) -> str:
+        raise NotImplementedError
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        out = self._matmul(x.to(ACTIVATION_DTYPE).contiguous())
+        out = out.to(dtype).reshape(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(dtype)
+
+
+class Int4Linear(WeightOnlyLinear):
     """A 4-bit QuantLinear repacked for torch's int4 weight-only matmul. The kernel is chosen at every call from
     the device the packed codes are on; each device's kernel tiles the codes its own way, so moving the layer
     to another device type re-tiles them (``_apply``)."""
 
+    bits = 4
+
     def __init__(self, layer: QuantLinear) -> None:
-        super().__init__()
-        reason = unsupported_reason(layer)
-        if reason:
-            raise ValueError(f"Int4Linear cannot take this layer: {reason}")
+        super().__init__(layer)
         device = layer.qweight.device
-        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        self.group_size = layer.group_size
         scales = layer.scales.float()
         offsets = (8 - layer.zeros().to(device)) * scales
         # [n_groups, out, 2]: the kernels read a group's scale and offset as one word
         self.register_buffer("scales_and_zeros",
                              torch.stack([scales, offsets], -1).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE))
         self.register_buffer("packed", self._pack(layer.codes().to(torch.int32)))
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
-        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.clone())
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         return kernel_for(codes.device).pack(codes, inner_k_tiles(self.in_features))
@@ -124,15 +153,12 @@ class Int4Linear(nn.Module):
         self.packed = self._pack(codes.to(target))
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features)
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)
-        x = x.to(ACTIVATION_DTYPE).contiguous()
-        out = kernel_for(self.packed.device).matmul(x, self.packed, self.group_size, self.scales_and_zeros)
-        out = out.to(dtype).reshape(*shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias.to(dtype)
+    @property
+    def kernel(self) -> str:
+        return kernel_for(self.packed.device).name
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernel_for(self.packed.device).matmul(x, self.packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -150,33 +176,23 @@ INT8_KERNELS = {"cpu": "aten._weight_int8pack_mm (bf16 activations)",
                 "cuda": "int8 weight x bf16 (dequantized in the matmul; fused under torch.compile)"}
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(WeightOnlyLinear):
     """A per-channel symmetric 8-bit QuantLinear as an int8 weight (the codes minus the grid's zero, 128) and one
     scale per output channel, for torch's int8 weight-only matmul."""
 
+    bits = 8
+
     def __init__(self, layer: QuantLinear) -> None:
-        super().__init__()
-        reason = unsupported_reason(layer)
-        if reason or layer.bits != 8:
-            raise ValueError(f"Int8Linear cannot take this layer: {reason or f'{layer.bits}-bit codes'}")
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+        super().__init__(layer)
         self.register_buffer("weight", (layer.codes().to(torch.int16) - 128).to(torch.int8))
         self.register_buffer("scales", layer.scales.reshape(-1).to(ACTIVATION_DTYPE))
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
-        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.clone())
 
     @property
     def kernel(self) -> str:
         return INT8_KERNELS.get(self.weight.device.type, f"int8 weight x bf16 on {self.weight.device.type}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features)
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)
-        out = _int8_matmul(x.to(ACTIVATION_DTYPE), self.weight, self.scales).to(dtype)
-        out = out.reshape(*shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias.to(dtype)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _int8_matmul(x, self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -216,7 +232,7 @@ def use_fast_kernels(model: nn.Module) -> KernelPlan:
             continue
         fast_layer = Int8Linear(module) if module.bits == 8 else Int4Linear(module)
         replace_module(model, name, fast_layer)
-        kernels.add(fast_layer.kernel if module.bits == 8 else kernel_for(module.qweight.device).name)
+        kernels.add(fast_layer.kernel)
         fast += 1
     if fast:
         cast_parameters(model, ACTIVATION_DTYPE)
