@@ -138,6 +138,18 @@ def pack_layer(
     return qlayer, entry
 
 
+@torch.no_grad()
+def rtn_layer(model: nn.Module, name: str, linear: nn.Linear, config: QuantConfig, **record: Any) -> LayerRecord:
+    """Round-to-nearest of one linear at ``config``'s bits and group size (with the group-size fallback), packed
+    into a QuantLinear in its place; its log record."""
+    started = time.perf_counter()
+    group_size, _ = effective_group_size(linear.in_features, config.group_size)
+    q, scales, zeros = rtn_codes(linear.weight, config.bits, group_size, config.sym)
+    qlayer, entry = pack_layer(name, linear, config, q, scales, zeros, group_size, started, **record)
+    replace_module(model, name, qlayer)
+    return entry
+
+
 def output_projection(model: nn.Module) -> tuple[str, nn.Module]:
     """The name and module of the model's output projection (lm_head)."""
     head = model.get_output_embeddings()
@@ -159,12 +171,7 @@ def quantize_lm_head(model: nn.Module, config: QuantConfig) -> LayerRecord | Non
         return None
     name, head = output_projection(model)
     head_config = dataclasses.replace(config, bits=config.lm_head_bits, group_size=config.lm_head_group_size)
-    started = time.perf_counter()
-    group_size, _ = effective_group_size(head.in_features, head_config.group_size)
-    q, scales, zeros = rtn_codes(head.weight, head_config.bits, group_size, head_config.sym)
-    qlayer, record = pack_layer(name, head, head_config, q, scales, zeros, group_size, started,
-                                note="output projection (RTN)")
-    replace_module(model, name, qlayer)
+    record = rtn_layer(model, name, head, head_config, note="output projection (RTN)")
     untie_output(model)
     return record
 
