@@ -29,7 +29,7 @@ from quant.models import ModelSpec
 from quant.pipeline import CALIBRATION_SOURCE, Workbench
 from quant.qlinear import packed_bytes
 from quant.snapshots import fingerprint
-from quant.tasks import full_kld, perplexity_windows, select_items
+from quant.tasks import full_kld, perplexity_windows
 
 log = logging.getLogger("quant")
 
@@ -70,18 +70,23 @@ def _starting_at(model: nn.Module, block: int, hidden: torch.Tensor) -> Iterator
 
 
 @torch.no_grad()
-def _block_inputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
-    """The hidden states entering each decoder block on ``ids``, from one forward of the baseline."""
+def _baseline_pass(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One forward of the baseline on ``ids``: the hidden states entering each decoder block, and the next-token
+    log-probabilities."""
     inputs: list[torch.Tensor] = []
     hooks = [block.register_forward_pre_hook(
         lambda _m, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
         for block in decoder_blocks(model)]
     try:
-        model(ids, use_cache=False)
+        logits = model(ids, use_cache=False).logits
     finally:
         for hook in hooks:
             hook.remove()
-    return inputs
+    return inputs, _next_token_logprobs(logits)
+
+
+def _next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float()[:, :-1], -1)
 
 
 @torch.no_grad()
@@ -96,10 +101,9 @@ def _rtn_weight(linear: nn.Linear, config: QuantConfig) -> torch.Tensor:
 
 def evaluation_windows(workbench: Workbench, spec: ModelSpec, windows: int) -> torch.Tensor:
     """The first ``windows`` WikiText windows, as the perplexity task scores them ([windows, window] ids)."""
-    task = workbench.matrix.tasks[CALIBRATION_SOURCE]
     _, tokenizer = workbench.baseline(spec)
-    text = select_items(task, workbench.data_dir, None, 0)[0]["text"]
-    return torch.stack(perplexity_windows(tokenizer, text, task["window"])[:windows])
+    text = workbench.items(spec, CALIBRATION_SOURCE)[0]["text"]
+    return torch.stack(perplexity_windows(tokenizer, text, workbench.matrix.tasks[CALIBRATION_SOURCE]["window"])[:windows])
 
 
 def layer_sensitivity(workbench: Workbench, spec: ModelSpec, quant_name: str, windows: int) -> list[LayerSensitivity]:
@@ -134,8 +138,7 @@ def measure_layers(model: nn.Module, ids: torch.Tensor, config: QuantConfig,
 
     def baseline_pass() -> None:  # only once some layer is not stored yet
         if not state:
-            state["inputs"] = _block_inputs(model, ids)
-            state["base"] = torch.log_softmax(model(ids, use_cache=False).logits.float()[:, :-1], -1)
+            state["inputs"], state["base"] = _baseline_pass(model, ids)
 
     results, started = [], time.perf_counter()
     for number, (name, linear, _) in enumerate(layers, start=1):
@@ -147,7 +150,7 @@ def measure_layers(model: nn.Module, ids: torch.Tensor, config: QuantConfig,
             linear.weight.data = _rtn_weight(linear, config)
             try:
                 with _starting_at(model, int(block), state["inputs"][int(block)]):
-                    logprobs = torch.log_softmax(model(ids, use_cache=False).logits.float()[:, :-1], -1)
+                    logprobs = _next_token_logprobs(model(ids, use_cache=False).logits)
             finally:
                 linear.weight.data = original
             return {"mean_kld": float(full_kld(state["base"], logprobs).mean()),
