@@ -255,8 +255,8 @@ def evaluate_generate(model, tokenizer, task: TaskSpec, items, limit=None, label
     # (tokens common to all prompts, so no tokenizer boundary is assumed); each batch then prefills only its own
     # questions, padded on the left of them, between the shared part and the generation.
     shared = _common_prefix(encoded) if task.get("shared_prefix_cache", True) else []
-    shared_cache = _prefill(model, shared, device) if len(shared) >= SHARED_PREFIX_MIN else None
-    shared = shared if shared_cache is not None else []
+    shared = shared if len(shared) >= SHARED_PREFIX_MIN else []
+    shared_cache = _prefill(model, shared, device) if shared else None
     outputs = [""] * len(items)
     for chunk in _batches(order, task.get("batch_size", 8), label):
         own, own_mask = _pad([encoded[i][len(shared):] for i in chunk], tokenizer.pad_token_id, left=True)
@@ -290,9 +290,7 @@ def _common_prefix(sequences: list[list[int]]) -> list[int]:
 
 
 def _prefill(model, tokens: list[int], device) -> Any:
-    """The KV cache of ``tokens`` (batch 1), or None for no tokens."""
-    if not tokens:
-        return None
+    """The KV cache of ``tokens`` (batch 1)."""
     return model(torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1).past_key_values
 
 
