@@ -25,7 +25,7 @@ from quant.decide import AVERAGE, correlations, frontier, load_report, parse_siz
 from quant.history import plot as plot_history
 from quant.matrix import Matrix, load_matrix
 from quant.models import DTYPES
-from quant.perf import machine_facts, memory_bandwidth
+from quant.perf import memory_bandwidth
 from quant.pipeline import Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
@@ -35,17 +35,23 @@ from quant.tasks import fewshot_exemplars, select_items
 MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else matrix.yaml)"
 
 
+def _add_inputs(command: argparse.ArgumentParser, reports: bool = True) -> None:
+    """The options of a command that reads the matrix and the evaluation data (and writes under reports/)."""
+    command.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+    command.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
+    if reports:
+        command.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant", description="Regression suite for quantized LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("report", help="evaluate the matrix and write the report")
-    run.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+    _add_inputs(run)
     run.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
-    run.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     run.add_argument("--tier", choices=["cpu", "gpu"], default=None,
                      help="which models to run (default: gpu when CUDA is available, else cpu)")
     run.add_argument("-k", dest="select", default=None, help="only cases whose id contains this text")
-    run.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     run.add_argument("--dry-run", action="store_true",
                      help="print the plan (models, configs, tasks, item counts, kernels, snapshots, time) and stop")
     run.add_argument("--hardware", default=None,
@@ -54,14 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("quantize", help="quantize one model with one matrix config and print its log")
     build.add_argument("model", help="a model name from matrix.yaml")
     build.add_argument("quant", help="a quant config name from matrix.yaml, e.g. gptq-w4g128")
-    build.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+    _add_inputs(build, reports=False)
     build.add_argument("--profile", default="report", help="profile whose calibration count applies")
     build.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the profile's)")
     build.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=None,
                        help="GPTQ: dtype of the calibration forward's matmuls (default: the config's, float32)")
     build.add_argument("--calib-chunk", type=int, default=None,
                        help="calibration samples per forward of a block, to bound peak memory (default: all at once)")
-    build.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     replica = commands.add_parser("replica", help="save a random-weight replica of a study model (no download)")
     replica.add_argument("model", help="a study model: " + ", ".join(sorted(REPLICAS)))
     replica.add_argument("--tokenizer", required=True,
@@ -84,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="a quant config name: check the quantized model instead of the baseline")
     check.add_argument("--profile", default="report", help="profile whose item count and task options apply")
     check.add_argument("--batch-size", type=int, default=None, help="both evaluators' batch size (default: the task's)")
-    check.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
-    check.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
-    check.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    _add_inputs(check)
     speed = commands.add_parser("perf", help="time a model's baseline and quant configs side by side: decode eager "
                                              "and compiled, against this machine's memory roofline")
     speed.add_argument("model", help="a model name from matrix.yaml")
@@ -95,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--compiled", default="inductor",
                        help="torch.compile backend of the static-cache decode, or 'none' (default: %(default)s)")
     speed.add_argument("--profile", default="report", help="profile whose perf settings apply")
-    speed.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
-    speed.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
-    speed.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    _add_inputs(speed)
     sensitive = commands.add_parser("sensitivity", help="quantize one linear at a time (RTN) and rank them by the "
                                                         "KL divergence each causes; a heatmap and a mixed-precision config")
     sensitive.add_argument("model", help="a model name from matrix.yaml")
@@ -108,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="mixed precision: the most sensitive linears go to 8 bits while the quantized "
                                 "linears' bytes grow by at most this share (default: %(default)s)")
     sensitive.add_argument("--profile", default="test", help="profile whose wikitext window count applies")
-    sensitive.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
-    sensitive.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
-    sensitive.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+    _add_inputs(sensitive)
     report_path = REPO_ROOT / "reports" / "latest.json"
     pareto = commands.add_parser("pareto",
                                  help="the Pareto frontier of a written report: quality against size and speed")
@@ -245,7 +244,7 @@ def perf_command(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"quant: {error}", file=sys.stderr)
         return 2
-    machine = {**machine_facts(device), "memory_bandwidth_gb_per_s": round(bandwidth / 1e9, 2)}
+    machine = report.machine_line(device, bandwidth)
     timed = {"rows": [], "performance": rows, "machine": machine}
     print(f"{args.model}: {machine}\n{report.performance_table(timed)}")
     print("\n".join(f"{key}: {kernel}" for kernel, key in report.kernel_legend(timed).items()))

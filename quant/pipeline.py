@@ -173,7 +173,8 @@ class Workbench:
             started = time.perf_counter()
             log.info("quantizing %s with %s (%s)", spec.name, config.method, config.label)
             records = method.quantize(model, config, self.calibration(spec, config) if method.needs_calibration else None)
-            records += [record for record in [quantize_lm_head(model, config)] if record]
+            head = quantize_lm_head(model, config)
+            records += [head] if head else []
             seconds = time.perf_counter() - started
             save_safetensors(model, str(folder / "model.safetensors"))
             meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds}

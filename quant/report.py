@@ -284,6 +284,11 @@ def timed_variants(cases: list[Case]) -> list[Variant]:
     return list(variants.values())
 
 
+def machine_line(device: str, bandwidth: float) -> dict[str, Any]:
+    """The machine facts a timing table is read against, with the memory bandwidth measured in the same run."""
+    return {**machine_facts(device), "memory_bandwidth_gb_per_s": round(bandwidth / 1e9, 2)}
+
+
 def performance_rows(workbench: Workbench, variants: list[Variant], bandwidth: float,
                      settings: PerfSettings | None = None) -> list[dict[str, Any]]:
     """One timing per variant, quantized models on their fastest kernel, each with its decode against the memory
@@ -326,6 +331,6 @@ def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str
     for row in rows:  # each accuracy row carries the speed of the model that produced it
         timing = timings.get((row["model"], row.get("quant")), {})
         row.update({column: timing.get(column) for column in PERF_COLUMNS})
-    machine = {**machine_facts(workbench.device), "memory_bandwidth_gb_per_s": round(bandwidth / 1e9, 2)}
+    machine = machine_line(workbench.device, bandwidth)
     return {"machine": machine, "command": command, "profile": workbench.profile,
             "rows": rows, "performance": performance}
