@@ -13,7 +13,7 @@ PYTEST_ARGS ?= -m "not slow" --benchmark-skip
 BENCH_ARGS ?= -m "not slow and not gpu"
 BENCH_FAIL ?= median:40%
 
-.PHONY: report test setup clean-cache bench bench-compare history mutate
+.PHONY: report test setup clean-cache bench bench-compare history mutate llmcompressor-env
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ mutate: setup
 	$(VENV)/bin/mutmut results
 	$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
 	print('mutation score:', s['killed'], 'killed of', s['total'], '=', round(s['killed'] / s['total'], 3), s)"
+
+# llm-compressor's own environment, for the llmcompressor backend (quant/backends/llmcompressor.py runs it as a
+# subprocess): its pins (transformers <= 5.17, compressed-tensors 0.19) cannot share .venv. The main environment
+# reads its checkpoints with compressed-tensors 0.20.
+LLMC_VENV := .venv-llmcompressor
+llmcompressor-env: setup
+	$(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install --quiet "llmcompressor==0.14.0.1" "torch==2.13.0" "transformers==5.17.0"
+	$(PY) -m pip install --quiet -e ".[compressed-tensors]"
 
 history: setup
 	$(PY) -m quant history

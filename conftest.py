@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from quant import plan
+from quant.backends import BackendUnavailable, get_backend
 from quant.config import DATA_DIR_ENV, data_dir
 from quant.matrix import load_matrix
 from quant.pipeline import Workbench
@@ -131,6 +132,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    # A case whose library backend is not installed skips with the install command (an optional extra).
+    for item in items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        if case and case.quant.backend:
+            try:
+                get_backend(case.quant.backend).version()
+            except BackendUnavailable as error:
+                item.add_marker(pytest.mark.skip(reason=str(error)))
     if config.getoption("--plan"):
         print_plan(config, items)
         config.hook.pytest_deselected(items=list(items))

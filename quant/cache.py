@@ -25,11 +25,12 @@ log = logging.getLogger("quant")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-# The modules whose code decides what a quantized model or an evaluation result contains: quantization, the
-# loaders and tasks, the metrics they compute (stats), and the selection of items and calibration windows
-# (pipeline). Reporting and orchestration elsewhere are left out: they must not throw away hours of cached work.
+# The modules whose code decides what a quantized model or an evaluation result contains: quantization (methods,
+# and the backends that run them or a library), the loaders and tasks, the metrics they compute (stats), and the
+# selection of items and calibration windows (pipeline). Reporting and orchestration elsewhere are left out: they
+# must not throw away hours of cached work.
 RESULT_MODULES = ("config.py", "models.py", "qlinear.py", "data.py", "tasks.py", "tasks.yaml", "stats.py",
-                  "pipeline.py", "methods")
+                  "pipeline.py", "methods", "backends")
 # The libraries whose versions can change a number: kernels, tokenizers, GGUF dequantization, file formats.
 RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "numpy")
 MANIFEST = "key.json"  # written last: its presence marks a complete entry, and it holds each payload file's hash

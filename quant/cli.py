@@ -4,7 +4,8 @@
 ``python -m quant history`` plots the saved benchmark runs;
 ``python -m quant crosscheck lm-eval --task boolq`` scores the same items with lm-evaluation-harness and compares;
 ``python -m quant perf MODEL`` times its variants' decode, eager and compiled, against the memory roofline;
-``python -m quant sensitivity MODEL`` ranks its linears by the divergence each causes quantized alone."""
+``python -m quant sensitivity MODEL`` ranks its linears by the divergence each causes quantized alone;
+``python -m quant check --base MODEL --candidate FOLDER`` judges a quantized checkpoint against its base model."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,14 @@ from pathlib import Path
 import torch
 
 from quant import plan, report
-from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, data_dir
+from quant.backends import BackendUnavailable
+from quant.backends.checkpoint import CheckpointError
+from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, QuantConfig, data_dir
 from quant.crosscheck import LM_EVAL_TASKS, crosscheck
 from quant.data import load as load_data
 from quant.decide import AVERAGE, correlations, frontier, load_report, parse_size, plot_pareto, points, recommend
 from quant.history import plot as plot_history
-from quant.matrix import Matrix, load_matrix
+from quant.matrix import Case, Matrix, load_matrix
 from quant.models import DTYPES
 from quant.perf import memory_bandwidth
 from quant.pipeline import Workbench
@@ -110,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
                                 "linears' bytes grow by at most this share (default: %(default)s)")
     sensitive.add_argument("--profile", default="test", help="profile whose wikitext window count applies")
     _add_inputs(sensitive)
+    judge = commands.add_parser("check", help="judge a quantized checkpoint (GPTQ, AWQ, compressed-tensors folder) "
+                                              "against its base model on the matrix's tasks and gates")
+    judge.add_argument("--base", required=True, help="the matrix model it was quantized from, e.g. smollm2-135m")
+    judge.add_argument("--candidate", type=Path, required=True, help="the checkpoint folder")
+    judge.add_argument("--tasks", default=None,
+                       help="comma-separated tasks (default: every task the matrix runs on the base model)")
+    judge.add_argument("--like", default=None,
+                       help="gate as the matrix gates this quant config's cases (default: the base model's first "
+                            "case of each task)")
+    judge.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
+    _add_inputs(judge)
     report_path = REPO_ROOT / "reports" / "latest.json"
     pareto = commands.add_parser("pareto",
                                  help="the Pareto frontier of a written report: quality against size and speed")
@@ -151,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return correlate_command(args)
     if args.command in ("pareto", "recommend"):
         return decide_command(args)
+    if args.command == "check":
+        return check_command(args, argv)
     try:
         matrix = load_matrix(args.matrix)
         device = _device()
@@ -326,6 +342,45 @@ def correlate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def candidate_cases(matrix: Matrix, base: str, folder: Path, tasks: list[str] | None, like: str | None
+                    ) -> list[Case]:
+    """The cases that judge a checkpoint: the base model's tasks, each gated as the matrix gates ``like``'s case
+    of that task (default: the base model's first case of the task)."""
+    _check_names(matrix, base, [like] if like else [])
+    own = [c for c in matrix.cases if c.model.name == base and (like is None or c.quant_name == like)]
+    gates: dict[str, Case] = {}
+    for case in own:
+        gates.setdefault(case.task.name, case)
+    unknown = sorted(set(tasks or []) - set(gates))
+    if unknown or not gates:
+        raise ConfigError(f"--tasks {', '.join(unknown) or '(none)'}: the matrix gates {base}"
+                          f"{f' {like}' if like else ''} on {', '.join(sorted(gates)) or 'no task'}")
+    name = f"checkpoint-{folder.name}"
+    config = QuantConfig.from_dict({"checkpoint": str(folder.resolve())}, where="--candidate")
+    matrix.quant[name] = config
+    return [dataclasses.replace(gates[task], quant_name=name, quant=config, cadence="default", expected_failure=None)
+            for task in (tasks or gates)]
+
+
+def check_command(args: argparse.Namespace, argv: list[str] | None) -> int:
+    try:
+        if not args.candidate.is_dir():
+            raise ConfigError(f"--candidate {args.candidate}: not a folder")
+        matrix = load_matrix(args.matrix)
+        tasks = args.tasks.split(",") if args.tasks else None
+        cases = candidate_cases(matrix, args.base, args.candidate, tasks, args.like)
+        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
+        workbench.quantized(cases[0].model, cases[0].quant_name, cases[0].quant)  # a broken checkpoint stops here
+        result = report.build(workbench, cases, [], "quant " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    except (ConfigError, CheckpointError, BackendUnavailable) as error:
+        print(f"quant: {error}", file=sys.stderr)
+        return 2
+    json_path, md_path = report.write(result, args.out / cases[0].quant_name)
+    print("\n".join(report.headline(result)))
+    print(f"\nwrote {md_path} and {json_path}")
+    return 1 if any(row.get("verdict") == "fail" for row in result["rows"]) else 0
+
+
 def _check_names(matrix: Matrix, model: str, quants: list[str]) -> None:
     """Refuse a model or quant config name that the matrix does not define, listing the ones it does."""
     if model not in matrix.models or not set(quants) <= set(matrix.quant):
@@ -354,10 +409,15 @@ def quantize(args: argparse.Namespace) -> int:
         return 2
     counts = built.layer_counts()
     errors = [r.output_error for r in built.records if r.output_error is not None]
+    if built.quantize_seconds is None:
+        print(f"{args.model} {args.quant}: a checkpoint, loaded with {counts['quantized_layers']} packed layers on "
+              f"{built.kernel}")
+        return 0
     print(f"{args.model} {args.quant}: {counts['quantized_layers']} layers quantized in {built.quantize_seconds:.1f} s "
-          f"(recorded when built; a cached model prints the original time)")
+          f"(recorded when built, saving included; a cached model prints the original time)")
+    print(f"runs on: {built.kernel}")
     print(f"calibration: {built.calibration or 'none'}")
-    if built.calibration:
+    if built.calibration and not config.backend:  # the in-house methods log where their time went
         hessians = sum(r.hessian_seconds or 0.0 for r in built.records)
         layers = sum(r.seconds for r in built.records)
         print(f"time: Hessians {hessians:.1f} s, per-layer quantization and packing {layers:.1f} s, the rest "

@@ -41,11 +41,12 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "calib_chunk": ((int,), "an integer"), "calib_samples": ((int,), "an integer"),
     "calib_tokens": ((int,), "an integer"),
     "lm_head_bits": ((int,), "an integer"), "lm_head_group_size": ((int,), "an integer"),
+    "backend": ((str,), "a backend name"), "checkpoint": ((str,), "a folder"),
 }
-NULLABLE_FIELDS = ("group_size", "calib_chunk", "lm_head_bits", "lm_head_group_size")
+NULLABLE_FIELDS = ("group_size", "calib_chunk", "lm_head_bits", "lm_head_group_size", "backend", "checkpoint")
 # Fields added after configs were cached and snapshotted: left out of to_dict() at their default (None), so an
 # existing config keeps its identity (cache keys, snapshot fingerprints).
-LATER_FIELDS = ("lm_head_bits", "lm_head_group_size")
+LATER_FIELDS = ("lm_head_bits", "lm_head_group_size", "backend", "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,12 @@ class QuantConfig:
     # (llama.cpp keeps the output matrix at 6-8 bits), untied from the input embeddings, which stay as they are.
     lm_head_bits: int | None = None
     lm_head_group_size: int | None = None  # None: per-channel
+    # Who builds the model (quant.backends): None is the in-house method; "gptqmodel" and the other libraries
+    # quantize the same baseline with the same calibration windows.
+    backend: str | None = None
+    # A quantized checkpoint folder made elsewhere: nothing is built, it is loaded and judged against the
+    # case's model as its base (method "checkpoint"; the other fields do not apply).
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name, (kinds, what) in FIELD_TYPES.items():
@@ -106,6 +113,8 @@ class QuantConfig:
                 raise ConfigError(f"{name}={size}: use an even group size >= 16, or null for per-channel")
         if self.lm_head_group_size is not None and self.lm_head_bits is None:
             raise ConfigError(f"lm_head_group_size={self.lm_head_group_size} needs lm_head_bits")
+        if self.checkpoint and self.backend:
+            raise ConfigError(f"checkpoint={self.checkpoint!r} is loaded, not built: leave out backend={self.backend!r}")
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent={self.damp_percent}: must lie in (0, 1)")
         if self.calib_chunk is not None and self.calib_chunk < 1:
@@ -118,11 +127,15 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """Short name such as ``w4g128-sym``, ``w8-asym`` (per-channel) or ``w4g128-sym-xs`` (explicit scales)."""
+        """Short name such as ``w4g128-sym``, ``w8-asym`` (per-channel) or ``w4g128-sym-xs`` (explicit scales),
+        after the library that builds it (``gptqmodel w4g64-sym``); a checkpoint is named by its folder."""
+        if self.checkpoint:
+            return f"checkpoint {Path(self.checkpoint).name}"
         group = f"g{self.group_size}" if self.group_size else ""
         head = (f"-head{self.lm_head_bits}" + (f"g{self.lm_head_group_size}" if self.lm_head_group_size else "")
                 if self.lm_head_bits else "")
-        return f"w{self.bits}{group}-{'sym' if self.sym else 'asym'}{'-xs' if self.explicit_scales else ''}{head}"
+        backend = f"{self.backend} " if self.backend else ""
+        return f"{backend}w{self.bits}{group}-{'sym' if self.sym else 'asym'}{'-xs' if self.explicit_scales else ''}{head}"
 
     def for_layer(self, layer_name: str) -> QuantConfig | None:
         """The config that applies to one layer, or None when that layer stays in full precision."""
@@ -145,6 +158,8 @@ class QuantConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
         data = dict(data)
+        if data.get("checkpoint"):
+            data.setdefault("method", "checkpoint")
         overrides = data.pop("layer_overrides", {}) or {}
         if isinstance(overrides, dict):
             overrides = tuple((k, v if v == "skip" else tuple(sorted(v.items()))) for k, v in overrides.items())

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import ConfigError, QuantConfig, load_yaml, matrix_path
-from quant.methods import METHODS
+from quant.backends import get_backend
 from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
 
@@ -56,8 +56,8 @@ def load_matrix(path: Path | None = None) -> Matrix:
     models = parse_models(raw.get("models", {}))
     quant = {name: QuantConfig.from_dict(entry, where=f"{path} quant.{name}") for name, entry in raw.get("quant", {}).items()}
     for name, config in quant.items():
-        if config.method not in METHODS:
-            raise ConfigError(f"{path} quant.{name}: unknown method {config.method!r}; known: {sorted(METHODS)}")
+        if not config.checkpoint:
+            get_backend(config.backend, f"{path} quant.{name}").check(config, f"{path} quant.{name}")
     tasks = load_tasks()
     defaults = raw.get("defaults", {})
     cases: dict[str, Case] = {}

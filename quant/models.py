@@ -76,7 +76,7 @@ class ModelSpec:
         if gguf_file:
             return {"gguf": gguf_file, "sha256": _sha256(Path(location) / gguf_file), "dtype": self.dtype}
         if Path(location).is_dir():
-            return {"folder": location, "sha256": _folder_sha256(Path(location)), "dtype": self.dtype}
+            return {"folder": location, "sha256": folder_sha256(Path(location)), "dtype": self.dtype}
         return {"hub": location, "revision": _hub_revision(location), "dtype": self.dtype}
 
 
@@ -91,7 +91,8 @@ def _sha256_of(path: Path, _size: int, _mtime_ns: int) -> str:
     return file_sha256(path)
 
 
-def _folder_sha256(folder: Path) -> str:
+def folder_sha256(folder: Path) -> str:
+    """Every file's path and content hash (a local model or checkpoint folder in cache keys)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(folder).as_posix()}:{_sha256(path)}\n".encode())

@@ -12,19 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save_model as save_safetensors
 
 from quant import snapshots, stats
 from quant.cache import cached_dir, cached_json
 from quant.config import ConfigError, QuantConfig, file_sha256
 from quant.data import calibration_windows
 from quant.matrix import Case, Matrix
-from quant.methods import LayerRecord, get_method
-from quant.methods.base import quantize_lm_head, replace_module, untie_output
+from quant.backends import get_backend
+from quant.backends.base import records_from_model
+from quant.backends.checkpoint import load_checkpoint
+from quant.methods import LayerRecord
 from quant.kernels import cast_parameters, use_fast_kernels
-from quant.models import ModelSpec, load_model
+from quant.models import ModelSpec, folder_sha256, load_model
 from quant.perf import PerfSettings, dtype_name, measure, variant_label
 from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
 from quant.tasks import TaskResult, TaskSpec, evaluate, select_items, text_ids, uses_reference
@@ -40,8 +39,9 @@ DIVERGENCE_METRICS = ("mean_kld", "mean_kld_se", "median_kld", "p99_kld", "same_
 class Quantized:
     model: torch.nn.Module
     records: list[LayerRecord]
-    quantize_seconds: float
+    quantize_seconds: float | None  # None: a checkpoint made elsewhere
     calibration: str | None
+    kernel: str  # what runs its quantized layers when it is evaluated
 
     def layer_counts(self) -> dict[str, int]:
         """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
@@ -137,8 +137,10 @@ class Workbench:
         if quant_name is None:
             model = baseline if dtype in (None, baseline.dtype) else cast_parameters(copy.deepcopy(baseline), dtype)
             return model, f"dense {dtype_name(model.dtype)} (torch.nn.functional.linear)"
-        quant = self.matrix.quant[quant_name]
-        model = copy.deepcopy(self.quantized(spec, quant_name, quant).model)
+        quantized = self.quantized(spec, quant_name, self.matrix.quant[quant_name])
+        if not any(isinstance(module, QuantLinear) for module in quantized.model.modules()):
+            return quantized.model, quantized.kernel  # a library's model already runs on the kernel it picked
+        model = copy.deepcopy(quantized.model)
         return model, use_fast_kernels(model).describe()
 
     def performance(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None,
@@ -160,37 +162,46 @@ class Workbench:
         return self._quantized[key]
 
     def _build_quantized(self, spec: ModelSpec, config: QuantConfig) -> Quantized:
-        baseline, _ = self.baseline(spec)
-        method = get_method(config.method)
+        """The candidate a config names: built by its backend from the baseline (cached on disk) and loaded back,
+        or a checkpoint folder loaded as it is."""
+        device = self.device_for(spec)
+        if config.checkpoint:
+            model, kernel = load_checkpoint(Path(config.checkpoint), device)
+            return Quantized(model, records_from_model(model), None, None, kernel)
+        baseline, tokenizer = self.baseline(spec)
+        backend = get_backend(config.backend)
+        calibrated = backend.needs_calibration(config)
         calibration = (f"wikitext2 test, second half: {config.calib_samples} x {config.calib_tokens} tokens, "
                        f"seed {config.calib_seed}, forward in {config.calib_dtype}"
                        f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}"
-                       ) if method.needs_calibration else None
-        parts = self.quantized_parts(spec, config)
+                       ) if calibrated else None
 
         def build(folder: Path) -> None:
-            model = copy.deepcopy(baseline)
             started = time.perf_counter()
-            log.info("quantizing %s with %s (%s)", spec.name, config.method, config.label)
-            records = method.quantize(model, config, self.calibration(spec, config) if method.needs_calibration else None)
-            head = quantize_lm_head(model, config)
-            records += [head] if head else []
-            seconds = time.perf_counter() - started
-            save_safetensors(model, str(folder / "model.safetensors"))
-            meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds}
+            log.info("quantizing %s with %s %s (%s)", spec.name, backend.name, config.method, config.label)
+            records = backend.quantize(baseline, tokenizer, config,
+                                       self.calibration(spec, config) if calibrated else None, folder)
+            meta = {"records": [dataclasses.asdict(r) for r in records],
+                    "quantize_seconds": time.perf_counter() - started}
             (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
 
-        folder = cached_dir("quantized", parts, build)
+        folder = cached_dir("quantized", self.quantized_parts(spec, config), build)
         meta = json.loads((folder / "quantization_log.json").read_text())
         records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
-        model = restore_quantized(baseline, records, folder / "model.safetensors")
-        return Quantized(model, records, meta["quantize_seconds"], calibration)
+        model, kernel = backend.load(baseline, folder, records, device)
+        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel)
 
     def quantized_parts(self, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
-        """Everything a quantized model is made from: the weights, the config, the calibration text."""
-        needs_data = get_method(config.method).needs_calibration
+        """Everything a quantized model is made from: the weights, the config, the calibration text, and the
+        library that built it (name and version; absent for the in-house methods, whose code the cache's own
+        key holds); for a checkpoint, its files' content."""
+        if config.checkpoint:
+            return {"checkpoint": folder_sha256(Path(config.checkpoint))}
+        backend = get_backend(config.backend)
+        needs_data = backend.needs_calibration(config)
         return {"model": spec.fingerprint(), "quant": config.to_dict(),
-                "data": self._calibration_text_fingerprint if needs_data else None}
+                "data": self._calibration_text_fingerprint if needs_data else None,
+                **({"backend": backend.identity()} if config.backend else {})}
 
     def result_parts(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> dict[str, Any]:
         """Everything an evaluation result is made from: the model (baseline, or all a quantized model is made
@@ -330,35 +341,3 @@ def task_metrics(case: Case) -> list[str]:
 
 def headline_metric(case: Case) -> str:
     return task_metrics(case)[0]
-
-
-def restore_quantized(baseline: torch.nn.Module, records: list[LayerRecord], path: Path) -> torch.nn.Module:
-    """Rebuild a quantized model from the baseline's skeleton and its saved tensors (bit-identical), on the
-    baseline's device: each QuantLinear is created where the linear it replaces lives, and the saved tensors
-    are copied into place."""
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
-    model = copy.deepcopy(baseline)
-    for record in records:
-        if record.bits is None:
-            continue
-        linear = model.get_submodule(record.name)
-        if linear is model.get_output_embeddings():
-            untie_output(model)
-        out_features, in_features = record.shape
-        qlayer = QuantLinear(
-            in_features, out_features, record.bits, record.group_size, sym=f"{record.name}.qzeros" not in keys,
-            bias=linear.bias is not None, input_scale=f"{record.name}.input_scale" in keys,
-            device=linear.weight.device,
-        )
-        replace_module(model, record.name, qlayer)
-    tensors = load_safetensors(str(path))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)  # copies onto each tensor's own device
-    # a tied weight (lm_head = embed_tokens) is saved once: missing under one name, loaded under the other
-    state = model.state_dict(keep_vars=True)
-    loaded = {id(state[name]) for name in tensors if name in state}
-    missing = [name for name in missing if id(state[name]) not in loaded]
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not fit the baseline's layout (missing {missing}, unexpected {unexpected}); "
-                         "delete this cache entry to rebuild it")
-    return model

@@ -108,7 +108,7 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             **{name: extra.get(name) for name in DIVERGENCE_METRICS},
             "roc_auc_baseline": extra.get("roc_auc_baseline"), "roc_auc_quantized": extra.get("roc_auc_quantized"),
             "quantize_seconds": quantized.quantize_seconds, "calibration": quantized.calibration,
-            **quantized.layer_counts(),
+            **quantized.layer_counts(), "backend": case.quant.backend or case.quant.method, "kernel": quantized.kernel,
             "skipped_reason": None,
         })
     return rows

@@ -104,7 +104,8 @@ def _changed(value):
 
 
 # a valid other value where the generic change would not be one
-OTHER_VALUES = {"method": "gsq", "bits": 3, "damp_percent": 0.1, "calib_dtype": "bfloat16", "lm_head_bits": 8}
+OTHER_VALUES = {"method": "gsq", "bits": 3, "damp_percent": 0.1, "calib_dtype": "bfloat16", "lm_head_bits": 8,
+                "backend": "gptqmodel", "checkpoint": "/models/smollm2-gptq"}
 # what a field needs set beside it to take another value
 REQUIRES = {"lm_head_group_size": {"lm_head_bits": 8}}
 

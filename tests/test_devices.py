@@ -18,7 +18,7 @@ from quant.config import QuantConfig
 from quant.kernels import Int4Linear, use_fast_kernels
 from quant.methods import get_method
 from quant.methods.base import quantize_lm_head
-from quant.pipeline import restore_quantized
+from quant.backends.inhouse import restore_quantized
 from quant.qlinear import QuantLinear
 from tests.meta_device import META, KernelCalls, devices
 

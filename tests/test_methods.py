@@ -15,7 +15,7 @@ from quant.methods.base import block_linears, dequantize, quantize_lm_head, rtn_
 from tests.glibc import glibc_mallinfo
 from quant.methods.gptq import GPTQ
 from quant.methods.gsq import _search_scale
-from quant.pipeline import restore_quantized
+from quant.backends.inhouse import restore_quantized
 from quant.qlinear import QuantLinear
 
 

@@ -20,7 +20,8 @@ from quant.matrix import load_matrix
 from quant.methods import get_method
 from quant.methods.gsq import SCALING_GROUPS, foldable, scale_group
 from quant.models import load_model
-from quant.pipeline import Workbench, restore_quantized
+from quant.backends.inhouse import restore_quantized
+from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear
 from tests.meta_device import META, KernelCalls, devices
 from tests.test_kernels import RELATIVE_TOLERANCE

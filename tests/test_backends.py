@@ -1,0 +1,244 @@
+"""Library backends and checkpoints behind the one interface of a quantized model: configs that name them, what
+their cache keys hold, the checks a checkpoint folder must pass before it is judged, and (with GPTQModel
+installed) a GPTQ checkpoint built, saved and reloaded on the CPU."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quant.backends import BackendUnavailable, get_backend
+from quant.backends.base import kernel_names, records_from_model
+from quant.backends.checkpoint import CheckpointError, detect_format, load_checkpoint, validate
+from quant.backends.gptqmodel import GPTQModelBackend
+from quant.config import REPO_ROOT, ConfigError, QuantConfig
+from quant.matrix import load_matrix
+from quant.models import ModelSpec
+from quant.pipeline import Workbench
+
+LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
+
+
+def _checkpoint(folder: Path, method: str = "gptq", drop: str | None = None, scale: float = 0.01) -> Path:
+    """A checkpoint folder as GPTQModel writes one: config.json with its quantization_config, packed tensors;
+    ``drop`` leaves one tensor out, ``scale`` is the first scale of the last layer (the others are 0.01)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "llama", "quantization_config": {"quant_method": method, "bits": 4, "group_size": 32}}
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = {"model.embed_tokens.weight": torch.zeros(8, 64)}
+    for layer in LAYERS:
+        tensors[f"{layer}.qweight"] = torch.zeros(8, 64, dtype=torch.int32)
+        tensors[f"{layer}.qzeros"] = torch.zeros(2, 8, dtype=torch.int32)
+        tensors[f"{layer}.scales"] = torch.full((2, 64), 0.01, dtype=torch.float16)
+    tensors[f"{LAYERS[-1]}.scales"][0, 0] = scale
+    tensors.pop(drop, None)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_checkpoint_format_comes_from_its_config(tmp_path):
+    assert detect_format(_checkpoint(tmp_path / "gptq")) == "gptq"
+    assert detect_format(_checkpoint(tmp_path / "awq", method="awq")) == "awq"
+    legacy = tmp_path / "legacy"  # AutoGPTQ's layout: the settings in quantize_config.json
+    legacy.mkdir()
+    (legacy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (legacy / "quantize_config.json").write_text(json.dumps({"quant_method": "gptq", "bits": 4}))
+    assert detect_format(legacy) == "gptq"
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, r"config.json: missing"),
+    ({"config.json": "{"}, r"config.json: not valid JSON"),
+    ({"config.json": json.dumps({"model_type": "llama"})}, r"no quantization_config .* holds an unquantized model"),
+    ({"config.json": json.dumps({"model_type": "llama"}), "model.Q4_0.gguf": ""}, r"GGUF .* dequantize it to float"),
+    ({"config.json": json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}})},
+     r"method 'bitsandbytes' is not one this suite loads"),
+])
+def test_a_folder_that_is_not_a_quantized_checkpoint_is_named(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        detect_format(tmp_path)
+
+
+def test_a_layer_missing_a_tensor_is_named(tmp_path):
+    folder = _checkpoint(tmp_path / "ckpt", drop=f"{LAYERS[1]}.qzeros")
+    with pytest.raises(CheckpointError, match=rf"layer {LAYERS[1]} lacks qzeros .* incomplete"):
+        validate(folder, "gptq")
+    validate(_checkpoint(tmp_path / "whole"), "gptq")  # the same folder with every tensor passes
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 0.0, float("inf")])
+def test_nan_or_zero_scales_are_refused_naming_file_and_tensor(tmp_path, scale):
+    folder = _checkpoint(tmp_path / "ckpt", scale=scale)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.down_proj.scales has "
+                                              r"1 NaN, infinite or zero scale"):
+        validate(folder, "gptq")
+
+
+def test_a_checkpoint_without_weights_or_packed_layers_is_refused(tmp_path):
+    folder = _checkpoint(tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights file"):
+        validate(folder, "gptq")
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 64)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no tensors of a gptq quantized layer"):
+        validate(folder, "gptq")
+
+
+class _PackedLinear(nn.Module):
+    """What a library's quantized linear exposes: packed codes and its bits and group size."""
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.bits, self.group_size, self.in_features, self.out_features = 4, group_size, 64, 32
+        self.register_buffer("qweight", torch.zeros(8, 32, dtype=torch.int32))
+
+
+def _compressed_linear() -> nn.Linear:
+    """What compressed-tensors leaves of a Linear: packed codes and scales instead of the weight, and its scheme."""
+    from types import SimpleNamespace
+
+    linear = nn.Linear(64, 32, bias=False)
+    del linear.weight
+    linear.register_parameter("weight_packed", nn.Parameter(torch.zeros(32, 8, dtype=torch.int32), requires_grad=False))
+    linear.quantization_scheme = SimpleNamespace(weights=SimpleNamespace(num_bits=4, group_size=64),
+                                                 format=SimpleNamespace(value="pack-quantized"))
+    return linear
+
+
+def test_records_and_kernel_of_a_library_model_come_from_its_packed_layers():
+    model = nn.Sequential(_PackedLinear(32), nn.Linear(4, 4), _PackedLinear(-1), _compressed_linear())
+    records = records_from_model(model)
+    assert [(r.name, r.shape, r.bits, r.group_size) for r in records] == [
+        ("0", (32, 64), 4, 32), ("2", (32, 64), 4, None), ("3", (32, 64), 4, 64)]
+    assert kernel_names(model) == ("_PackedLinear (2 layers), "
+                                   "compressed-tensors pack-quantized, unpacked in every forward (1 layers)")
+    assert records_from_model(nn.Sequential(nn.Linear(4, 4))) == []  # a float model has nothing packed
+
+
+def test_an_absent_backend_names_its_install_command(monkeypatch):
+    monkeypatch.setattr(GPTQModelBackend, "distribution", "gptqmodel-not-installed")
+    with pytest.raises(BackendUnavailable, match=r"needs gptqmodel-not-installed: run `pip install -e \".\[gptqmodel\]\"`"):
+        get_backend("gptqmodel").version()
+
+
+def test_the_backend_and_its_version_enter_the_cache_key(monkeypatch):
+    workbench = Workbench(load_matrix(), "test", None)
+    spec = ModelSpec(name="m", hf_id="org/m")
+    monkeypatch.setattr(ModelSpec, "fingerprint", lambda self: {"hub": self.hf_id})
+    monkeypatch.setattr(Workbench, "_calibration_text_fingerprint", "text")
+    inhouse = QuantConfig(method="gptq", group_size=64)
+    library = QuantConfig(method="gptq", group_size=64, backend="gptqmodel")
+    assert "backend" not in workbench.quantized_parts(spec, inhouse)  # the in-house keys stay what they were
+    monkeypatch.setattr(GPTQModelBackend, "version", lambda self: "7.6.0")
+    before = workbench.quantized_parts(spec, library)
+    monkeypatch.setattr(GPTQModelBackend, "version", lambda self: "7.7.0")
+    after = workbench.quantized_parts(spec, library)
+    assert before["backend"] == {"backend": "gptqmodel", "version": "7.6.0"} and before != after
+
+
+def test_a_checkpoint_key_is_its_files_content(tmp_path):
+    workbench = Workbench(load_matrix(), "test", None)
+    folder = _checkpoint(tmp_path / "ckpt")
+    config = QuantConfig.from_dict({"checkpoint": str(folder)})
+    before = workbench.quantized_parts(ModelSpec(name="m", hf_id="org/m"), config)
+    _checkpoint(folder, scale=0.02)
+    assert workbench.quantized_parts(ModelSpec(name="m", hf_id="org/m"), config) != before
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"backend": "autoround", "method": "gptq"}, r"quant.x: unknown backend 'autoround'; known: \['gptqmodel', 'inhouse', 'llmcompressor'\]"),
+    ({"method": "awq"}, r"quant.x: unknown method 'awq'; known: \['gptq', 'gsq', 'rtn'\] \(backend 'inhouse'\)"),
+    ({"backend": "gptqmodel", "method": "rtn"}, r"quant.x: unknown method 'rtn'; known: \['awq', 'gptq'\]"),
+    ({"checkpoint": "/models/x", "backend": "gptqmodel"}, r"quant.x: checkpoint='/models/x' is loaded, not built"),
+])
+def test_the_matrix_refuses_a_backend_entry_it_cannot_build(tmp_path, entry, message):
+    raw = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
+    raw["quant"] = {"x": entry}
+    raw["cases"] = []
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_matrix(path)
+
+
+# ---- with GPTQModel installed ---------------------------------------------------------------------------
+
+@pytest.fixture
+def gptqmodel_backend():
+    backend = get_backend("gptqmodel")
+    try:
+        backend.version()
+    except BackendUnavailable as error:
+        pytest.skip(str(error))
+    return backend
+
+
+def test_gptqmodel_checkpoint_reloads_packed_on_the_cpu_and_close_to_the_float_model(
+        gptqmodel_backend, small_tokenizer, tmp_path, monkeypatch):
+    """GPTQ by GPTQModel on a tiny LLaMA, saved and loaded back: every block linear packed at 4 bits g32 on a
+    named kernel, every tensor on the CPU, the same logits on every load, and close to the float model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(small_tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    baseline = LlamaForCausalLM(config).eval()
+    calibration = torch.randint(0, len(small_tokenizer), (16, 64), generator=torch.Generator().manual_seed(1))
+    quant = QuantConfig(method="gptq", bits=4, group_size=32, backend="gptqmodel")
+    monkeypatch.chdir(tmp_path.parent)
+    records = gptqmodel_backend.quantize(baseline, small_tokenizer, quant, calibration, tmp_path)
+    assert not (tmp_path.parent / "logs").exists() and any((tmp_path / "logs").iterdir())  # its log stays inside
+    assert len(records) == 14 and {(r.bits, r.group_size) for r in records} == {(4, 32)}
+    assert detect_format(tmp_path) == "gptq"
+    model, kernel = gptqmodel_backend.load(baseline, tmp_path, records, "cpu")
+    assert kernel.startswith(f"gptqmodel {gptqmodel_backend.version()}: ") and "(14 layers)" in kernel
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
+    again, _ = load_checkpoint(tmp_path, "cpu")
+    # GPTQModel's in-memory model after quantize() is a shell (its layers are offloaded while they are written),
+    # so the reference for "the logits it saved" is the float model carrying the checkpoint's weights, unpacked
+    # here independently of GPTQModel's kernels
+    saved = copy.deepcopy(baseline)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for record in records:
+        prefix = record.name
+        saved.get_submodule(prefix).weight.data = _gptq_v1_weight(
+            tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"], 32)
+    ids = calibration[:2]
+    with torch.no_grad():
+        reference, library, reloaded, unpacked = (m(ids).logits.float() for m in (baseline, model, again, saved))
+    assert torch.equal(library, reloaded)  # loading is deterministic
+    # the kernel computes in bf16 (GPTQModel's CPU dtype): within 2% of the float model on the same weights
+    assert (library - unpacked).norm() / unpacked.norm() < 0.02
+    error = (library - reference).norm() / reference.norm()
+    assert 0.005 < error < 0.2, error  # quantized (not the float model), and not broken
+
+
+def _gptq_v1_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] float weight of a GPTQ (v1) layer: 4-bit codes packed 8 per int32 along the input (qweight
+    [in / 8, out]) and along the output for the zero points (qzeros [groups, out / 8], stored minus one)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, qweight.shape[1])  # [in, out]
+    zeros = ((qzeros[:, :, None] >> shifts[None, None, :]) & 0xF).reshape(qzeros.shape[0], -1) + 1  # [groups, out]
+    groups = torch.arange(codes.shape[0]) // group_size
+    return (scales.float()[groups] * (codes - zeros[groups]).float()).T.contiguous()
+
+
+def test_quant_check_stops_on_a_tampered_checkpoint_naming_the_file(tmp_path, capsys):
+    from quant.cli import main
+
+    folder = _checkpoint(tmp_path / "ckpt", scale=float("nan"))
+    assert main(["check", "--base", "smollm2-135m", "--candidate", str(folder), "--out", str(tmp_path)]) == 2
+    assert "tensor model.layers.0.mlp.down_proj.scales has 1 NaN" in capsys.readouterr().err
+    folder = _checkpoint(tmp_path / "ckpt", drop=f"{LAYERS[0]}.scales")
+    assert main(["check", "--base", "smollm2-135m", "--candidate", str(folder), "--out", str(tmp_path)]) == 2
+    assert f"layer {LAYERS[0]} lacks scales" in capsys.readouterr().err
+    assert main(["check", "--base", "smollm2-135m", "--candidate", str(folder), "--tasks", "squad"]) == 2
+    assert "--tasks squad: the matrix gates smollm2-135m on boolq, gsm8k, msmarco, wikitext" in capsys.readouterr().err
