@@ -181,17 +181,36 @@ def gptqmodel_backend():
     return backend
 
 
+def _tiny_baseline(tokenizer) -> tuple[nn.Module, torch.Tensor]:
+    """A 2-block LLaMA whose widths (128, 256) groups of 32 divide, and 16 x 64 calibration token ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    calibration = torch.randint(0, len(tokenizer), (16, 64), generator=torch.Generator().manual_seed(1))
+    return LlamaForCausalLM(config).eval(), calibration
+
+
+def test_gptqmodel_awq_builds_and_runs_on_the_cpu(gptqmodel_backend, small_tokenizer, tmp_path):
+    """AWQ by GPTQModel on the CPU (its automatic kernel choice is CUDA's GEMM): every block linear packed and
+    run on a CPU kernel, close to the float model but not equal to it."""
+    baseline, calibration = _tiny_baseline(small_tokenizer)
+    quant = QuantConfig(method="awq", bits=4, group_size=32, backend="gptqmodel")
+    records = gptqmodel_backend.quantize(baseline, small_tokenizer, quant, calibration, tmp_path)
+    assert detect_format(tmp_path) == "awq" and len(records) == 14
+    model, kernel = gptqmodel_backend.load(baseline, tmp_path, records, "cpu")
+    assert "(14 layers)" in kernel
+    with torch.no_grad():
+        reference, library = (m(calibration[:2]).logits.float() for m in (baseline, model))
+    assert 0.005 < (library - reference).norm() / reference.norm() < 0.3
+
+
 def test_gptqmodel_checkpoint_reloads_packed_on_the_cpu_and_close_to_the_float_model(
         gptqmodel_backend, small_tokenizer, tmp_path, monkeypatch):
     """GPTQ by GPTQModel on a tiny LLaMA, saved and loaded back: every block linear packed at 4 bits g32 on a
     named kernel, every tensor on the CPU, the same logits on every load, and close to the float model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(small_tokenizer), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    baseline = LlamaForCausalLM(config).eval()
-    calibration = torch.randint(0, len(small_tokenizer), (16, 64), generator=torch.Generator().manual_seed(1))
+    baseline, calibration = _tiny_baseline(small_tokenizer)
     quant = QuantConfig(method="gptq", bits=4, group_size=32, backend="gptqmodel")
     monkeypatch.chdir(tmp_path.parent)
     records = gptqmodel_backend.quantize(baseline, small_tokenizer, quant, calibration, tmp_path)

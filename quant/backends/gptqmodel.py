@@ -35,10 +35,13 @@ class GPTQModelBackend(Backend):
         settings = gptqmodel.QuantizeConfig(method=config.method, bits=config.bits, group_size=config.group_size or -1,
                                   sym=config.sym, desc_act=config.act_order, damp_percent=config.damp_percent)
         # GPTQModel writes its per-layer log under ./logs: inside the checkpoint folder, not wherever this runs
+        device = next(baseline.parameters()).device
+        # AWQ's automatic choice is its CUDA GEMM kernel whatever the device; on the CPU name the torch one
+        packer = "awq_torch" if config.method == "awq" and device.type == "cpu" else "auto"
         with contextlib.chdir(folder):
-            model = gptqmodel.GPTQModel.load(str(source), settings, device=str(next(baseline.parameters()).device))
+            model = gptqmodel.GPTQModel.load(str(source), settings, device=str(device))
             model.quantize([{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]}
-                            for row in calibration])
+                            for row in calibration], backend=packer)
             model.save(str(folder))
         shutil.rmtree(source)
         return records_from_model(model.model)
