@@ -171,9 +171,11 @@ class Workbench:
         baseline, tokenizer = self.baseline(spec)
         backend = get_backend(config.backend)
         calibrated = backend.needs_calibration(config)
+        # the forward dtype and chunking are the in-house methods' settings; a library runs its own
         calibration = (f"wikitext2 test, second half: {config.calib_samples} x {config.calib_tokens} tokens, "
-                       f"seed {config.calib_seed}, forward in {config.calib_dtype}"
-                       f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}"
+                       f"seed {config.calib_seed}"
+                       + ("" if config.backend else f", forward in {config.calib_dtype}"
+                          f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}")
                        ) if calibrated else None
 
         def build(folder: Path) -> None:

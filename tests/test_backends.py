@@ -261,3 +261,42 @@ def test_quant_check_stops_on_a_tampered_checkpoint_naming_the_file(tmp_path, ca
     assert f"layer {LAYERS[0]} lacks scales" in capsys.readouterr().err
     assert main(["check", "--base", "smollm2-135m", "--candidate", str(folder), "--tasks", "squad"]) == 2
     assert "--tasks squad: the matrix gates smollm2-135m on boolq, gsm8k, msmarco, wikitext" in capsys.readouterr().err
+
+
+def test_a_compressed_tensors_checkpoint_runs_packed_with_the_codes_it_stores(small_tokenizer, tmp_path):
+    """A pack-quantized checkpoint as llm-compressor writes one (w4 g32 symmetric): transformers would decompress
+    it to float on the first forward; here its layers become QuantLinear with the same codes, and the logits
+    match compressed-tensors' own decompression (scales rounded to fp16: within 1e-3)."""
+    pytest.importorskip("compressed_tensors", reason='pip install -e ".[compressed-tensors]"')
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from transformers import AutoModelForCausalLM
+
+    baseline, _ = _tiny_baseline(small_tokenizer)
+    baseline.save_pretrained(str(tmp_path))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for name, linear in baseline.named_modules():
+        if isinstance(linear, nn.Linear) and name != "lm_head":
+            weight = linear.weight.detach().reshape(linear.out_features, -1, 32)
+            scale = weight.abs().amax(-1, keepdim=True) / 7
+            codes = torch.clamp(torch.round(weight / scale), -8, 7).reshape(linear.out_features, -1)
+            tensors.pop(f"{name}.weight")
+            tensors[f"{name}.weight_packed"] = pack_to_int32(codes.to(torch.int8), 4)
+            tensors[f"{name}.weight_scale"] = scale.squeeze(-1)
+            tensors[f"{name}.weight_shape"] = torch.tensor(list(linear.weight.shape))
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                             "format": "pack-quantized"}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, kernel = load_checkpoint(tmp_path, "cpu")
+    assert kernel == "QuantLinear (14 layers), compressed-tensors codes repacked"
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, len(small_tokenizer), (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs, float_model = (m(ids).logits for m in (model, reference, baseline))
+    assert records_from_model(reference) == []  # decompressed to float on its first forward: nothing packed left
+    assert (ours - theirs).norm() / theirs.norm() < 1e-3
+    assert (ours - float_model).norm() / float_model.norm() > 1e-3  # the quantized weights, not the float ones
