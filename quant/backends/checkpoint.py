@@ -34,6 +34,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be judged; the message names the file and what to fix or install."""
 
 
+@torch.no_grad()  # the packed buffers must be plain tensors (a copy that autograd records cannot be deep-copied)
 def repack_compressed_tensors(model: nn.Module, folder: Path) -> nn.Module:
     """Every compressed-tensors pack-quantized layer onto the suite's QuantLinear: the same integer codes, the
     scales rounded to fp16 (QuantLinear's format; relative change <= 2**-11). compressed-tensors has no packed
