@@ -215,7 +215,8 @@ def quantization_table(report: dict[str, Any]) -> str:
         if key in seen or row.get("skipped_reason"):
             continue
         seen.add(key)
-        lines.append(f"| {row['model']} | {row['quant']} | {row['config']} | {row['quantize_seconds']:.1f} | "
+        built = "– (a checkpoint)" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f}"
+        lines.append(f"| {row['model']} | {row['quant']} | {row['config']} | {built} | "
                      f"{row['calibration'] or 'none'} | {row['fallback_layers']} / {row['quantized_layers']} |")
     return "\n".join(lines)
 

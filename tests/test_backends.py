@@ -301,3 +301,12 @@ def test_a_compressed_tensors_checkpoint_runs_packed_with_the_codes_it_stores(sm
     assert records_from_model(reference) == []  # decompressed to float on its first forward: nothing packed left
     assert (ours - theirs).norm() / theirs.norm() < 1e-3
     assert (ours - float_model).norm() / float_model.norm() > 1e-3  # the quantized weights, not the float ones
+
+
+def test_the_report_names_a_checkpoint_that_was_not_built_here():
+    from quant.report import quantization_table
+
+    row = {"model": "smollm2-135m", "quant": "checkpoint-x", "config": "checkpoint x", "quantize_seconds": None,
+           "calibration": None, "fallback_layers": 0, "quantized_layers": 210}
+    assert "| smollm2-135m | checkpoint-x | checkpoint x | – (a checkpoint) | none | 0 / 210 |" in quantization_table(
+        {"rows": [row]})
