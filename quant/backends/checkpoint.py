@@ -144,6 +144,7 @@ def load_checkpoint(folder: Path, device: str) -> tuple[nn.Module, str]:
     model's."""
     fmt = detect_format(folder)
     validate(folder, fmt)
+    log.info("loading the %s checkpoint %s", fmt, folder)
     _, install = FORMATS[fmt]
     try:
         if fmt in ("gptq", "awq"):
