@@ -12,7 +12,7 @@ import torch
 from quant.config import QuantConfig
 from quant.kernels import INT8_KERNELS, KERNEL_GROUP_SIZES, KERNELS
 from quant.matrix import Case, Matrix
-from quant.methods import get_method
+from quant.backends import get_backend
 from quant.replicas import REPLICAS
 from quant.snapshots import BASELINES, hardware_class
 
@@ -26,6 +26,8 @@ class Step:
 
 def kernel_label(config: QuantConfig, device: str) -> str:
     """The kernel a config's layers are served on (layers whose width does not tile stay on the reference)."""
+    if config.checkpoint or config.backend:
+        return f"the kernel {'its package' if config.checkpoint else config.backend} picks when it loads"
     if config.bits == 4 and (config.group_size or 0) in KERNEL_GROUP_SIZES and device in KERNELS:
         return KERNELS[device].name
     if config.bits == 8 and config.group_size is None and config.sym and device in INT8_KERNELS:
@@ -53,7 +55,9 @@ def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: st
         plan.append(Step(spec.name, f"load {spec.hf_id or spec.gguf_file} ({spec.dtype})", costs.get("load")))
         for quant_name in dict.fromkeys(c.quant_name for c in own):
             config = matrix.quant[quant_name]
-            if get_method(config.method).needs_calibration:
+            if config.checkpoint:
+                seconds, what = costs.get("load"), f"load checkpoint {quant_name} ({config.checkpoint})"
+            elif get_backend(config.backend).needs_calibration(config):
                 samples = limits.get("calib_samples", config.calib_samples)
                 per_block = costs.get("calib_block_128x512", {}).get(spec.name)
                 blocks = _blocks(spec.name)
@@ -63,6 +67,8 @@ def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: st
                         f"{f', {chunk} samples per forward' if chunk else ''}")
             else:
                 seconds, what = costs.get("quantize_uncalibrated"), f"quantize {quant_name}: no calibration"
+            if config.backend:
+                what = f"{what} (backend {config.backend})"
             plan.append(Step(spec.name, f"{what}; served on {kernel_label(config, device)}", seconds))
         for task_name in dict.fromkeys(c.task.name for c in own):
             task = matrix.tasks[task_name]

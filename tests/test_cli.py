@@ -54,6 +54,21 @@ def test_the_gpu_dry_run_prints_the_plan_and_runs_nothing(capsys):
         assert expected in out, expected
 
 
+def test_the_cpu_dry_run_plans_library_backends_and_checkpoints(capsys, tmp_path):
+    """The plan reads calibration from each config's backend (it once asked the in-house methods for GPTQModel's
+    'awq' and stopped), and a checkpoint is loaded, not built."""
+    matrix = tmp_path / "matrix.yaml"
+    raw = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
+    raw["quant"]["handed-over"] = {"checkpoint": str(tmp_path)}
+    raw["cases"] = [{"models": ["smollm2-135m"], "quant": ["gptqmodel-awq-w4g64", "handed-over"], "tasks": ["wikitext"]}]
+    matrix.write_text(yaml.safe_dump(raw))
+    assert main(["report", "--matrix", str(matrix), "--profile", "report", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("quantize gptqmodel-awq-w4g64: 16 x 512 calibration tokens (backend gptqmodel)",
+                     "the kernel gptqmodel picks", f"load checkpoint handed-over ({tmp_path})", "wikitext: "):
+        assert expected in out, out
+
+
 def _gpu_workflow_budget(step: str) -> int:
     """timeout-minutes of a step of .github/workflows/gpu.yml."""
     workflow = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "gpu.yml").read_text())
