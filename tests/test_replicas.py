@@ -234,3 +234,25 @@ def test_the_sensitivity_command_ranks_every_linear_and_proposes_a_mixed_config(
     overrides = written["mixed_precision_overrides"]
     assert overrides and written["ranking"][0]["name"] in overrides
     assert "rtn-w4g128-mixed: " in out and f"{len(overrides)} linears at 8 bits" in out
+
+
+def test_continuations_scored_from_kept_logits_equal_a_full_forward_each(replica):
+    """The choice and rerank evaluators ask each architecture for logits only where continuations are read
+    (``logits_to_keep``, per row of a right-padded batch); against one full forward per (context, continuation):
+    the same log-likelihoods, for one-token and multi-token continuations of different lengths in one batch."""
+    from quant.tasks import continuation_logprobs, text_prefix
+
+    _, model, tokenizer = replica
+    model.float()  # in bf16, batch composition alone moves these sums by ~2e-3; in float32 by ~1e-5
+    requests = [("The tower is", [" tall", " in the city of Paris"]), ("A", [" b"]),
+                ("Rivers run to the sea and the sea is never full", [" of water", " again"])]
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size=3, label="")
+    prefix = text_prefix(tokenizer)
+    for (context, continuations), got in zip(requests, scores):
+        for continuation, score in zip(continuations, got):
+            ctx = prefix + tokenizer(context, add_special_tokens=False).input_ids
+            cont = tokenizer(continuation, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+            expected = float(logprobs[torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1), torch.tensor(cont)].sum())
+            assert score == pytest.approx(expected, abs=1e-4), (context, continuation)
