@@ -87,6 +87,12 @@ def _intact(folder: Path) -> bool:
     return False
 
 
+def has_entry(kind: str, parts: dict[str, Any], root: Path | None = None) -> bool:
+    """Whether a complete, unaltered entry for ``parts`` exists (nothing is built)."""
+    final = (root or cache_dir()) / kind / key_of(parts)
+    return (final / MANIFEST).is_file() and _intact(final)
+
+
 def cached_dir(kind: str, parts: dict[str, Any], build: Callable[[Path], None], root: Path | None = None) -> Path:
     """The folder of the entry for ``parts``, calling ``build(tmp_folder)`` to make it if absent or damaged."""
     root = (root or cache_dir()) / kind

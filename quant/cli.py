@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tier", choices=["cpu", "gpu"], default=None,
                      help="which models to run (default: gpu when CUDA is available, else cpu)")
     run.add_argument("-k", dest="select", default=None, help="only cases whose id contains this text")
+    run.add_argument("--cadence", choices=["default", "slow", "all"], default="default",
+                     help="which cases of matrix.yaml to run: the merge gate's (default; what `make report` fits in "
+                          "20 minutes on 2 CPU cores), the slow cadence's, or all; the others are listed as skipped")
     run.add_argument("--dry-run", action="store_true",
                      help="print the plan (models, configs, tasks, item counts, kernels, snapshots, time) and stop")
     run.add_argument("--hardware", default=None,
@@ -175,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         if not selected:
             raise ConfigError(f"-k {args.select!r} matches no case of {matrix.path}; case ids look like "
                               f"{matrix.cases[0].id}")
-        cases = [c for c in selected if c.model.tier == tier]
+        cases = [c for c in selected if c.model.tier == tier and args.cadence in ("all", c.cadence)]
         skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
+        skipped += [(c, f"cadence {c.cadence}: not run in this report (--cadence {c.cadence} or all runs it)")
+                    for c in selected if c.model.tier == tier and c not in cases]
         if args.dry_run:
             print(plan.describe(matrix, cases, args.profile, tier, args.hardware))
             return 0

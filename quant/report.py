@@ -13,6 +13,7 @@ from quant.matrix import Case
 from quant.models import ModelSpec
 from quant.pipeline import DIVERGENCE_METRICS, Comparison, Workbench, task_metrics
 from quant.perf import PerfSettings, machine_facts, memory_bandwidth, model_bytes, roofline, variant_label
+from quant.tasks import uses_reference
 
 log = logging.getLogger("quant")
 
@@ -161,6 +162,12 @@ def headline(report: dict[str, Any]) -> list[str]:
             cells += [f"{first['model_bytes_quantized'] / 1e6:.0f} ({first['memory_reduction']:.1f}×)",
                       _fmt(speed.get("decode_speedup"), 2) + ("×" if speed.get("decode_speedup") else "")]
             lines.append(f"| {quant} | " + " | ".join(cells) + " |")
+        sizes = {task: max(r["n"] for r in rows if r["task"] == task) for task in tasks}
+        lines += ["", "Items: " + ", ".join(f"{task} {n}" for task, n in sizes.items()) + "."]
+        idle = [task for task in tasks if all(r["verdict"] == "uninformative" for r in rows if r["task"] == task)]
+        if idle:
+            lines.append(f"Uninformative for {model} in every config: {', '.join(idle)} (the baseline is at chance or "
+                         "solves too few items to gate retention on); the profile keeps their item counts small.")
         lines.append("")
     counts = {v: sum(r["verdict"] == v for r in measured) for v in VERDICT_ORDER}
     lines.append(f"Rows: {len(measured)} measured: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".")
@@ -318,7 +325,27 @@ def performance_rows(workbench: Workbench, variants: list[Variant], bandwidth: f
     return rows
 
 
+def evaluate_together(workbench: Workbench, cases: list[Case]) -> None:
+    """Each model's variants of a task that runs the baseline beside them (WikiText) in one pass, one baseline
+    forward per batch for all (``Workbench.evaluate_together``). A variant that cannot be built is left out here;
+    its case reports the error."""
+    groups: dict[tuple[str, str], list[Case]] = {}
+    for case in cases:
+        if uses_reference(case.task):
+            groups.setdefault((case.model.name, case.task.name), []).append(case)
+    for (_, task_name), group in groups.items():
+        ready = []
+        for case in group:
+            try:
+                workbench.quantized(case.model, case.quant_name, case.quant)
+                ready.append(case.quant_name)
+            except Exception as error:
+                log.error("%s: %s", case.id, error)
+        workbench.evaluate_together(group[0].model, task_name, ready)
+
+
 def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str]], command: str) -> dict[str, Any]:
+    evaluate_together(workbench, cases)
     rows = []
     for number, case in enumerate(cases, start=1):
         log.info("case %d/%d: %s", number, len(cases), case.id)

@@ -66,6 +66,10 @@ def load_tasks(path: Path = TASKS_FILE) -> dict[str, TaskSpec]:
 def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed: int) -> list[dict]:
     """The task's deterministic evaluation subset (few-shot exemplars excluded)."""
     items = data.load(task.loader, data_dir)
+    if task.get("id_prefix"):  # e.g. MS MARCO's TREC DL 2019 queries alone: "dl19-"
+        items = [item for item in items if item["id"].startswith(task["id_prefix"])]
+        if not items:
+            raise ConfigError(f"task {task.name!r}: no item id starts with id_prefix {task['id_prefix']!r}")
     if task.kind == "perplexity":
         return items  # one text; ``limit`` counts windows, applied by the evaluator
     chosen = data.subset(items, limit, seed, exclude=set(task.get("fewshot_ids", [])))
@@ -354,36 +358,51 @@ def rank_metrics(ranking: list[dict], judged: list[int], relevant_min: int) -> t
     return stats.ndcg_at_k(grades, judged, 10), stats.mrr_at_k([g >= relevant_min for g in grades], 10)
 
 
-@torch.no_grad()
 def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, label="",
                         reference_model: torch.nn.Module | None = None) -> TaskResult:
     """Perplexity over non-overlapping windows. With ``reference_model`` (the baseline), the statistics of
-    llama.cpp's ``--kl-divergence`` as well: the baseline runs beside the model on each batch, so KL(baseline ||
-    model) is taken per token over the whole vocabulary with nothing vocabulary-sized kept: mean (with its
-    standard error), median and 99th percentile, the same-top-token rate, and ln(PPL(model) / PPL(baseline))."""
+    llama.cpp's ``--kl-divergence`` as well (see ``perplexity_of_models``)."""
+    return perplexity_of_models([model], tokenizer, task, items, limit, label, reference_model)[0]
+
+
+@torch.no_grad()
+def perplexity_of_models(models: list[torch.nn.Module], tokenizer, task: TaskSpec, items, limit=None, label="",
+                         reference_model: torch.nn.Module | None = None) -> list[TaskResult]:
+    """Each model's perplexity over the same non-overlapping windows. With ``reference_model`` (the baseline),
+    it runs beside the models on each batch, so KL(baseline || model) is taken per token over the whole vocabulary
+    with nothing vocabulary-sized kept: mean (with its standard error), median and 99th percentile, the
+    same-top-token rate, and ln(PPL(model) / PPL(baseline)). One reference forward per batch serves every model:
+    N variants cost N + 1 forwards per window, not 2N; each model's result is the one it gets alone."""
     window = task["window"]
     windows = perplexity_windows(tokenizer, items[0]["text"], window)[:limit]
-    device = next(model.parameters()).device
-    records = []
+    device = next(models[0].parameters()).device
+    records: list[list[dict]] = [[] for _ in models]
     for chunk in _batches(range(len(windows)), task.get("batch_size", 4), label, unit="window"):
         ids = torch.stack([windows[i] for i in chunk]).to(device)
-        logprobs = _next_token_logprobs(model, ids)
-        nll = _window_nll(logprobs, ids)
-        if reference_model is not None:
-            base = _next_token_logprobs(reference_model, ids)
-            base_nll = _window_nll(base, ids)
-            kld, same_top = full_kld(base, logprobs), base.argmax(-1) == logprobs.argmax(-1)
-            del base
-        for row, i in enumerate(chunk):
-            record = {"id": f"window-{i}", "nll": float(nll[row]), "tokens": window - 1,
-                      "score": float(nll[row]) / (window - 1), "correct": None}
-            if reference_model is not None:
-                record.update({"base_nll": float(base_nll[row]), "kld_tokens": [round(v, 6) for v in kld[row].tolist()],
-                               "same_top": int(same_top[row].sum())})
-            records.append(record)
+        base = _next_token_logprobs(reference_model, ids) if reference_model is not None else None
+        for model, own in zip(models, records):
+            logprobs = _next_token_logprobs(model, ids)
+            nll = _window_nll(logprobs, ids)
+            if base is not None:
+                base_nll = _window_nll(base, ids)
+                kld, same_top = full_kld(base, logprobs), base.argmax(-1) == logprobs.argmax(-1)
+            del logprobs
+            for row, i in enumerate(chunk):
+                record = {"id": f"window-{i}", "nll": float(nll[row]), "tokens": window - 1,
+                          "score": float(nll[row]) / (window - 1), "correct": None}
+                if base is not None:
+                    record.update({"base_nll": float(base_nll[row]),
+                                   "kld_tokens": [round(v, 6) for v in kld[row].tolist()],
+                                   "same_top": int(same_top[row].sum())})
+                own.append(record)
+        del base
+    return [_perplexity_result(task, own, reference_model is not None) for own in records]
+
+
+def _perplexity_result(task: TaskSpec, records: list[dict], with_reference: bool) -> TaskResult:
     total_tokens = sum(r["tokens"] for r in records)
     metrics = {"perplexity": math.exp(sum(r["nll"] for r in records) / total_tokens)}
-    if reference_model is not None:
+    if with_reference:
         klds = torch.tensor([v for r in records for v in r["kld_tokens"]], dtype=torch.float64)
         metrics.update({
             "mean_kld": float(klds.mean()), "mean_kld_se": float(klds.std() / math.sqrt(len(klds))),

@@ -45,7 +45,7 @@ def test_quantize_refuses_a_calibration_dtype_for_a_method_without_calibration(c
 
 
 def test_the_gpu_dry_run_prints_the_plan_and_runs_nothing(capsys):
-    assert main(["report", "--tier", "gpu", "--profile", "test", "--dry-run", "-k", "gsm8k"]) == 0
+    assert main(["report", "--tier", "gpu", "--profile", "test", "--cadence", "all", "--dry-run", "-k", "gsm8k"]) == 0
     out = capsys.readouterr().out
     if not torch.cuda.is_available():
         assert "CUDA is not available on this machine" in out
@@ -60,13 +60,17 @@ def test_the_cpu_dry_run_plans_library_backends_and_checkpoints(capsys, tmp_path
     matrix = tmp_path / "matrix.yaml"
     raw = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
     raw["quant"]["handed-over"] = {"checkpoint": str(tmp_path)}
-    raw["cases"] = [{"models": ["smollm2-135m"], "quant": ["gptqmodel-awq-w4g64", "handed-over"], "tasks": ["wikitext"]}]
+    raw["cases"] = [{"models": ["smollm2-135m"], "quant": ["gptqmodel-awq-w4g64", "handed-over"], "tasks": ["wikitext"]},
+                    {"models": ["smollm2-135m"], "quant": ["rtn-w8"], "tasks": ["wikitext"], "cadence": "slow"}]
     matrix.write_text(yaml.safe_dump(raw))
     assert main(["report", "--matrix", str(matrix), "--profile", "report", "--dry-run"]) == 0
     out = capsys.readouterr().out
     for expected in ("quantize gptqmodel-awq-w4g64: 16 x 512 calibration tokens (backend gptqmodel)",
                      "the kernel gptqmodel picks", f"load checkpoint handed-over ({tmp_path})", "wikitext: "):
         assert expected in out, out
+    assert "rtn-w8" not in out  # the slow cadence is left out unless asked for
+    assert main(["report", "--matrix", str(matrix), "--profile", "report", "--cadence", "all", "--dry-run"]) == 0
+    assert "quantize rtn-w8: no calibration" in capsys.readouterr().out
 
 
 def _gpu_workflow_budget(step: str) -> int:

@@ -1,4 +1,5 @@
 """Loaders: the shared data as documented, malformed rows named by file and line, deterministic subsets."""
+import dataclasses
 import json
 import types
 
@@ -260,3 +261,17 @@ def test_msmarco_items_hold_what_the_reranker_reads(shared):
     assert sorted(item["candidates"][0]) == ["bm25_rank", "docid", "label", "text"]
     assert [c["bm25_rank"] for c in item["candidates"]] == list(range(1, len(item["candidates"]) + 1))
     assert all(isinstance(c["docid"], str) and c["text"] for c in item["candidates"])
+
+
+def test_the_report_profile_ranks_the_43_trec_dl_2019_queries_alone(shared):
+    """``id_prefix: dl19-`` (matrix.yaml profiles.report.cpu.options.msmarco) keeps TREC DL 2019's queries: all 43
+    of them at the report's limit, none of DL 2020's; a prefix no id has is refused by name."""
+    msmarco = load_tasks()["msmarco"]
+    dl19 = dataclasses.replace(msmarco, options={**msmarco.options, "id_prefix": "dl19-"})
+    chosen = select_items(dl19, shared, 43, seed=1234)
+    assert len(chosen) == len({item["id"] for item in chosen}) == 43
+    assert all(item["id"].startswith("dl19-") for item in chosen)
+    assert len(select_items(dl19, shared, None, seed=1234)) == 43
+    nowhere = dataclasses.replace(msmarco, options={**msmarco.options, "id_prefix": "dl21-"})
+    with pytest.raises(ConfigError, match="task 'msmarco': no item id starts with id_prefix 'dl21-'"):
+        select_items(nowhere, shared, 10, seed=1234)

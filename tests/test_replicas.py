@@ -256,3 +256,33 @@ def test_continuations_scored_from_kept_logits_equal_a_full_forward_each(replica
                 logprobs = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
             expected = float(logprobs[torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1), torch.tensor(cont)].sum())
             assert score == pytest.approx(expected, abs=1e-4), (context, continuation)
+
+
+def test_variants_evaluated_together_share_the_baseline_forward_and_get_what_each_gets_alone(
+        replica, shared_data, tmp_path, monkeypatch):
+    """The report evaluates a model's WikiText variants in one pass: one baseline forward per batch for all of
+    them (KLD needs the baseline's distribution), and each cached result equal to the one it gets alone."""
+    spec, _, _ = replica
+    matrix = load_matrix()
+    matrix = dataclasses.replace(matrix, profiles={"replica": {"gpu": {
+        "wikitext": 4, "calib_samples": 4, "options": {"wikitext": {"window": 128, "batch_size": 2}}}}})
+    variants = ["rtn-w4g128", "rtn-w8", "rtn-w4g32-asym"]
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path / "together"))
+    together = Workbench(matrix, "replica", shared_data)
+    baseline, _ = together.baseline(spec)
+    for quant_name in variants:  # built first: a model deep-copied from the baseline would carry the hook below
+        together.quantized(spec, quant_name, matrix.quant[quant_name])
+    forwards = []
+    handle = baseline.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        together.evaluate_together(spec, "wikitext", variants)
+    finally:
+        handle.remove()
+    assert len(forwards) == 2  # 4 windows in batches of 2, once for the three variants
+    joint = {q: together.evaluate(spec, "wikitext", q) for q in variants}  # read back from the cache
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path / "alone"))
+    alone = Workbench(matrix, "replica", shared_data)
+    for quant_name in variants:
+        result = alone.evaluate(spec, "wikitext", quant_name)
+        assert result.metrics == joint[quant_name].metrics and result.items == joint[quant_name].items, quant_name
+    assert len({r.metrics["mean_kld"] for r in joint.values()}) == 3  # three different models, not one thrice

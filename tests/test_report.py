@@ -62,6 +62,20 @@ def test_the_headline_gives_each_config_its_verdict_per_task_then_the_reasons_an
     assert lines[-1] == ("Skipped, tier gpu: not run in this cpu report: 18 cases (18 rows) of llama-3.2-1b, "
                          "qwen2.5-0.5b, phi-1.5.")
     assert len(lines) <= 40
+    assert "Items: boolq 32, gsm8k 32, wikitext 32." in lines
+    assert not any(line.startswith("Uninformative") for line in lines)  # each task gates at least one config
+
+
+def test_the_headline_names_the_tasks_uninformative_for_a_model_in_every_config():
+    built = _report()
+    for row in built["rows"]:
+        if row["task"] == "gsm8k":
+            row["verdict"], row["n"] = "uninformative", 8
+    lines = report.headline(built)
+    assert "Items: boolq 32, gsm8k 8, wikitext 32." in lines
+    assert [line for line in lines if line.startswith("Uninformative")] == [
+        "Uninformative for smollm2-135m in every config: gsm8k (the baseline is at chance or solves too few items "
+        "to gate retention on); the profile keeps their item counts small."]
 
 
 def test_the_detailed_table_keeps_measured_rows_and_names_kernels_by_a_key(tmp_path):
