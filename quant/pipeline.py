@@ -277,7 +277,8 @@ class Workbench:
                                            self.limits(spec).get(task_name), f"{task_name} [{spec.name} "
                                            f"{len(models)} variants]", reference_model=baseline)
         log.info("%s [%s %s]: in %.1fs", task_name, spec.name, ", ".join(missing), time.perf_counter() - started)
-        for quant_name, result in zip(missing, results):
+        # the baseline's own result came from the same forwards: the last of the list
+        for quant_name, result in zip([*missing, None], results):
             cached_json("results", self.result_parts(spec, task_name, quant_name), lambda r=result: dataclasses.asdict(r))
 
     def compare(self, case: Case, metric: str | None = None) -> Comparison:

@@ -365,6 +365,12 @@ def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, lab
     return perplexity_of_models([model], tokenizer, task, items, limit, label, reference_model)[0]
 
 
+# Positions per pass of the output projection: a [4, 32, 49k] float32 chunk of logits is 25 MB, under glibc's
+# 32 MB mmap threshold, so the allocator reuses it; whole windows' vocabulary-sized tensors (400 MB each, five
+# per model and batch) came as fresh pages every time: 80 million page faults in one cold `make report`.
+LOGIT_CHUNK = 32
+
+
 @torch.no_grad()
 def perplexity_of_models(models: list[torch.nn.Module], tokenizer, task: TaskSpec, items, limit=None, label="",
                          reference_model: torch.nn.Module | None = None) -> list[TaskResult]:
@@ -372,31 +378,48 @@ def perplexity_of_models(models: list[torch.nn.Module], tokenizer, task: TaskSpe
     it runs beside the models on each batch, so KL(baseline || model) is taken per token over the whole vocabulary
     with nothing vocabulary-sized kept: mean (with its standard error), median and 99th percentile, the
     same-top-token rate, and ln(PPL(model) / PPL(baseline)). One reference forward per batch serves every model:
-    N variants cost N + 1 forwards per window, not 2N; each model's result is the one it gets alone."""
+    N variants cost N + 1 forwards per window, not 2N, and the reference's own result comes last in the list.
+    Each model's result is the one it gets alone."""
     window = task["window"]
     windows = perplexity_windows(tokenizer, items[0]["text"], window)[:limit]
     device = next(models[0].parameters()).device
-    records: list[list[dict]] = [[] for _ in models]
+    compared = [*models, reference_model] if reference_model is not None else list(models)
+    nll = [torch.zeros(len(windows), dtype=torch.float64) for _ in compared]
+    kld = [torch.zeros(len(windows), window - 1) for _ in models]
+    same_top = [torch.zeros(len(windows), dtype=torch.long) for _ in models]
     for chunk in _batches(range(len(windows)), task.get("batch_size", 4), label, unit="window"):
         ids = torch.stack([windows[i] for i in chunk]).to(device)
-        base = _next_token_logprobs(reference_model, ids) if reference_model is not None else None
-        for model, own in zip(models, records):
-            logprobs = _next_token_logprobs(model, ids)
-            nll = _window_nll(logprobs, ids)
-            if base is not None:
-                base_nll = _window_nll(base, ids)
-                kld, same_top = full_kld(base, logprobs), base.argmax(-1) == logprobs.argmax(-1)
-            del logprobs
-            for row, i in enumerate(chunk):
-                record = {"id": f"window-{i}", "nll": float(nll[row]), "tokens": window - 1,
-                          "score": float(nll[row]) / (window - 1), "correct": None}
-                if base is not None:
-                    record.update({"base_nll": float(base_nll[row]),
-                                   "kld_tokens": [round(v, 6) for v in kld[row].tolist()],
-                                   "same_top": int(same_top[row].sum())})
-                own.append(record)
-        del base
-    return [_perplexity_result(task, own, reference_model is not None) for own in records]
+        targets = ids[:, 1:]
+        hidden = [model.base_model(ids).last_hidden_state[:, :-1] for model in compared]
+        for start in range(0, window - 1, LOGIT_CHUNK):
+            span = slice(start, start + LOGIT_CHUNK)
+            logprobs = [_logprobs(model, h[:, span]) for model, h in zip(compared, hidden)]
+            for own, lp in zip(nll, logprobs):
+                own[chunk] -= lp.gather(-1, targets[:, span, None]).squeeze(-1).sum(-1).double().cpu()
+            if reference_model is None:
+                continue
+            base = logprobs[-1]
+            p, base_top = base.exp(), base.argmax(-1)
+            for m, lp in enumerate(logprobs[:-1]):
+                same_top[m][chunk] += (lp.argmax(-1) == base_top).sum(-1).cpu()
+                kld[m][chunk, span] = lp.neg_().add_(base).mul_(p).sum(-1).cpu()  # sum_v p_v (log p_v - log q_v), in place
+    results = []
+    for m in range(len(compared)):
+        records = []
+        for i in range(len(windows)):
+            record = {"id": f"window-{i}", "nll": float(nll[m][i]), "tokens": window - 1,
+                      "score": float(nll[m][i]) / (window - 1), "correct": None}
+            if reference_model is not None and m < len(models):
+                record.update({"base_nll": float(nll[-1][i]), "kld_tokens": [round(v, 6) for v in kld[m][i].tolist()],
+                               "same_top": int(same_top[m][i])})
+            records.append(record)
+        results.append(_perplexity_result(task, records, reference_model is not None and m < len(models)))
+    return results
+
+
+def _logprobs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """log p(next token) over the vocabulary from the trunk's last hidden states, in float32."""
+    return torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1)
 
 
 def _perplexity_result(task: TaskSpec, records: list[dict], with_reference: bool) -> TaskResult:
@@ -411,16 +434,6 @@ def _perplexity_result(task: TaskSpec, records: list[dict], with_reference: bool
             "ln_ppl_ratio": (sum(r["nll"] for r in records) - sum(r["base_nll"] for r in records)) / total_tokens,
         })
     return TaskResult(task.name, metrics, records)
-
-
-def _next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) over the vocabulary, [batch, window - 1, vocab], in float32."""
-    return torch.log_softmax(model(ids).logits.float()[:, :-1], -1)
-
-
-def _window_nll(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of each window's tokens after the first, [batch]."""
-    return -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
 def full_kld(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

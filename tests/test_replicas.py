@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import save_model
 
+from quant.cache import has_entry
 from quant.cli import main
 from quant.config import REPO_ROOT, QuantConfig
 from quant.kernels import use_fast_kernels
@@ -273,16 +274,42 @@ def test_variants_evaluated_together_share_the_baseline_forward_and_get_what_eac
     for quant_name in variants:  # built first: a model deep-copied from the baseline would carry the hook below
         together.quantized(spec, quant_name, matrix.quant[quant_name])
     forwards = []
-    handle = baseline.register_forward_hook(lambda *_: forwards.append(1))
+    handle = baseline.base_model.register_forward_hook(lambda *_: forwards.append(1))
     try:
         together.evaluate_together(spec, "wikitext", variants)
     finally:
         handle.remove()
     assert len(forwards) == 2  # 4 windows in batches of 2, once for the three variants
-    joint = {q: together.evaluate(spec, "wikitext", q) for q in variants}  # read back from the cache
+    # the baseline's own result came from the same forwards
+    assert has_entry("results", together.result_parts(spec, "wikitext"))
+    joint = {q: together.evaluate(spec, "wikitext", q) for q in [*variants, None]}  # read back from the cache
     monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path / "alone"))
     alone = Workbench(matrix, "replica", shared_data)
-    for quant_name in variants:
+    for quant_name in [*variants, None]:
         result = alone.evaluate(spec, "wikitext", quant_name)
         assert result.metrics == joint[quant_name].metrics and result.items == joint[quant_name].items, quant_name
-    assert len({r.metrics["mean_kld"] for r in joint.values()}) == 3  # three different models, not one thrice
+    assert len({joint[q].metrics["mean_kld"] for q in variants}) == 3  # three different models, not one thrice
+
+
+@torch.no_grad()
+def test_perplexity_and_kld_from_chunked_logits_equal_a_full_forward(replica):
+    """WikiText's evaluator runs each architecture's trunk, then its output projection (a bias on phi-1.5) 32
+    positions at a time; against the logits of a plain forward: the same NLL per window, KLD per token and
+    same-top-token count, for windows longer than a chunk and not a multiple of it."""
+    from quant.tasks import TaskSpec, evaluate_perplexity, full_kld, perplexity_windows
+
+    _, model, tokenizer = replica
+    model.float()
+    noisy = copy.deepcopy(model)
+    head = noisy.get_output_embeddings()
+    head.weight.add_(0.02 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    task = TaskSpec("wikitext", "wikitext", "perplexity", "perplexity", {"window": 100, "batch_size": 2})
+    text = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 40
+    result = evaluate_perplexity(noisy, tokenizer, task, [{"id": "t", "text": text}], limit=3, reference_model=model)
+    ids = torch.stack(perplexity_windows(tokenizer, text, 100)[:3])
+    base, logprobs = (torch.log_softmax(m(ids).logits[:, :-1].float(), -1) for m in (model, noisy))
+    nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+    assert [r["nll"] for r in result.items] == pytest.approx(nll.tolist(), rel=1e-5)
+    kld = torch.tensor([r["kld_tokens"] for r in result.items])
+    torch.testing.assert_close(kld, full_kld(base, logprobs), rtol=1e-3, atol=2e-6)
+    assert [r["same_top"] for r in result.items] == (base.argmax(-1) == logprobs.argmax(-1)).sum(-1).tolist()
