@@ -2,6 +2,7 @@
 mean KLD per config. Drawn from the report's rows, so a written ``latest.json`` redraws them."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,11 @@ def retention_chart(report: dict[str, Any], path: Path) -> Path | None:
             axis.errorbar(row["retention"], y, xerr=error, fmt="o", capsize=3, color=VERDICT_COLOURS[row["verdict"]])
         axis.set_yticks(range(len(shown)), [r["quant"] for r in shown], fontsize=7)
         axis.axvline(1.0, color="black", linewidth=0.8)
-        axis.set_title(f"{model} {task} ({shown[0]['metric'] if shown else 'no rows'})", fontsize=8)
+        axis.set_title(f"{model} {task} ({shown[0]['metric'] if shown else 'no retention'})", fontsize=8)
+        if not shown:  # measured rows whose retention is undefined say why, instead of an empty panel
+            reason = next(r["verdict_reason"] for r in rows if (r["model"], r["task"]) == (model, task))
+            axis.text(0.5, 0.5, textwrap.fill(reason.split(";")[0], 30), ha="center", va="center", fontsize=8,
+                      transform=axis.transAxes)
         axis.set_xlabel("retention (95% CI)")
         axis.grid(alpha=0.3)
     legend = ", ".join(f"{verdict} = {colour.removeprefix('tab:')}" for verdict, colour in VERDICT_COLOURS.items())
