@@ -418,8 +418,9 @@ def quantize(args: argparse.Namespace) -> int:
         print(f"{args.model} {args.quant}: a checkpoint, loaded with {counts['quantized_layers']} packed layers on "
               f"{built.kernel}")
         return 0
-    print(f"{args.model} {args.quant}: {counts['quantized_layers']} layers quantized in {built.quantize_seconds:.1f} s "
-          f"(recorded when built, saving included; a cached model prints the original time)")
+    peak = "" if built.quantize_peak_bytes is None else f", peak {built.quantize_peak_bytes / 1e6:.0f} MB above what was loaded"
+    print(f"{args.model} {args.quant}: {counts['quantized_layers']} layers quantized in {built.quantize_seconds:.1f} s"
+          f"{peak} (recorded when built, saving included; a cached model prints the original figures)")
     print(f"runs on: {built.kernel}")
     print(f"calibration: {built.calibration or 'none'}")
     if built.calibration and not config.backend:  # the in-house methods log where their time went

@@ -25,7 +25,7 @@ from quant.backends.checkpoint import load_checkpoint
 from quant.methods import LayerRecord
 from quant.kernels import cast_parameters, use_fast_kernels
 from quant.models import ModelSpec, folder_sha256, load_model
-from quant.perf import PerfSettings, dtype_name, measure, variant_label
+from quant.perf import PerfSettings, dtype_name, measure, memory_in_use, peak_memory, variant_label
 from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
 from quant.tasks import (TaskResult, TaskSpec, evaluate, perplexity_of_models, select_items, text_ids,
                          uses_reference)
@@ -44,6 +44,10 @@ class Quantized:
     quantize_seconds: float | None  # None: a checkpoint made elsewhere
     calibration: str | None
     kernel: str  # what runs its quantized layers when it is evaluated
+    # peak memory while quantizing, above what the process held before (the baseline, other models; on a CPU the
+    # resident set's growth, a lower bound when freed pages are reused): None for a checkpoint, a build in a
+    # subprocess, or a cache entry written before this was recorded
+    quantize_peak_bytes: int | None = None
 
     def layer_counts(self) -> dict[str, int]:
         """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
@@ -181,19 +185,23 @@ class Workbench:
                        ) if calibrated else None
 
         def build(folder: Path) -> None:
+            ids = self.calibration(spec, config) if calibrated else None
+            held = memory_in_use(device)
+            peak_memory(device, reset=True)
             started = time.perf_counter()
             log.info("quantizing %s with %s %s (%s)", spec.name, backend.name, config.method, config.label)
-            records = backend.quantize(baseline, tokenizer, config,
-                                       self.calibration(spec, config) if calibrated else None, folder)
-            meta = {"records": [dataclasses.asdict(r) for r in records],
-                    "quantize_seconds": time.perf_counter() - started}
+            records = backend.quantize(baseline, tokenizer, config, ids, folder)
+            seconds, peak = time.perf_counter() - started, peak_memory(device)
+            meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds,
+                    "quantize_peak_bytes": max(peak - held, 0) if backend.runs_in_process and None not in (peak, held)
+                    else None}
             (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
 
         folder = cached_dir("quantized", self.quantized_parts(spec, config), build)
         meta = json.loads((folder / "quantization_log.json").read_text())
         records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
         model, kernel = backend.load(baseline, folder, records, device)
-        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel)
+        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel, meta.get("quantize_peak_bytes"))
 
     def quantized_parts(self, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
         """Everything a quantized model is made from: the weights, the config, the calibration text, and the

@@ -108,7 +108,8 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             "agreement": extra.get("agreement"), "score_correlation": extra.get("score_correlation"),
             **{name: extra.get(name) for name in DIVERGENCE_METRICS},
             "roc_auc_baseline": extra.get("roc_auc_baseline"), "roc_auc_quantized": extra.get("roc_auc_quantized"),
-            "quantize_seconds": quantized.quantize_seconds, "calibration": quantized.calibration,
+            "quantize_seconds": quantized.quantize_seconds, "quantize_peak_bytes": quantized.quantize_peak_bytes,
+            "calibration": quantized.calibration,
             **quantized.layer_counts(), "backend": case.quant.backend or case.quant.method, "kernel": quantized.kernel,
             "skipped_reason": None,
         })
@@ -216,15 +217,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def quantization_table(report: dict[str, Any]) -> str:
-    seen, lines = set(), ["| model | quant | config | quantize s | calibration | fallback layers |", "|---|---|---|---|---|---|"]
+    seen, lines = set(), ["| model | quant | config | quantize s | quantize peak MB above what was loaded | calibration | "
+                          "fallback layers |", "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         key = (row["model"], row["quant"])
         if key in seen or row.get("skipped_reason"):
             continue
         seen.add(key)
         built = "– (a checkpoint)" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f}"
+        peak = row.get("quantize_peak_bytes")
         lines.append(f"| {row['model']} | {row['quant']} | {row['config']} | {built} | "
-                     f"{row['calibration'] or 'none'} | {row['fallback_layers']} / {row['quantized_layers']} |")
+                     f"{'–' if peak is None else f'{peak / 1e6:.0f}'} | {row['calibration'] or 'none'} | "
+                     f"{row['fallback_layers']} / {row['quantized_layers']} |")
     return "\n".join(lines)
 
 

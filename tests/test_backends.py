@@ -308,5 +308,5 @@ def test_the_report_names_a_checkpoint_that_was_not_built_here():
 
     row = {"model": "smollm2-135m", "quant": "checkpoint-x", "config": "checkpoint x", "quantize_seconds": None,
            "calibration": None, "fallback_layers": 0, "quantized_layers": 210}
-    assert "| smollm2-135m | checkpoint-x | checkpoint x | – (a checkpoint) | none | 0 / 210 |" in quantization_table(
+    assert "| smollm2-135m | checkpoint-x | checkpoint x | – (a checkpoint) | – | none | 0 / 210 |" in quantization_table(
         {"rows": [row]})

@@ -313,3 +313,30 @@ def test_perplexity_and_kld_from_chunked_logits_equal_a_full_forward(replica):
     kld = torch.tensor([r["kld_tokens"] for r in result.items])
     torch.testing.assert_close(kld, full_kld(base, logprobs), rtol=1e-3, atol=2e-6)
     assert [r["same_top"] for r in result.items] == (base.argmax(-1) == logprobs.argmax(-1)).sum(-1).tolist()
+
+
+@pytest.mark.parametrize("replica_folder", ["llama-3.2-1b"], indirect=True)
+def test_a_build_records_its_peak_memory_above_what_the_process_held(replica, shared_data, tmp_path, monkeypatch):
+    """Quantizing is timed and its peak memory recorded above what the process held before (the baseline): a
+    build that holds 64 MiB more than RTN needs records about that; a backend that builds in a subprocess
+    records nothing rather than this process's figure."""
+    from quant.backends.inhouse import InHouse
+
+    spec, _, _ = replica
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path))
+    workbench = Workbench(load_matrix(), "test", shared_data)
+    workbench.baseline(spec)
+    original = InHouse.quantize
+
+    def heavier(self, *args):
+        ballast = torch.ones(16 * 2**20)  # 64 MiB, touched
+        records = original(self, *args)
+        del ballast
+        return records
+
+    monkeypatch.setattr(InHouse, "quantize", heavier)
+    built = workbench.quantized(spec, "rtn-w4g128", workbench.matrix.quant["rtn-w4g128"])
+    # the ballast, less what the process freed meanwhile; not the process's whole resident set (over 500 MB here)
+    assert 48 * 2**20 <= built.quantize_peak_bytes <= 100 * 2**20
+    monkeypatch.setattr(InHouse, "runs_in_process", False)
+    assert workbench.quantized(spec, "rtn-w8", workbench.matrix.quant["rtn-w8"]).quantize_peak_bytes is None

@@ -27,6 +27,9 @@ class Backend(abc.ABC):
     methods: ClassVar[tuple[str, ...]]  # the quant config's ``method`` values this backend implements
     distribution: ClassVar[str | None] = None  # the pip distribution whose version enters the cache key
     install: ClassVar[str] = ""
+    # whether quantize() runs in this process, so that its peak memory is this process's (llm-compressor runs in a
+    # subprocess of its own environment: not measured here)
+    runs_in_process: ClassVar[bool] = True
 
     def check(self, config: QuantConfig, where: str) -> None:
         """Refuse, naming the field, a config this backend cannot build."""

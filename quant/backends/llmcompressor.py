@@ -31,6 +31,7 @@ class LLMCompressorBackend(Backend):
     name = "llmcompressor"
     methods = ("gptq",)
     install = "make llmcompressor-env"
+    runs_in_process = False
 
     def version(self) -> str:
         return venv_version(VENV, self.install)
