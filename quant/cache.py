@@ -87,10 +87,14 @@ def _intact(folder: Path) -> bool:
     return False
 
 
+def _complete(folder: Path) -> bool:
+    """An entry whose manifest was written (its build finished) and whose payload is intact."""
+    return (folder / MANIFEST).is_file() and _intact(folder)
+
+
 def has_entry(kind: str, parts: dict[str, Any], root: Path | None = None) -> bool:
     """Whether a complete, unaltered entry for ``parts`` exists (nothing is built)."""
-    final = (root or cache_dir()) / kind / key_of(parts)
-    return (final / MANIFEST).is_file() and _intact(final)
+    return _complete((root or cache_dir()) / kind / key_of(parts))
 
 
 def cached_dir(kind: str, parts: dict[str, Any], build: Callable[[Path], None], root: Path | None = None) -> Path:
@@ -99,10 +103,10 @@ def cached_dir(kind: str, parts: dict[str, Any], build: Callable[[Path], None], 
     root.mkdir(parents=True, exist_ok=True)
     key = key_of(parts)
     final = root / key
-    if (final / MANIFEST).is_file() and _intact(final):
+    if _complete(final):
         return final
     with FileLock(str(final) + ".lock"):
-        if (final / MANIFEST).is_file() and _intact(final):  # another process built it while we waited
+        if _complete(final):  # another process built it while we waited
             return final
         if final.exists():  # a damaged entry, or a stray folder without its manifest, is not an entry
             shutil.rmtree(final)
