@@ -1,16 +1,18 @@
 """perf.measure on a tiny model: every figure present and consistent; the peak-memory reset really resets."""
+import copy
 import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
+from transformers import AttentionInterface
 
 from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.methods import get_method
 from quant.methods.base import quantize_lm_head
-from quant.perf import (CompiledDecoder, PerfSettings, kv_cache_bytes, machine_facts, measure, memory_bandwidth,
+from quant.perf import (KV_HEAD_ATTENTION, CompiledDecoder, PerfSettings, _sdpa_on_kv_heads, kv_cache_bytes, machine_facts, measure, memory_bandwidth,
                         memory_in_use, model_bytes, peak_memory, roofline, weight_bytes_per_token)
 
 SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
@@ -73,6 +75,54 @@ def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quanti
     decoder = CompiledDecoder(model, "cpu", backend)
     for _ in range(2):  # a second prefill starts a fresh cache: the same tokens again
         assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), expected)
+
+
+def test_decoders_of_different_models_never_share_a_compiled_step(tiny_llama):
+    # the step keeps no guards on the model's modules, so only its own compiled entries tell two models apart: a
+    # dense model, then its 4-bit copy on the dequantizing reference (other modules, the same dtypes and cache), then
+    # the dense one again, each its own tokens
+    dense = _varied(tiny_llama)
+    quantized = copy.deepcopy(dense)
+    get_method("rtn").quantize(quantized, QuantConfig(method="rtn", bits=4, group_size=32))
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    for model in (dense, quantized, dense):
+        decoder = CompiledDecoder(model, "cpu", backend="eager")
+        assert torch.equal(decoder.decode(*decoder.prefill(ids, 8), 8), _eager_tokens(model, ids, 8))
+
+
+def test_a_cpu_decode_step_attends_on_the_shared_key_value_heads(tiny_llama, monkeypatch):
+    model = _varied(tiny_llama)  # 4 query heads on 2 key/value heads
+    calls = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, KV_HEAD_ATTENTION,
+                        lambda *args, **kwargs: calls.append(args[1].shape) or _sdpa_on_kv_heads(*args, **kwargs))
+    decoder = CompiledDecoder(model, "cpu", backend="eager")
+    cache, token = decoder.prefill(torch.arange(10)[None], 3)
+    assert not calls  # the prefill runs on the model's own attention
+    decoder.decode(cache, token, 3)
+    assert calls and all(shape[2] == 1 for shape in calls)
+    assert model.config._attn_implementation == "sdpa"  # restored for everything else
+
+
+def test_attention_on_the_shared_heads_equals_attention_on_repeated_heads(tiny_llama):
+    attention = tiny_llama.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 1, 24, generator=generator)
+    key, value = torch.randn(2, 1, 2, 9, 24, generator=generator)
+    mask = torch.arange(9)[None, None, None, :] < 7  # the static cache's empty slots masked out
+    ours, _ = _sdpa_on_kv_heads(attention, query, key, value, mask, scaling=0.2)
+    repeated = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=mask, scale=0.2)
+    assert torch.allclose(ours, repeated.transpose(1, 2), atol=1e-6)
+
+
+def test_a_cuda_decode_step_is_replayed_as_a_captured_graph(tiny_llama, monkeypatch):
+    # CUDA is never here: what the decoder asks torch.compile for on it is checked instead
+    asked = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: asked.update(kwargs) or fn)
+    decoder = CompiledDecoder(tiny_llama, "cuda:0")
+    assert asked["options"]["triton.cudagraphs"] and asked.get("mode") is None
+    assert asked["options"]["guard_filter_fn"] and asked["isolate_recompiles"] and asked["fullgraph"]
+    assert decoder.attention == tiny_llama.config._attn_implementation
 
 
 def test_static_cache_decode_keeps_every_tensor_on_the_models_device(tiny_llama):
