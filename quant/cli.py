@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="a quant config to time (repeat the flag; default: every config the model's cases use)")
     speed.add_argument("--compiled", default="inductor",
                        help="torch.compile backend of the static-cache decode, or 'none' (default: %(default)s)")
+    speed.add_argument("--cpp-wrapper", action="store_true",
+                       help="inductor's C++ wrapper around the compiled step (faster steps, minutes of compiling)")
     speed.add_argument("--profile", default="report", help="profile whose perf settings apply")
     _add_inputs(speed)
     sensitive = commands.add_parser("sensitivity", help="quantize one linear at a time (RTN) and rank them by the "
@@ -247,6 +249,9 @@ def crosscheck_command(args: argparse.Namespace) -> int:
 
 
 def perf_command(args: argparse.Namespace) -> int:
+    if args.cpp_wrapper and args.compiled != "inductor":
+        print(f"quant: --cpp-wrapper is inductor's; it cannot go with --compiled {args.compiled}", file=sys.stderr)
+        return 2
     try:
         matrix = load_matrix(args.matrix)
         _check_names(matrix, args.model, args.quant or [])
@@ -256,8 +261,9 @@ def perf_command(args: argparse.Namespace) -> int:
                     if args.quant is None or v[1] is None]
         variants += [(spec, quant_name, None) for quant_name in args.quant or []]
         device = workbench.device_for(spec)
-        settings = dataclasses.replace(workbench.perf_settings(spec),
-                                       compiled=None if args.compiled == "none" else args.compiled)
+        profile_settings = workbench.perf_settings(spec)
+        settings = dataclasses.replace(profile_settings, compiled=None if args.compiled == "none" else args.compiled,
+                                       cpp_wrapper=args.cpp_wrapper or profile_settings.cpp_wrapper)
         bandwidth = memory_bandwidth(device)
         print(f"memory bandwidth of {device}: {bandwidth / 1e9:.1f} GB/s (copy of a 256 MiB buffer, best of 5)",
               flush=True)

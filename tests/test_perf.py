@@ -63,8 +63,10 @@ def _varied(model):
     return model
 
 
-@pytest.mark.parametrize("quantized,backend", [(False, "eager"), (True, "eager"), (True, "inductor")])
-def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quantized, backend):
+@pytest.mark.parametrize("quantized,backend,cpp_wrapper", [
+    (False, "eager", False), (True, "eager", False), (True, "inductor", False),
+    (True, "inductor", True)])
+def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quantized, backend, cpp_wrapper):
     model = _varied(tiny_llama)
     if quantized:  # the int4 kernel inside the compiled graph
         get_method("rtn").quantize(model, QuantConfig(method="rtn", bits=4, group_size=32))
@@ -72,7 +74,7 @@ def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quanti
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     expected = _eager_tokens(model, ids, 10)
     assert len(set(expected[0].tolist())) > 3
-    decoder = CompiledDecoder(model, "cpu", backend)
+    decoder = CompiledDecoder(model, "cpu", backend, cpp_wrapper)
     for _ in range(2):  # a second prefill starts a fresh cache: the same tokens again
         assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), expected)
 
@@ -115,7 +117,7 @@ def test_attention_on_the_shared_heads_equals_attention_on_repeated_heads(tiny_l
     assert torch.allclose(ours, repeated.transpose(1, 2), atol=1e-6)
 
 
-def test_a_cuda_decode_step_is_replayed_as_a_captured_graph(tiny_llama, monkeypatch):
+def test_what_the_decoder_asks_torch_compile_for_on_each_device(tiny_llama, monkeypatch):
     # CUDA is never here: what the decoder asks torch.compile for on it is checked instead
     asked = {}
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: asked.update(kwargs) or fn)
@@ -123,6 +125,13 @@ def test_a_cuda_decode_step_is_replayed_as_a_captured_graph(tiny_llama, monkeypa
     assert asked["options"]["triton.cudagraphs"] and asked.get("mode") is None
     assert asked["options"]["guard_filter_fn"] and asked["isolate_recompiles"] and asked["fullgraph"]
     assert decoder.attention == tiny_llama.config._attn_implementation
+    CompiledDecoder(tiny_llama, "cpu", cpp_wrapper=True)
+    assert asked["options"]["cpp_wrapper"] and not asked["options"]["triton.cudagraphs"]
+
+
+def test_the_cpp_wrapper_is_refused_where_nothing_is_compiled(tiny_llama):
+    with pytest.raises(ValueError, match="cpp_wrapper is an inductor option"):
+        CompiledDecoder(tiny_llama, "cpu", backend="eager", cpp_wrapper=True)
 
 
 def test_static_cache_decode_keeps_every_tensor_on_the_models_device(tiny_llama):
