@@ -26,9 +26,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quant.qlinear import model_bytes
 
-__all__ = ["CompiledDecoder", "PerfSettings", "Timer", "decode", "dtype_name", "kv_cache_bytes", "machine_facts", "measure",
-           "memory_bandwidth", "memory_in_use", "model_bytes", "peak_memory", "roofline",
-           "prefill", "variant_label", "weight_bytes_per_token"]
+__all__ = ["KV_HEAD_ATTENTION", "CompiledDecoder", "PerfSettings", "Timer", "attention_implementation", "decode",
+           "dtype_name", "kv_cache_bytes", "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes",
+           "peak_memory", "prefill", "roofline", "sdpa_on_kv_heads", "variant_label", "weight_bytes_per_token"]
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -129,7 +129,7 @@ def decode(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps: int) 
 KV_HEAD_ATTENTION = "quant_sdpa_on_kv_heads"
 
 
-def _sdpa_on_kv_heads(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def sdpa_on_kv_heads(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, except for one query token under a mask (a decode step on a static cache):
     there its traced path repeats every key/value head once per query head sharing it, a copy of the whole cache
@@ -142,7 +142,7 @@ def _sdpa_on_kv_heads(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(KV_HEAD_ATTENTION, _sdpa_on_kv_heads)
+AttentionInterface.register(KV_HEAD_ATTENTION, sdpa_on_kv_heads)
 AttentionMaskInterface.register(KV_HEAD_ATTENTION, sdpa_mask)
 
 
@@ -167,7 +167,7 @@ class CompiledDecoder:
     The model must not change once the decoder is made: the step keeps no guards on its modules (checking every
     parameter before each step cost about 1 ms per token on this CPU), and its compiled entries are its own
     (``isolate_recompiles``), so another decoder's model never runs through them. On the CPU the step attends
-    on the shared key/value heads (``_sdpa_on_kv_heads``); on CUDA it stays on transformers' SDPA path, whose
+    on the shared key/value heads (``sdpa_on_kv_heads``); on CUDA it stays on transformers' SDPA path, whose
     masked GQA would fall back to the math kernel there."""
 
     def __init__(self, model: torch.nn.Module, device: str, backend: str = "inductor", cpp_wrapper: bool = False

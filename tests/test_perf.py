@@ -12,8 +12,9 @@ from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.methods import get_method
 from quant.methods.base import quantize_lm_head
-from quant.perf import (KV_HEAD_ATTENTION, CompiledDecoder, PerfSettings, _sdpa_on_kv_heads, kv_cache_bytes, machine_facts, measure, memory_bandwidth,
-                        memory_in_use, model_bytes, peak_memory, roofline, weight_bytes_per_token)
+from quant.perf import (KV_HEAD_ATTENTION, CompiledDecoder, PerfSettings, kv_cache_bytes, machine_facts, measure,
+                        memory_bandwidth, memory_in_use, model_bytes, peak_memory, roofline, sdpa_on_kv_heads,
+                        weight_bytes_per_token)
 
 SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
                      warmup=0, repeats=1)
@@ -96,7 +97,7 @@ def test_a_cpu_decode_step_attends_on_the_shared_key_value_heads(tiny_llama, mon
     model = _varied(tiny_llama)  # 4 query heads on 2 key/value heads
     calls = []
     monkeypatch.setitem(AttentionInterface._global_mapping, KV_HEAD_ATTENTION,
-                        lambda *args, **kwargs: calls.append(args[1].shape) or _sdpa_on_kv_heads(*args, **kwargs))
+                        lambda *args, **kwargs: calls.append(args[1].shape) or sdpa_on_kv_heads(*args, **kwargs))
     decoder = CompiledDecoder(model, "cpu", backend="eager")
     cache, token = decoder.prefill(torch.arange(10)[None], 3)
     assert not calls  # the prefill runs on the model's own attention
@@ -111,7 +112,7 @@ def test_attention_on_the_shared_heads_equals_attention_on_repeated_heads(tiny_l
     query = torch.randn(1, 4, 1, 24, generator=generator)
     key, value = torch.randn(2, 1, 2, 9, 24, generator=generator)
     mask = torch.arange(9)[None, None, None, :] < 7  # the static cache's empty slots masked out
-    ours, _ = _sdpa_on_kv_heads(attention, query, key, value, mask, scaling=0.2)
+    ours, _ = sdpa_on_kv_heads(attention, query, key, value, mask, scaling=0.2)
     repeated = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=mask, scale=0.2)
     assert torch.allclose(ours, repeated.transpose(1, 2), atol=1e-6)
