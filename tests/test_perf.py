@@ -130,6 +130,15 @@ def test_what_the_decoder_asks_torch_compile_for_on_each_device(tiny_llama, monk
     assert asked["options"]["cpp_wrapper"] and not asked["options"]["triton.cudagraphs"]
 
 
+def test_inductor_takes_what_the_decoder_asks_for_on_cuda(tiny_llama):
+    # CUDA's options and attention compiled for a model on the CPU (captured graphs pass over CPU tensors): the
+    # options are ones inductor accepts, and the step generates the eager loop's tokens
+    model = _varied(tiny_llama)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    decoder = CompiledDecoder(model, "cuda:0")
+    assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), _eager_tokens(model, ids, 10))
+
+
 def test_the_cpp_wrapper_is_refused_where_nothing_is_compiled(tiny_llama):
     with pytest.raises(ValueError, match="cpp_wrapper is an inductor option"):
         CompiledDecoder(tiny_llama, "cpu", backend="eager", cpp_wrapper=True)
