@@ -44,7 +44,7 @@ def test_peak_memory_is_the_models_weights_plus_what_inference_adds(tiny_llama, 
     assert peak_memory("cpu") > resident.numel() * 4 > result["peak_memory_bytes"]
 
 
-def _eager_tokens(model, ids, steps):
+def eager_tokens(model, ids, steps):
     with torch.no_grad():
         out = model(ids, use_cache=True)
         cache, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
@@ -54,7 +54,7 @@ def _eager_tokens(model, ids, steps):
     return torch.cat(tokens, dim=1)
 
 
-def _varied(model):
+def varied(model):
     """A tiny random model whose greedy continuation changes from token to token (at initialisation it repeats one
     token, which would hide a wrong cache position)."""
     torch.manual_seed(3)
@@ -68,12 +68,12 @@ def _varied(model):
     (False, "eager", False), (True, "eager", False), (True, "inductor", False),
     (True, "inductor", True)])
 def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quantized, backend, cpp_wrapper):
-    model = _varied(tiny_llama)
+    model = varied(tiny_llama)
     if quantized:  # the int4 kernel inside the compiled graph
         get_method("rtn").quantize(model, QuantConfig(method="rtn", bits=4, group_size=32))
         use_fast_kernels(model)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
-    expected = _eager_tokens(model, ids, 10)
+    expected = eager_tokens(model, ids, 10)
     assert len(set(expected[0].tolist())) > 3
     decoder = CompiledDecoder(model, "cpu", backend, cpp_wrapper)
     for _ in range(2):  # a second prefill starts a fresh cache: the same tokens again
@@ -84,17 +84,17 @@ def test_decoders_of_different_models_never_share_a_compiled_step(tiny_llama):
     # the step keeps no guards on the model's modules, so only its own compiled entries tell two models apart: a
     # dense model, then its 4-bit copy on the dequantizing reference (other modules, the same dtypes and cache), then
     # the dense one again, each its own tokens
-    dense = _varied(tiny_llama)
+    dense = varied(tiny_llama)
     quantized = copy.deepcopy(dense)
     get_method("rtn").quantize(quantized, QuantConfig(method="rtn", bits=4, group_size=32))
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     for model in (dense, quantized, dense):
         decoder = CompiledDecoder(model, "cpu", backend="eager")
-        assert torch.equal(decoder.decode(*decoder.prefill(ids, 8), 8), _eager_tokens(model, ids, 8))
+        assert torch.equal(decoder.decode(*decoder.prefill(ids, 8), 8), eager_tokens(model, ids, 8))
 
 
 def test_a_cpu_decode_step_attends_on_the_shared_key_value_heads(tiny_llama, monkeypatch):
-    model = _varied(tiny_llama)  # 4 query heads on 2 key/value heads
+    model = varied(tiny_llama)  # 4 query heads on 2 key/value heads
     calls = []
     monkeypatch.setitem(AttentionInterface._global_mapping, KV_HEAD_ATTENTION,
                         lambda *args, **kwargs: calls.append(args[1].shape) or sdpa_on_kv_heads(*args, **kwargs))
@@ -133,10 +133,10 @@ def test_what_the_decoder_asks_torch_compile_for_on_each_device(tiny_llama, monk
 def test_inductor_takes_what_the_decoder_asks_for_on_cuda(tiny_llama):
     # CUDA's options and attention compiled for a model on the CPU (captured graphs pass over CPU tensors): the
     # options are ones inductor accepts, and the step generates the eager loop's tokens
-    model = _varied(tiny_llama)
+    model = varied(tiny_llama)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     decoder = CompiledDecoder(model, "cuda:0")
-    assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), _eager_tokens(model, ids, 10))
+    assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), eager_tokens(model, ids, 10))
 
 
 def test_the_cpp_wrapper_is_refused_where_nothing_is_compiled(tiny_llama):

@@ -21,11 +21,13 @@ from quant.matrix import load_matrix
 from quant.methods import get_method
 from quant.methods.gsq import SCALING_GROUPS, foldable, scale_group
 from quant.models import load_model
+from quant.perf import CompiledDecoder
 from quant.backends.inhouse import restore_quantized
 from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear
 from tests.meta_device import META, KernelCalls, devices
 from tests.test_kernels import RELATIVE_TOLERANCE
+from tests.test_perf import eager_tokens, varied
 
 # The small replicas' input widths are 192 and 512: g64 divides both, g128 only 512 (192 falls back to g64).
 GROUP_SIZES = {64: set(), 128: {192}}
@@ -240,6 +242,17 @@ def test_the_sensitivity_command_ranks_every_linear_and_proposes_a_mixed_config(
     overrides = written["mixed_precision_overrides"]
     assert overrides and written["ranking"][0]["name"] in overrides
     assert "rtn-w4g128-mixed: " in out and f"{len(overrides)} linears at 8 bits" in out
+
+
+def test_the_static_cache_decode_generates_the_eager_loops_tokens_on_each_architecture(replica):
+    """The compiled decoder's path (a static cache; on the CPU attention on the shared key/value heads), run by the
+    eager backend, against the eager loop on a dynamic cache: llama and qwen2 share heads, phi does not."""
+    model = varied(replica[1].float())
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    expected = eager_tokens(model, ids, 12)
+    assert len(set(expected[0].tolist())) > 3  # a constant continuation would hide a wrong cache position
+    decoder = CompiledDecoder(model, "cpu", backend="eager")
+    assert torch.equal(decoder.decode(*decoder.prefill(ids, 12), 12), expected)
 
 
 def test_continuations_scored_from_kept_logits_equal_a_full_forward_each(replica):
