@@ -26,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quant.qlinear import model_bytes
 
-__all__ = ["KV_HEAD_ATTENTION", "CompiledDecoder", "PerfSettings", "Timer", "attention_implementation", "decode",
+__all__ = ["KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Timer", "attention_implementation", "decode",
            "dtype_name", "kv_cache_bytes", "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes",
            "peak_memory", "prefill", "roofline", "sdpa_on_kv_heads", "variant_label", "weight_bytes_per_token"]
 
@@ -226,6 +226,21 @@ def memory_in_use(device: str) -> int | None:
     return _proc_status_bytes("VmRSS:") if PROC_STATUS.exists() else None
 
 
+class PeakAboveHeld:
+    """The most memory in use, since it was made, above what was in use then (the peak counter is reset when it is
+    made): what a piece of work allocated on top of what the process already held, such as the baseline beside a
+    quantized model. On a CPU that is resident-set growth, a lower bound: pages the allocator kept from earlier work
+    are reused without growing it. None where memory cannot be read."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.held = device, memory_in_use(device)
+        peak_memory(device, reset=True)
+
+    def read(self) -> int | None:
+        peak = peak_memory(self.device)
+        return None if peak is None or self.held is None else max(peak - self.held, 0)
+
+
 def _proc_status_bytes(field: str) -> int:
     line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith(field))
     return int(line.split()[1]) * 1024
@@ -289,16 +304,14 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
     timer = Timer(device)
     ids = prompt[:, : settings.prompt_tokens].to(device)
     batch_ids = prompt[:, : settings.batch_prompt_tokens].repeat(settings.batch, 1).to(device)
-    in_use = memory_in_use(device)  # other models this process holds (the baseline beside a quantized one) too
-    peak_memory(device, reset=True)
+    above_held = PeakAboveHeld(device)
     ttft = _median(timer, settings, lambda: None, lambda _: prefill(model, ids))
     decode_seconds = _median(timer, settings, lambda: prefill(model, ids),
                              lambda state: decode(model, *state, settings.new_tokens))
     batch_seconds = _median(timer, settings, lambda: prefill(model, batch_ids),
                             lambda state: decode(model, *state, settings.batch_new_tokens))
     # read before the compiled decode: compiling is not serving
-    peak, weights = peak_memory(device), model_bytes(model)
-    working = None if peak is None or in_use is None else max(peak - in_use, 0)
+    working, weights = above_held.read(), model_bytes(model)
     compiled = {}
     if settings.compiled:
         decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper)
@@ -315,8 +328,7 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
         "batch": settings.batch,
         "batch_decode_tokens_per_s": settings.batch * settings.batch_new_tokens / batch_seconds,
         # what serving this model takes: its weights, plus the most that inference allocated on top of what was in
-        # use before (activations, KV caches). On a CPU that is resident-set growth, a lower bound: pages that
-        # the allocator kept from earlier work are reused without growing it.
+        # use before (activations, KV caches; PeakAboveHeld)
         "working_memory_bytes": working,
         "peak_memory_bytes": None if working is None else weights + working,
         "model_bytes": weights,

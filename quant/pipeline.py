@@ -25,7 +25,7 @@ from quant.backends.checkpoint import load_checkpoint
 from quant.methods import LayerRecord
 from quant.kernels import cast_parameters, use_fast_kernels
 from quant.models import ModelSpec, folder_sha256, load_model
-from quant.perf import PerfSettings, dtype_name, measure, memory_in_use, peak_memory, variant_label
+from quant.perf import PeakAboveHeld, PerfSettings, dtype_name, measure, variant_label
 from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
 from quant.tasks import (TaskResult, TaskSpec, evaluate, perplexity_of_models, select_items, text_ids,
                          uses_reference)
@@ -186,15 +186,13 @@ class Workbench:
 
         def build(folder: Path) -> None:
             ids = self.calibration(spec, config) if calibrated else None
-            held = memory_in_use(device)
-            peak_memory(device, reset=True)
+            above_held = PeakAboveHeld(device)
             started = time.perf_counter()
             log.info("quantizing %s with %s %s (%s)", spec.name, backend.name, config.method, config.label)
             records = backend.quantize(baseline, tokenizer, config, ids, folder)
-            seconds, peak = time.perf_counter() - started, peak_memory(device)
+            seconds, peak = time.perf_counter() - started, above_held.read()
             meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds,
-                    "quantize_peak_bytes": max(peak - held, 0) if backend.runs_in_process and None not in (peak, held)
-                    else None}
+                    "quantize_peak_bytes": peak if backend.runs_in_process else None}
             (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
 
         folder = cached_dir("quantized", self.quantized_parts(spec, config), build)

@@ -339,7 +339,7 @@ def test_a_build_records_its_peak_memory_above_what_the_process_held(replica, sh
     before the build and read after it (here a counter that the build itself raises by 64 MB, since a real
     allocation may reuse freed pages and not move the resident set); a backend that builds in a subprocess records
     nothing rather than this process's figure."""
-    from quant import pipeline
+    from quant import perf
     from quant.backends.inhouse import InHouse
 
     spec, _, _ = replica
@@ -353,8 +353,8 @@ def test_a_build_records_its_peak_memory_above_what_the_process_held(replica, sh
             counter["peak"] = counter["held"]
         return int(counter["peak"])
 
-    monkeypatch.setattr(pipeline, "memory_in_use", lambda device: int(counter["held"]))
-    monkeypatch.setattr(pipeline, "peak_memory", peak_memory)
+    monkeypatch.setattr(perf, "memory_in_use", lambda device: int(counter["held"]))
+    monkeypatch.setattr(perf, "peak_memory", peak_memory)
     original = InHouse.quantize
 
     def heavier(self, *args):
