@@ -82,7 +82,8 @@ class QuantConfig:
     calib_tokens: int = 512
     calib_seed: int = 0
     # Calibration samples per forward of a block (None: all at once). Bounds the peak memory of a block's
-    # activations; the codes are the same bits for every chunk on the CPU (tests/test_methods.py).
+    # activations. The statistics sum sample by sample, so chunks change no sum's order; a block forward over fewer
+    # rows may still round differently on some kernels, so codes are equal up to rounding ties (tests/rounding.py).
     calib_chunk: int | None = None
     layer_overrides: tuple[tuple[str, Any], ...] = ()
     # The output projection stays in full precision unless lm_head_bits is set: then RTN puts it on its own grid

@@ -14,6 +14,7 @@ from quant.qlinear import QuantLinear
 # |fast - ref| <= 1e-2 x max|ref| (measured: 3e-3 on these layers).
 RELATIVE_TOLERANCE = 1e-2
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+pytestmark = pytest.mark.float_sensitive  # every test here compares two kernels
 
 
 def _layer(out_features, in_features, group_size, sym, bits=4, seed=0):

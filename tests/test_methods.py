@@ -13,6 +13,7 @@ from quant.methods import get_method
 from quant.methods import gsq
 from quant.methods.base import block_linears, dequantize, quantize_lm_head, rtn_codes
 from tests.glibc import glibc_mallinfo
+from tests.rounding import assert_same_up_to_rounding
 from quant.methods.gptq import GPTQ
 from quant.methods.gsq import _search_scale
 from quant.backends.inhouse import restore_quantized
@@ -149,6 +150,7 @@ def test_gsq_leaves_grouped_query_v_to_o_unscaled_unless_asked(tiny_llama, calib
         assert config.label == ("w4g32-sym-xs" if explicit else "w4g32-sym")
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("method", ["gptq", "gsq"])
 def test_calibration_in_chunks_cuts_a_per_sample_attention_mask(tiny_llama, calibration_ids, method):
     """Eager attention passes every block a mask with one row per sample; a chunk must get its own rows (a mask
@@ -158,8 +160,9 @@ def test_calibration_in_chunks_cuts_a_per_sample_attention_mask(tiny_llama, cali
     for chunk in (None, 3):
         model = copy.deepcopy(tiny_llama)
         get_method(method).quantize(model, QuantConfig(method=method, group_size=32, calib_chunk=chunk), calibration_ids)
-        built.append(model.state_dict())
-    assert all(torch.equal(built[0][name], built[1][name]) for name in built[0])
+        built.append(model)
+    # equal up to rounding, not bit for bit: a forward over 3 rows may sum in another order than over 8
+    assert_same_up_to_rounding(tiny_llama, *built, calibration_ids[:2], "calib_chunk=3")
 
 
 @pytest.mark.parametrize("method,extra", [("rtn", {}), ("gptq", {"act_order": True}), ("gsq", {"clip_search": True})])
@@ -209,6 +212,7 @@ def test_a_config_without_an_lm_head_setting_keeps_its_identity():
         QuantConfig(lm_head_bits=9)
 
 
+@pytest.mark.float_sensitive
 @torch.no_grad()
 def test_gptq_tracks_the_baseline_better_than_rtn(tiny_llama, calibration_ids):
     # (GSQ is not asked for here: a randomly initialised model has no salient channels to protect; its
@@ -252,6 +256,7 @@ def test_gptq_calibrates_each_linear_on_the_already_quantized_layers_before_it(t
     assert not torch.allclose(used, original_inputs[0], atol=1e-3)  # 2-bit q/k/v changed what o_proj sees
 
 
+@pytest.mark.float_sensitive
 @torch.no_grad()
 def test_gptq_bfloat16_calibration_casts_the_forward_not_the_quantization(tiny_llama, calibration_ids, monkeypatch):
     """calib_dtype bfloat16 runs the blocks' matmuls in bf16; Hessians and the column loop stay float32. The first
@@ -306,6 +311,7 @@ HEAP_PROBE = """
 import torch
 from quant.methods.base import reused_heap
 from tests.glibc import glibc_mallinfo
+from tests.rounding import assert_same_up_to_rounding
 
 mallinfo = glibc_mallinfo()
 

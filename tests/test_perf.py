@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.methods import get_method
 from quant.methods.base import quantize_lm_head
+from tests.rounding import assert_greedy_choices, eager_greedy
 from quant.perf import (KV_HEAD_ATTENTION, CompiledDecoder, PerfSettings, kv_cache_bytes, machine_facts, measure,
                         memory_bandwidth, memory_in_use, model_bytes, peak_memory, roofline, sdpa_on_kv_heads,
                         weight_bytes_per_token)
@@ -23,8 +25,10 @@ SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_token
 def test_measure_reports_latency_throughput_and_memory(tiny_llama, calibration_ids):
     get_method("rtn").quantize(tiny_llama, QuantConfig(method="rtn", bits=4, group_size=32))
     use_fast_kernels(tiny_llama)
+    # a decode step that takes at least 20 ms: a measurement that times decode steps reads at least that
+    tiny_llama.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.02) if _[1][0].shape[1] == 1 else None)
     result = measure(tiny_llama, calibration_ids[:1], "cpu", SHORT)
-    assert result["decode_tokens_per_s"] == pytest.approx(1000 / result["decode_ms_per_token"])
+    assert result["decode_ms_per_token"] >= 20 and result["decode_tokens_per_s"] <= 50
     assert result["output_tokens_per_s"] < result["decode_tokens_per_s"]  # the prefill counts against it
     assert result["ttft_ms"] > 0 and result["batch_decode_tokens_per_s"] > 0
     assert result["batch"] == 2 and result["settings"]["new_tokens"] == 4
@@ -44,14 +48,10 @@ def test_peak_memory_is_the_models_weights_plus_what_inference_adds(tiny_llama, 
     assert peak_memory("cpu") > resident.numel() * 4 > result["peak_memory_bytes"]
 
 
-def eager_tokens(model, ids, steps):
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
-        for _ in range(steps):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            tokens.append(token)
-    return torch.cat(tokens, dim=1)
+def decoded(decoder: CompiledDecoder, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """The decoder's greedy continuation: the prefill's token, then ``steps`` decoded ones."""
+    cache, first = decoder.prefill(ids, steps)
+    return torch.cat([first, decoder.decode(cache, first, steps)], dim=1)
 
 
 def varied(model):
@@ -64,6 +64,7 @@ def varied(model):
     return model
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("quantized,backend,cpp_wrapper", [
     (False, "eager", False), (True, "eager", False), (True, "inductor", False),
     (True, "inductor", True)])
@@ -73,11 +74,10 @@ def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quanti
         get_method("rtn").quantize(model, QuantConfig(method="rtn", bits=4, group_size=32))
         use_fast_kernels(model)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
-    expected = eager_tokens(model, ids, 10)
-    assert len(set(expected[0].tolist())) > 3
+    assert len(set(eager_greedy(model, ids, 10)[0].tolist())) > 3
     decoder = CompiledDecoder(model, "cpu", backend, cpp_wrapper)
     for _ in range(2):  # a second prefill starts a fresh cache: the same tokens again
-        assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), expected)
+        assert_greedy_choices(model, ids, decoded(decoder, ids, 10))
 
 
 def test_decoders_of_different_models_never_share_a_compiled_step(tiny_llama):
@@ -90,7 +90,7 @@ def test_decoders_of_different_models_never_share_a_compiled_step(tiny_llama):
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     for model in (dense, quantized, dense):
         decoder = CompiledDecoder(model, "cpu", backend="eager")
-        assert torch.equal(decoder.decode(*decoder.prefill(ids, 8), 8), eager_tokens(model, ids, 8))
+        assert_greedy_choices(model, ids, decoded(decoder, ids, 8))
 
 
 def test_a_cpu_decode_step_attends_on_the_shared_key_value_heads(tiny_llama, monkeypatch):
@@ -106,6 +106,7 @@ def test_a_cpu_decode_step_attends_on_the_shared_key_value_heads(tiny_llama, mon
     assert model.config._attn_implementation == "sdpa"  # restored for everything else
 
 
+@pytest.mark.float_sensitive
 def test_attention_on_the_shared_heads_equals_attention_on_repeated_heads(tiny_llama):
     attention = tiny_llama.model.layers[0].self_attn
     generator = torch.Generator().manual_seed(0)
@@ -136,7 +137,7 @@ def test_inductor_takes_what_the_decoder_asks_for_on_cuda(tiny_llama):
     model = varied(tiny_llama)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     decoder = CompiledDecoder(model, "cuda:0")
-    assert torch.equal(decoder.decode(*decoder.prefill(ids, 10), 10), eager_tokens(model, ids, 10))
+    assert_greedy_choices(model, ids, decoded(decoder, ids, 10))
 
 
 def test_the_cpp_wrapper_is_refused_where_nothing_is_compiled(tiny_llama):

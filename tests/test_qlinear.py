@@ -30,11 +30,16 @@ def test_rtn_error_within_half_a_step(bits, sym, group_size):
 
 
 def test_find_params_keeps_zero_on_the_grid():
-    w = torch.tensor([[0.5, 1.0, 2.0], [-3.0, -1.0, -0.5]])
+    """A weight of 0 (padding, pruned channels) quantizes to a code that dequantizes to exactly 0, and the grid
+    spans each row's range, so no weight is clipped by more than half a step."""
+    w = torch.tensor([[0.5, 1.0, 2.0, 0.0], [-3.0, -1.0, -0.5, 0.0], [-0.3, 0.7, 0.1, 0.0]])
     for sym in (True, False):
         scale, zero = find_params(w, 4, sym)
-        assert torch.allclose(scale * (zero - zero), torch.zeros_like(scale))
-        assert ((zero >= 0) & (zero <= 15)).all()
+        assert torch.equal(zero, zero.round()) and ((zero >= 0) & (zero <= 15)).all()
+        codes = torch.clamp(torch.round(w / scale) + zero, 0, 15)
+        dequantized = scale * (codes - zero)
+        assert (dequantized[:, -1] == 0).all()
+        assert ((dequantized - w).abs() <= scale / 2 * (1 + 1e-6)).all()
 
 
 def test_forward_matches_dense_layer_on_dequantized_weight():

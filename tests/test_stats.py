@@ -83,12 +83,6 @@ def test_full_kld_is_torchs_kl_divergence_over_the_whole_vocabulary():
     assert torch.allclose(full_kld(p, p), torch.zeros(5), atol=1e-6)
     expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p || q)
     torch.testing.assert_close(full_kld(p, q), expected)
-    # what the earlier estimator missed: mass outside p's top 10 carries most of this divergence
-    top = p.topk(10, dim=-1).indices
-    p_top, q_top = p.gather(-1, top).exp(), q.gather(-1, top).exp()
-    bucketed = (p_top * (p_top.log() - q_top.log())).sum(-1) + (1 - p_top.sum(-1)) * (
-        (1 - p_top.sum(-1)).log() - (1 - q_top.sum(-1)).log())
-    assert (bucketed < full_kld(p, q)).all()
 
 
 def test_divergence_bounds_turn_a_pass_into_a_fail():

@@ -8,7 +8,9 @@ outputs. With the calibration set in one forward, that forward quantizes each li
 it and its output is the block's output. In chunks of samples (``calib_chunk``), each pass over the chunks
 accumulates the Hessian of the next linears reached (those reading one input) and stops each forward there;
 they are quantized on the last chunk, and a final pass gives the block's output. H sums the tokens sample by
-sample, so it has the same bits however the set is chunked, and so do the codes.
+sample, so for the same inputs it has the same bits however the set is chunked. The inputs themselves come from
+block forwards over chunk-sized batches, which some matmul kernels round differently (AMX for bf16), so the codes
+are the unchunked ones up to rounding ties (tests/rounding.py says how close).
 """
 from __future__ import annotations
 

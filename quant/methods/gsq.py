@@ -122,8 +122,8 @@ class GSQ(Quantizer):
 
 def _linear_inputs(block: nn.Module, chunks: list[tuple[torch.Tensor, dict]], tokens: int) -> dict[str, tuple]:
     """Per linear: mean |x| per input channel over all calibration tokens, and a seeded sample of ``tokens``.
-    Both come out the same bits however the set is chunked: |x| is summed sample by sample, and the sample's
-    rows are drawn over the whole set and gathered from the chunk that holds each."""
+    For the same inputs both come out the same bits however the set is chunked: |x| is summed sample by sample, and
+    the sample's rows are drawn over the whole set and gathered from the chunk that holds each."""
     total = sum(inputs.shape[0] * inputs.shape[1] for inputs, _ in chunks)
     # drawn on the CPU whatever the device, so that every device samples the same tokens
     rows = torch.randperm(total, generator=torch.Generator().manual_seed(0), device="cpu")[:tokens]
