@@ -9,10 +9,10 @@ import torch
 
 from quant import plan
 from quant.backends import BackendUnavailable, get_backend
-from quant.config import DATA_DIR_ENV, data_dir
+from quant.config import DATA_DIR_ENV, ConfigError, data_dir
 from quant.matrix import load_matrix
 from quant.pipeline import Workbench
-from quant.snapshots import BASELINES, hardware_class
+from quant.snapshots import BASELINES, check_hardware, hardware_class
 from tests.snapshot_extension import RECORDED, FirstRecording, MetricsSnapshotExtension
 
 pytest_plugins = ["pytester"]  # tests/test_snapshots.py runs syrupy end to end in a scratch folder
@@ -31,10 +31,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="snapshot folder under baselines/ (default: detected: cpu, h100, a100, ...)")
     group.addoption("--plan", action="store_true",
                     help="print what the selected cases would do, with the estimated time, and run nothing")
+    group.addoption("--record-baselines", action="store_true",
+                    help="on hardware with no baselines/<hardware>/ yet, record every snapshot there for review "
+                         "(without it, such a run fails each snapshot test)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("quant").setLevel(logging.INFO)
+    hardware = config.getoption("--hardware", None)
+    if hardware:
+        try:
+            check_hardware(hardware, hardware_class("cuda") if torch.cuda.is_available() else None)
+        except ConfigError as error:
+            raise pytest.UsageError(str(error)) from None
     worker, gpus = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(WORKER_GPUS_ENV)
     if worker and gpus:  # xdist worker gwN gets the N-th GPU; CUDA reads this when it first initialises, later
         gpus = gpus.split(",")
@@ -70,14 +79,22 @@ def new_hardware(request) -> dict[str, bool]:
 def metrics_snapshot(snapshot, workbench, case, new_hardware, request):
     """syrupy's snapshot, stored in baselines/<hardware>/<profile>/ and compared with matrix tolerances; the
     hardware is the case's device (``cpu`` for the CPU tier on every machine; ``--hardware`` names the GPU's).
-    On hardware with no baselines/<hardware>/ yet, the first run records every case and says so."""
+    Hardware with no baselines/<hardware>/ yet fails every snapshot test, unless --record-baselines asks for the
+    first recording, which is listed in the summary for review: a new machine never passes by default."""
     device = workbench.device_for(case.model)
     hardware = (device != "cpu" and request.config.getoption("--hardware")) or hardware_class(device)
     folder = BASELINES / hardware / workbench.profile
     extension = type("MetricsSnapshot", (MetricsSnapshotExtension,), {"directory": folder})
     if new_hardware.setdefault(hardware, not (BASELINES / hardware).exists()):
+        if not request.config.getoption("--record-baselines"):
+            pytest.fail(f"no snapshot baselines for hardware {hardware!r}: {BASELINES / hardware} does not exist. "
+                        f"Record them with `pytest -m \"{request.config.getoption('-m') or ''}\" --record-baselines"
+                        f"{' --hardware ' + hardware if device != 'cpu' else ''}`, review the figures and commit the "
+                        "folder (README: Snapshot baselines)", pytrace=False)
         return FirstRecording(folder / f"{request.node.path.stem}.{extension.file_extension}", request.node.name,
                               request.config)
+    # a user property travels with the test's report, also from pytest-xdist workers, to the summary
+    request.node.user_properties.append(("snapshot", "compared"))
     return snapshot.use_extension(extension)
 
 
@@ -88,6 +105,12 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         for location, name in recorded:
             terminalreporter.write_line(f"recorded {name} in {location}")
         terminalreporter.write_line("review these figures (README: Snapshot baselines) and commit the folder")
+    snapshot_tests = [report for reports in terminalreporter.stats.values() for report in reports
+                      if "::test_snapshot[" in getattr(report, "nodeid", "") and hasattr(report, "user_properties")]
+    if snapshot_tests and not any(("snapshot", "compared") in report.user_properties for report in snapshot_tests):
+        terminalreporter.section("snapshots")
+        terminalreporter.write_line(f"no snapshot was compared with a committed baseline in this run "
+                                    f"({len(recorded)} recorded): nothing here says whether the metrics moved")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -14,14 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from quant.config import REPO_ROOT
+from quant.config import REPO_ROOT, ConfigError
 from quant.stats import lower_is_better
 
-BASELINES = REPO_ROOT / "baselines"  # <hardware>/<profile>/<test module>.json, committed and reviewed
+BASELINES_ENV = "QUANT_BASELINES"
+# <hardware>/<profile>/<test module>.json, committed and reviewed; QUANT_BASELINES points elsewhere (a team's own)
+BASELINES = Path(os.environ.get(BASELINES_ENV) or REPO_ROOT / "baselines").resolve()
 
 SIGNIFICANT_DIGITS = 6  # stored precision: far below any tolerance, stable across reruns
 
@@ -40,6 +45,23 @@ def hardware_class(device: str) -> str:
         if any(c.isdigit() for c in token) and token[0].isalpha():
             return token
     return name.split()[-1]
+
+
+# What --hardware may say: ``cpu``, or a GPU class as hardware_class derives it (letters then a digit: h100, a100,
+# l4, rtx4090), optionally with lower-case suffixes for a variant of the run (h100-replica-small).
+HARDWARE_NAME = re.compile(r"cpu|[a-z]+[0-9][a-z0-9]*(-[a-z0-9]+)*")
+
+
+def check_hardware(name: str, detected: str | None) -> str:
+    """``name`` if it is a hardware folder name that fits this machine (``detected``: this GPU's class, or None
+    where there is no GPU to compare with); otherwise a ConfigError that says what to pass."""
+    if not HARDWARE_NAME.fullmatch(name):
+        raise ConfigError(f"--hardware {name!r}: not a hardware name; use cpu or a GPU class as detected (h100, a100, "
+                          f"l4), optionally with a suffix (h100-replica)")
+    if detected is not None and name.split("-")[0] != detected:
+        raise ConfigError(f"--hardware {name!r} names {name.split('-')[0]}, but this machine's GPU is {detected}: "
+                          f"use {detected} or {detected}-<suffix>")
+    return name
 
 
 def tolerance_allows(tolerance: dict[str, float], old: float, n: int | None) -> float:

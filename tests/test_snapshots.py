@@ -1,10 +1,14 @@
 """Snapshot baselines: direction-aware tolerances, exact identities, and the syrupy extension's files and failures."""
 import json
+import os
+import subprocess
+import sys
 import types
 
 import pytest
 
-from quant.snapshots import record, regressions
+from quant.config import REPO_ROOT, ConfigError
+from quant.snapshots import BASELINES_ENV, check_hardware, record, regressions
 from tests.snapshot_extension import RECORDED, FirstRecording
 
 TOLERANCES = {"perplexity": {"rel": 0.01}, "accuracy": {"items": 1}}
@@ -135,3 +139,45 @@ def test_hardware_class_names_the_gpu_model(monkeypatch):
                            ("NVIDIA L4", "l4"), ("Tesla T4", "t4"), ("Some Accelerator", "accelerator")]:
         monkeypatch.setattr(snapshots.torch.cuda, "get_device_name", lambda name=name: name)
         assert snapshots.hardware_class("cuda:0") == expected, name
+
+
+def _snapshot_run(baselines, *args: str) -> subprocess.CompletedProcess:
+    """The repository's own snapshot test of one cheap case, with baselines/ at ``baselines``."""
+    command = [sys.executable, "-m", "pytest", "tests/test_matrix.py::test_snapshot[smollm2-135m-rtn-w8-wikitext]",
+               "-p", "no:cacheprovider", "--benchmark-skip", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, BASELINES_ENV: str(baselines)},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_new_hardware_fails_until_recorded_on_purpose_then_compares(tmp_path, shared_data):
+    """No baselines/<hardware>/: the snapshot test fails and names the recording flag; with the flag it records
+    and lists what it recorded; the next run compares with what was recorded."""
+    unrecorded = _snapshot_run(tmp_path)
+    assert unrecorded.returncode == 1, unrecorded.stdout[-2000:]
+    assert "no snapshot baselines for hardware 'cpu'" in unrecorded.stdout and "--record-baselines" in unrecorded.stdout
+    assert "no snapshot was compared" in unrecorded.stdout
+    recording = _snapshot_run(tmp_path, "--record-baselines")
+    assert recording.returncode == 0, recording.stdout[-2000:]
+    assert "recorded test_snapshot[smollm2-135m-rtn-w8-wikitext]" in recording.stdout
+    stored = json.loads((tmp_path / "cpu" / "test" / "test_matrix.json").read_text())
+    assert list(stored) == ["test_snapshot[smollm2-135m-rtn-w8-wikitext]"]
+    compared = _snapshot_run(tmp_path)
+    assert compared.returncode == 0 and "no snapshot was compared" not in compared.stdout, compared.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", ["h10O", "H100", "h100_replica", "h100/x", "100"])
+def test_a_misspelt_hardware_name_is_refused(name):
+    with pytest.raises(ConfigError, match=f"--hardware '{name}': not a hardware name"):
+        check_hardware(name, None)
+
+
+def test_a_hardware_name_must_fit_this_gpu():
+    assert check_hardware("h200-replica-small", "h200") == "h200-replica-small"
+    with pytest.raises(ConfigError, match="this machine's GPU is h200"):
+        check_hardware("h100-replica", "h200")
+
+
+def test_pytest_refuses_a_misspelt_hardware_before_running_anything():
+    result = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "--hardware", "h10O", "tests/test_snapshots.py"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4 and "--hardware 'h10O': not a hardware name" in result.stderr, result.stderr
