@@ -14,6 +14,7 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,19 +24,24 @@ from quant.backends import BackendUnavailable
 from quant.backends.checkpoint import CheckpointError
 from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, QuantConfig, data_dir
 from quant.crosscheck import LM_EVAL_TASKS, crosscheck
+from quant.data import DataError, missing_files
 from quant.data import load as load_data
 from quant.decide import AVERAGE, correlations, frontier, load_report, parse_size, plot_pareto, points, recommend
 from quant.history import plot as plot_history
 from quant.matrix import Case, Matrix, load_matrix
-from quant.models import DTYPES
+from quant.models import DTYPES, ModelUnavailable
 from quant.perf import memory_bandwidth
 from quant.pipeline import Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
 from quant.sensitivity import heatmap, layer_sensitivity, mixed_precision_overrides
+from quant.snapshots import check_hardware, hardware_class
 from quant.tasks import fewshot_exemplars, select_items
 
 MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else matrix.yaml)"
+REPORT_JSON = REPO_ROOT / "reports" / "latest.json"
+# What a user can fix: printed as one line naming the file, field, variable or flag, with exit status 2.
+USER_ERRORS = (ConfigError, DataError, ModelUnavailable, BackendUnavailable, CheckpointError)
 
 
 def _add_inputs(command: argparse.ArgumentParser, reports: bool = True) -> None:
@@ -46,155 +52,198 @@ def _add_inputs(command: argparse.ArgumentParser, reports: bool = True) -> None:
         command.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quant", description="Regression suite for quantized LLMs")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("report", help="evaluate the matrix and write the report")
-    _add_inputs(run)
-    run.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
-    run.add_argument("--tier", choices=["cpu", "gpu"], default=None,
-                     help="which models to run (default: gpu when CUDA is available, else cpu)")
-    run.add_argument("-k", dest="select", default=None, help="only cases whose id contains this text")
-    run.add_argument("--cadence", choices=["default", "slow", "all"], default="default",
-                     help="which cases of matrix.yaml to run: the merge gate's (default; what `make report` fits in "
-                          "20 minutes on 2 CPU cores), the slow cadence's, or all; the others are listed as skipped")
-    run.add_argument("--dry-run", action="store_true",
-                     help="print the plan (models, configs, tasks, item counts, kernels, snapshots, time) and stop")
-    run.add_argument("--hardware", default=None,
-                     help="hardware class for snapshots and measured costs (default: detected; h100 for a GPU "
-                          "plan on a machine without CUDA)")
-    build = commands.add_parser("quantize", help="quantize one model with one matrix config and print its log")
-    build.add_argument("model", help="a model name from matrix.yaml")
-    build.add_argument("quant", help="a quant config name from matrix.yaml, e.g. gptq-w4g128")
-    _add_inputs(build, reports=False)
-    build.add_argument("--profile", default="report", help="profile whose calibration count applies")
-    build.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the profile's)")
-    build.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=None,
-                       help="GPTQ: dtype of the calibration forward's matmuls (default: the config's, float32)")
-    build.add_argument("--calib-chunk", type=int, default=None,
-                       help="calibration samples per forward of a block, to bound peak memory (default: all at once)")
-    replica = commands.add_parser("replica", help="save a random-weight replica of a study model (no download)")
-    replica.add_argument("model", help="a study model: " + ", ".join(sorted(REPLICAS)))
-    replica.add_argument("--tokenizer", required=True,
+def _report_arguments(command: argparse.ArgumentParser) -> None:
+    _add_inputs(command)
+    command.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
+    command.add_argument("--tier", choices=["cpu", "gpu"], default=None,
+                         help="which models to run (default: gpu when CUDA is available, else cpu)")
+    command.add_argument("-k", dest="select", default=None, help="only cases whose id contains this text")
+    command.add_argument("--cadence", choices=["default", "slow", "all"], default="default",
+                         help="which cases of matrix.yaml to run: the merge gate's (default; what `make report` fits "
+                              "in 20 minutes on 2 CPU cores), the slow cadence's, or all; the others are listed as "
+                              "skipped")
+    command.add_argument("--dry-run", action="store_true",
+                         help="print the plan (models, configs, tasks, item counts, kernels, snapshots, time) and "
+                              "check that the data and each model's weights are reachable; run nothing")
+    command.add_argument("--hardware", default=None,
+                         help="hardware class for snapshots and measured costs (default: detected; h100 for a GPU "
+                              "plan on a machine without CUDA)")
+
+
+def _quantize_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("model", help="a model name from matrix.yaml")
+    command.add_argument("quant", help="a quant config name from matrix.yaml, e.g. gptq-w4g128")
+    _add_inputs(command, reports=False)
+    command.add_argument("--profile", default="report", help="profile whose calibration count applies")
+    command.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the profile's)")
+    command.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=None,
+                         help="GPTQ: dtype of the calibration forward's matmuls (default: the config's, float32)")
+    command.add_argument("--calib-chunk", type=int, default=None,
+                         help="calibration samples per forward of a block, to bound peak memory (default: all at once)")
+
+
+def _replica_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("model", help="a study model: " + ", ".join(sorted(REPLICAS)))
+    command.add_argument("--tokenizer", required=True,
                          help="a tokenizer folder, or a matrix model whose tokenizer is local (e.g. smollm2-135m)")
-    replica.add_argument("--out", type=Path, required=True, help="the folder to write (load it with QUANT_MODEL_<NAME>)")
-    replica.add_argument("--small", action="store_true", help="two narrow blocks instead of the published size")
-    replica.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
-    history = commands.add_parser("history", help="plot saved benchmark runs (.benchmarks/) to a PNG")
-    history.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
+    command.add_argument("--out", type=Path, required=True,
+                         help="the folder to write (load it with QUANT_MODEL_<NAME>)")
+    command.add_argument("--small", action="store_true", help="two narrow blocks instead of the published size")
+    command.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+
+
+def _history_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
                          help="pytest-benchmark storage folder (default: .benchmarks)")
-    history.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "history.png")
-    check = commands.add_parser("crosscheck",
-                                help="score the same items with lm-evaluation-harness and compare item by item")
-    check.add_argument("tool", choices=["lm-eval"], help="the reference implementation")
-    check.add_argument("--task", required=True, choices=sorted(LM_EVAL_TASKS))
-    check.add_argument("--limit", type=int, default=None,
-                       help="items (the suite's seeded selection; default: the profile's)")
-    check.add_argument("--model", default="smollm2-135m", help="a model name from matrix.yaml")
-    check.add_argument("--quant", default=None,
-                       help="a quant config name: check the quantized model instead of the baseline")
-    check.add_argument("--profile", default="report", help="profile whose item count and task options apply")
-    check.add_argument("--batch-size", type=int, default=None, help="both evaluators' batch size (default: the task's)")
-    _add_inputs(check)
-    speed = commands.add_parser("perf", help="time a model's baseline and quant configs side by side: decode eager "
-                                             "and compiled, against this machine's memory roofline")
-    speed.add_argument("model", help="a model name from matrix.yaml")
-    speed.add_argument("--quant", action="append", default=None,
-                       help="a quant config to time (repeat the flag; default: every config the model's cases use)")
-    speed.add_argument("--compiled", default="inductor",
-                       help="torch.compile backend of the static-cache decode, or 'none' (default: %(default)s)")
-    speed.add_argument("--cpp-wrapper", action="store_true",
-                       help="inductor's C++ wrapper around the compiled step (faster steps, minutes of compiling)")
-    speed.add_argument("--profile", default="report", help="profile whose perf settings apply")
-    _add_inputs(speed)
-    sensitive = commands.add_parser("sensitivity", help="quantize one linear at a time (RTN) and rank them by the "
-                                                        "KL divergence each causes; a heatmap and a mixed-precision config")
-    sensitive.add_argument("model", help="a model name from matrix.yaml")
-    sensitive.add_argument("--quant", default="rtn-w4g128", help="an rtn config from matrix.yaml (default: %(default)s)")
-    sensitive.add_argument("--windows", type=int, default=None,
-                           help="WikiText windows to measure on (default: the profile's wikitext count)")
-    sensitive.add_argument("--budget", type=float, default=0.10,
-                           help="mixed precision: the most sensitive linears go to 8 bits while the quantized "
-                                "linears' bytes grow by at most this share (default: %(default)s)")
-    sensitive.add_argument("--profile", default="test", help="profile whose wikitext window count applies")
-    _add_inputs(sensitive)
-    judge = commands.add_parser("check", help="judge a quantized checkpoint (GPTQ, AWQ, compressed-tensors folder) "
-                                              "against its base model on the matrix's tasks and gates")
-    judge.add_argument("--base", required=True, help="the matrix model it was quantized from, e.g. smollm2-135m")
-    judge.add_argument("--candidate", type=Path, required=True, help="the checkpoint folder")
-    judge.add_argument("--tasks", default=None,
-                       help="comma-separated tasks (default: every task the matrix runs on the base model)")
-    judge.add_argument("--like", default=None,
-                       help="gate as the matrix gates this quant config's cases (default: the base model's first "
-                            "case of each task)")
-    judge.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
-    _add_inputs(judge)
-    report_path = REPO_ROOT / "reports" / "latest.json"
-    pareto = commands.add_parser("pareto",
-                                 help="the Pareto frontier of a written report: quality against size and speed")
-    recommend = commands.add_parser("recommend", help="the config to ship under constraints, from a written report")
-    correlate = commands.add_parser("correlate", help="does perplexity (or KLD) predict the task scores of a report?")
-    correlate.add_argument("--report", type=Path, default=report_path, help="a report's JSON (default: %(default)s)")
-    correlate.add_argument("--model", default="smollm2-135m", help="a model of the report")
-    for command in (pareto, recommend):
-        command.add_argument("--report", type=Path, default=report_path, help="a report's JSON (default: %(default)s)")
-        command.add_argument("--model", default="smollm2-135m", help="a model of the report")
-        command.add_argument("--task", default=AVERAGE,
-                             help=f"a task's retention, {AVERAGE!r} (the mean over the model's informative tasks)"
-                                  + (" or 'kld' (mean KLD)" if command is pareto else ""))
-    pareto.add_argument("--out", type=Path, default=None, help="the PNG (default: next to the report)")
-    recommend.add_argument("--max-memory", default=None, help="largest model size, e.g. 150MB")
-    recommend.add_argument("--min-retention", type=float, default=None,
-                           help="smallest retention lower bound (95%% CI) on --task")
-    recommend.add_argument("--min-decode-speedup", type=float, default=None, help="e.g. 2 for twice the baseline")
-    args = parser.parse_args(argv)
+    command.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "history.png")
+
+
+def _crosscheck_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("tool", choices=["lm-eval"], help="the reference implementation")
+    command.add_argument("--task", required=True, choices=sorted(LM_EVAL_TASKS))
+    command.add_argument("--limit", type=int, default=None,
+                         help="items (the suite's seeded selection; default: the profile's)")
+    command.add_argument("--model", default="smollm2-135m", help="a model name from matrix.yaml")
+    command.add_argument("--quant", default=None,
+                         help="a quant config name: check the quantized model instead of the baseline")
+    command.add_argument("--profile", default="report", help="profile whose item count and task options apply")
+    command.add_argument("--batch-size", type=int, default=None,
+                         help="both evaluators' batch size (default: the task's)")
+    _add_inputs(command)
+
+
+def _perf_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("model", help="a model name from matrix.yaml")
+    command.add_argument("--quant", action="append", default=None,
+                         help="a quant config to time (repeat the flag; default: every config the model's cases use)")
+    command.add_argument("--compiled", default="inductor",
+                         help="torch.compile backend of the static-cache decode, or 'none' (default: %(default)s)")
+    command.add_argument("--cpp-wrapper", action="store_true",
+                         help="inductor's C++ wrapper around the compiled step (faster steps, minutes of compiling)")
+    command.add_argument("--profile", default="report", help="profile whose perf settings apply")
+    _add_inputs(command)
+
+
+def _sensitivity_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("model", help="a model name from matrix.yaml")
+    command.add_argument("--quant", default="rtn-w4g128",
+                         help="an rtn config from matrix.yaml (default: %(default)s)")
+    command.add_argument("--windows", type=int, default=None,
+                         help="WikiText windows to measure on (default: the profile's wikitext count)")
+    command.add_argument("--budget", type=float, default=0.10,
+                         help="mixed precision: the most sensitive linears go to 8 bits while the quantized "
+                              "linears' bytes grow by at most this share (default: %(default)s)")
+    command.add_argument("--profile", default="test", help="profile whose wikitext window count applies")
+    _add_inputs(command)
+
+
+def _check_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--base", required=True, help="the matrix model it was quantized from, e.g. smollm2-135m")
+    command.add_argument("--candidate", type=Path, required=True, help="the checkpoint folder")
+    command.add_argument("--tasks", default=None,
+                         help="comma-separated tasks (default: every task the matrix runs on the base model)")
+    command.add_argument("--like", default=None,
+                         help="gate as the matrix gates this quant config's cases (default: the base model's first "
+                              "case of each task)")
+    command.add_argument("--profile", default="report", help="item counts from matrix.yaml profiles (report, test)")
+    _add_inputs(command)
+
+
+def _report_reader_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--report", type=Path, default=REPORT_JSON, help="a report's JSON (default: %(default)s)")
+    command.add_argument("--model", default="smollm2-135m", help="a model of the report")
+
+
+def _pareto_arguments(command: argparse.ArgumentParser) -> None:
+    _report_reader_arguments(command)
+    command.add_argument("--task", default=AVERAGE, help=f"a task's retention, {AVERAGE!r} (the mean over the "
+                                                         "model's informative tasks) or 'kld' (mean KLD)")
+    command.add_argument("--out", type=Path, default=None, help="the PNG (default: next to the report)")
+
+
+def _recommend_arguments(command: argparse.ArgumentParser) -> None:
+    _report_reader_arguments(command)
+    command.add_argument("--task", default=AVERAGE,
+                         help=f"a task's retention, or {AVERAGE!r} (the mean over the model's informative tasks)")
+    command.add_argument("--max-memory", default=None, help="largest model size, e.g. 150MB")
+    command.add_argument("--min-retention", type=float, default=None,
+                         help="smallest retention lower bound (95%% CI) on --task")
+    command.add_argument("--min-decode-speedup", type=float, default=None, help="e.g. 2 for twice the baseline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, its arguments and what runs it (returning the exit status)."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quant", description="Regression suite for quantized LLMs")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(subparsers.add_parser(name, help=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.command_line = "quant " + shlex.join(argv if argv is not None else sys.argv[1:])  # recorded with outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.command == "history":
-        try:
-            print(f"wrote {plot_history(args.storage, args.out)}")
-        except FileNotFoundError as error:
-            print(f"quant: {error}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "quantize":
-        return quantize(args)
-    if args.command == "replica":
-        return save_replica_command(args)
-    if args.command == "crosscheck":
-        return crosscheck_command(args)
-    if args.command == "perf":
-        return perf_command(args)
-    if args.command == "sensitivity":
-        return sensitivity_command(args)
-    if args.command == "correlate":
-        return correlate_command(args)
-    if args.command in ("pareto", "recommend"):
-        return decide_command(args)
-    if args.command == "check":
-        return check_command(args, argv)
     try:
-        matrix = load_matrix(args.matrix)
-        device = _device()
-        tier = args.tier or ("gpu" if device == "cuda" else "cpu")
-        selected = [c for c in matrix.cases if not args.select or args.select in c.id]
-        if not selected:
-            raise ConfigError(f"-k {args.select!r} matches no case of {matrix.path}; case ids look like "
-                              f"{matrix.cases[0].id}")
-        cases = [c for c in selected if c.model.tier == tier and args.cadence in ("all", c.cadence)]
-        skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
-        skipped += [(c, f"cadence {c.cadence}: not run in this report (--cadence {c.cadence} or all runs it)")
-                    for c in selected if c.model.tier == tier and c not in cases]
-        if args.dry_run:
-            print(plan.describe(matrix, cases, args.profile, tier, args.hardware))
-            return 0
-        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
-        result = report.build(workbench, cases, skipped, "quant " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    except ConfigError as error:
+        return COMMANDS[args.command].run(args)
+    except USER_ERRORS as error:
         print(f"quant: {error}", file=sys.stderr)
         return 2
+
+
+def report_command(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix)
+    device = _device()
+    tier = args.tier or ("gpu" if device == "cuda" else "cpu")
+    if args.hardware:
+        check_hardware(args.hardware, hardware_class("cuda") if device == "cuda" else None)
+    selected = [c for c in matrix.cases if not args.select or args.select in c.id]
+    if not selected:
+        raise ConfigError(f"-k {args.select!r} matches no case of {matrix.path}; case ids look like "
+                          f"{matrix.cases[0].id}")
+    cases = [c for c in selected if c.model.tier == tier and args.cadence in ("all", c.cadence)]
+    skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
+    skipped += [(c, f"cadence {c.cadence}: not run in this report (--cadence {c.cadence} or all runs it)")
+                for c in selected if c.model.tier == tier and c not in cases]
+    if args.dry_run:
+        print(plan.describe(matrix, cases, args.profile, tier, args.hardware))
+        return dry_run_inputs(cases, args.data_dir, runs_here=tier == ("gpu" if device == "cuda" else "cpu"))
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
+    result = report.build(workbench, cases, skipped, args.command_line)
     json_path, md_path = report.write(result, args.out)
     print("\n".join(report.headline(result)))
     print(f"\nwrote {md_path} and {json_path}")
+    return 0
+
+
+def dry_run_inputs(cases: list[Case], data_dir_option: str | None, runs_here: bool) -> int:
+    """Print whether the data and each model's weights are reachable; 2 when something this run needs is not."""
+    problems = missing_files(sorted({case.task.loader for case in cases}), data_dir(data_dir_option))
+    for spec in dict.fromkeys(case.model for case in cases):
+        reason = spec.unavailable_reason()
+        if reason:
+            problems.append(reason)
+    if not problems:
+        print("inputs: the data files and every model's weights are reachable")
+        return 0
+    where = "" if runs_here else " (on this machine; the runner that runs this tier needs them)"
+    print(f"inputs not reachable{where}:\n" + "\n".join(f"  {problem}" for problem in problems))
+    return 2 if runs_here else 0
+
+
+def history_command(args: argparse.Namespace) -> int:
+    try:
+        print(f"wrote {plot_history(args.storage, args.out)}")
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
     return 0
 
 
@@ -202,8 +251,7 @@ def save_replica_command(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     if args.model not in REPLICAS:
-        print(f"quant: no replica of {args.model!r}; known: {sorted(REPLICAS)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"no replica of {args.model!r}; known: {sorted(REPLICAS)}")
     models = load_matrix(args.matrix).models
     if args.tokenizer in models:
         location, gguf_file = models[args.tokenizer].source()
@@ -220,29 +268,25 @@ def save_replica_command(args: argparse.Namespace) -> int:
 
 
 def crosscheck_command(args: argparse.Namespace) -> int:
-    try:
-        matrix = load_matrix(args.matrix)
-        _check_names(matrix, args.model, [args.quant] if args.quant else [])
-        folder = data_dir(args.data_dir)
-        workbench = Workbench(matrix, args.profile, folder, _device())
-        spec = matrix.models[args.model]
-        task = workbench.task(spec, args.task)
-        limit = args.limit if args.limit is not None else workbench.limits(spec).get(args.task)
-        items = select_items(task, folder, limit, matrix.seed)
-        exemplars = fewshot_exemplars(task, load_data(task.loader, folder))
-        model, tokenizer = workbench.baseline(spec)
-        if args.quant:
-            config = workbench.calibration_config(spec, matrix.quant[args.quant])
-            model = workbench.quantized(spec, args.quant, config).model
-        with dequantized_weights(model):
-            agreement = crosscheck(model, tokenizer, task, items, exemplars, args.batch_size)
-    except ConfigError as error:
-        print(f"quant: {error}", file=sys.stderr)
-        return 2
+    matrix = load_matrix(args.matrix)
+    _check_names(matrix, args.model, [args.quant] if args.quant else [])
+    folder = data_dir(args.data_dir)
+    workbench = Workbench(matrix, args.profile, folder, _device())
+    spec = matrix.models[args.model]
+    task = workbench.task(spec, args.task)
+    limit = args.limit if args.limit is not None else workbench.limits(spec).get(args.task)
+    items = select_items(task, folder, limit, matrix.seed)
+    exemplars = fewshot_exemplars(task, load_data(task.loader, folder))
+    model, tokenizer = workbench.baseline(spec)
+    if args.quant:
+        config = workbench.calibration_config(spec, matrix.quant[args.quant])
+        model = workbench.quantized(spec, args.quant, config).model
+    with dequantized_weights(model):
+        agreement = crosscheck(model, tokenizer, task, items, exemplars, args.batch_size)
     print("\n".join(agreement.lines()))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"crosscheck-lm-eval-{args.task}-{args.model}-{args.quant or 'baseline'}.json"
-    path.write_text(json.dumps({"command": "quant " + shlex.join(sys.argv[1:]), **dataclasses.asdict(agreement),
+    path.write_text(json.dumps({"command": args.command_line, **dataclasses.asdict(agreement),
                                 "agrees": agreement.agrees}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0 if agreement.agrees else 1
@@ -250,49 +294,40 @@ def crosscheck_command(args: argparse.Namespace) -> int:
 
 def perf_command(args: argparse.Namespace) -> int:
     if args.cpp_wrapper and args.compiled != "inductor":
-        print(f"quant: --cpp-wrapper is inductor's; it cannot go with --compiled {args.compiled}", file=sys.stderr)
-        return 2
-    try:
-        matrix = load_matrix(args.matrix)
-        _check_names(matrix, args.model, args.quant or [])
-        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
-        spec = matrix.models[args.model]
-        variants = [v for v in report.timed_variants([c for c in matrix.cases if c.model is spec])
-                    if args.quant is None or v[1] is None]
-        variants += [(spec, quant_name, None) for quant_name in args.quant or []]
-        device = workbench.device_for(spec)
-        profile_settings = workbench.perf_settings(spec)
-        settings = dataclasses.replace(profile_settings, compiled=None if args.compiled == "none" else args.compiled,
-                                       cpp_wrapper=args.cpp_wrapper or profile_settings.cpp_wrapper)
-        bandwidth = memory_bandwidth(device)
-        print(f"memory bandwidth of {device}: {bandwidth / 1e9:.1f} GB/s (copy of a 256 MiB buffer, best of 5)",
-              flush=True)
-        rows = report.performance_rows(workbench, variants, bandwidth, settings)
-    except ConfigError as error:
-        print(f"quant: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--cpp-wrapper is inductor's; it cannot go with --compiled {args.compiled}")
+    matrix = load_matrix(args.matrix)
+    _check_names(matrix, args.model, args.quant or [])
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
+    spec = matrix.models[args.model]
+    variants = [v for v in report.timed_variants([c for c in matrix.cases if c.model is spec])
+                if args.quant is None or v[1] is None]
+    variants += [(spec, quant_name, None) for quant_name in args.quant or []]
+    device = workbench.device_for(spec)
+    profile_settings = workbench.perf_settings(spec)
+    settings = dataclasses.replace(profile_settings, compiled=None if args.compiled == "none" else args.compiled,
+                                   cpp_wrapper=args.cpp_wrapper or profile_settings.cpp_wrapper)
+    bandwidth = memory_bandwidth(device)
+    print(f"memory bandwidth of {device}: {bandwidth / 1e9:.1f} GB/s (copy of a 256 MiB buffer, best of 5)",
+          flush=True)
+    rows = report.performance_rows(workbench, variants, bandwidth, settings)
     machine = report.machine_line(device, bandwidth)
     timed = {"rows": [], "performance": rows, "machine": machine}
     print(f"{args.model}: {machine}\n{report.performance_table(timed)}")
     print("\n".join(f"{key}: {kernel}" for kernel, key in report.kernel_legend(timed).items()))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"perf-{args.model}.json"
-    path.write_text(json.dumps({"command": "quant " + shlex.join(sys.argv[1:]), **timed}, indent=1, default=str) + "\n")
+    path.write_text(json.dumps({"command": args.command_line, **timed}, indent=1, default=str) + "\n")
     print(f"wrote {path}")
     return 0
 
 
 def sensitivity_command(args: argparse.Namespace) -> int:
-    try:
-        matrix = load_matrix(args.matrix)
-        _check_names(matrix, args.model, [args.quant])
-        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
-        spec = matrix.models[args.model]
-        windows = args.windows or workbench.limits(spec)["wikitext"]
-        ranking = layer_sensitivity(workbench, spec, args.quant, windows)
-    except ConfigError as error:
-        print(f"quant: {error}", file=sys.stderr)
-        return 2
+    matrix = load_matrix(args.matrix)
+    _check_names(matrix, args.model, [args.quant])
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
+    spec = matrix.models[args.model]
+    windows = args.windows or workbench.limits(spec)["wikitext"]
+    ranking = layer_sensitivity(workbench, spec, args.quant, windows)
     config = matrix.quant[args.quant]
     overrides = mixed_precision_overrides(ranking, config, args.budget)
     ranked = sorted(ranking, key=lambda row: row.mean_kld, reverse=True)
@@ -302,7 +337,7 @@ def sensitivity_command(args: argparse.Namespace) -> int:
              f"{windows} WikiText windows")
     picture = heatmap(ranking, title, png_path)
     json_path.write_text(json.dumps({
-        "command": "quant " + shlex.join(sys.argv[1:]), "windows": windows, "quant": config.to_dict(),
+        "command": args.command_line, "windows": windows, "quant": config.to_dict(),
         "ranking": [dataclasses.asdict(row) for row in ranked], "mixed_precision_overrides": overrides}, indent=1) + "\n")
     print(f"{title}; most sensitive first:")
     print("\n".join(f"  {row.mean_kld:.5f}  same top {row.same_top_p:.3f}  {row.name}" for row in ranked[:10]))
@@ -317,32 +352,24 @@ def sensitivity_command(args: argparse.Namespace) -> int:
 
 
 def decide_command(args: argparse.Namespace) -> int:
-    try:
-        candidates, baseline = points(load_report(args.report), args.model)
-        if args.command == "pareto":
-            out = args.out or args.report.parent / f"pareto-{args.model}-{args.task}.png"
-            line = frontier(candidates, args.task)
-            print(f"Pareto frontier ({args.task} against bytes), smallest first:")
-            print("\n".join(f"  {p.quant}: {p.bytes / 1e6:.0f} MB, "
-                            + (f"mean KLD {p.mean_kld:.4f}" if args.task == "kld" else
-                               f"retention {p.score(args.task)[0]:.3f}") for p in line))
-            print(f"wrote {plot_pareto(candidates, baseline, args.task, out)}")
-            return 0
-        max_bytes = parse_size(args.max_memory) if args.max_memory else None
-        advice = recommend(candidates, args.task, max_bytes, args.min_retention, args.min_decode_speedup)
-    except ConfigError as error:
-        print(f"quant: {error}", file=sys.stderr)
-        return 2
+    candidates, baseline = points(load_report(args.report), args.model)
+    if args.command == "pareto":
+        out = args.out or args.report.parent / f"pareto-{args.model}-{args.task}.png"
+        line = frontier(candidates, args.task)
+        print(f"Pareto frontier ({args.task} against bytes), smallest first:")
+        print("\n".join(f"  {p.quant}: {p.bytes / 1e6:.0f} MB, "
+                        + (f"mean KLD {p.mean_kld:.4f}" if args.task == "kld" else
+                           f"retention {p.score(args.task)[0]:.3f}") for p in line))
+        print(f"wrote {plot_pareto(candidates, baseline, args.task, out)}")
+        return 0
+    max_bytes = parse_size(args.max_memory) if args.max_memory else None
+    advice = recommend(candidates, args.task, max_bytes, args.min_retention, args.min_decode_speedup)
     print("\n".join(advice.lines(args.task)))
     return 0 if advice.chosen else 1
 
 
 def correlate_command(args: argparse.Namespace) -> int:
-    try:
-        table = correlations(load_report(args.report), args.model)
-    except ConfigError as error:
-        print(f"quant: {error}", file=sys.stderr)
-        return 2
+    table = correlations(load_report(args.report), args.model)
     print(f"{args.model}: Spearman's rho across quant configs, task retention against the WikiText perplexity ratio "
           "and mean KLD (this model and data only; p: permutation test of no association)")
     for row in table:
@@ -373,19 +400,15 @@ def candidate_cases(matrix: Matrix, base: str, folder: Path, tasks: list[str] | 
             for task in (tasks or gates)]
 
 
-def check_command(args: argparse.Namespace, argv: list[str] | None) -> int:
-    try:
-        if not args.candidate.is_dir():
-            raise ConfigError(f"--candidate {args.candidate}: not a folder")
-        matrix = load_matrix(args.matrix)
-        tasks = args.tasks.split(",") if args.tasks else None
-        cases = candidate_cases(matrix, args.base, args.candidate, tasks, args.like)
-        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
-        workbench.quantized(cases[0].model, cases[0].quant_name, cases[0].quant)  # a broken checkpoint stops here
-        result = report.build(workbench, cases, [], "quant " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    except (ConfigError, CheckpointError, BackendUnavailable) as error:
-        print(f"quant: {error}", file=sys.stderr)
-        return 2
+def check_command(args: argparse.Namespace) -> int:
+    if not args.candidate.is_dir():
+        raise ConfigError(f"--candidate {args.candidate}: not a folder")
+    matrix = load_matrix(args.matrix)
+    tasks = args.tasks.split(",") if args.tasks else None
+    cases = candidate_cases(matrix, args.base, args.candidate, tasks, args.like)
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
+    workbench.quantized(cases[0].model, cases[0].quant_name, cases[0].quant)  # a broken checkpoint stops here
+    result = report.build(workbench, cases, [], args.command_line)
     json_path, md_path = report.write(result, args.out / cases[0].quant_name)
     print("\n".join(report.headline(result)))
     print(f"\nwrote {md_path} and {json_path}")
@@ -393,31 +416,30 @@ def check_command(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _check_names(matrix: Matrix, model: str, quants: list[str]) -> None:
-    """Refuse a model or quant config name that the matrix does not define, listing the ones it does."""
-    if model not in matrix.models or not set(quants) <= set(matrix.quant):
-        raise ConfigError(f"unknown model {model!r} or quant config {', '.join(map(repr, quants))}; known: "
-                          f"{sorted(matrix.models)} / {sorted(matrix.quant)}")
+    """Refuse a model or quant config name that the matrix does not define, naming it and listing the known ones."""
+    if model not in matrix.models:
+        raise ConfigError(f"unknown model {model!r} in {matrix.path}; known: {', '.join(sorted(matrix.models))}")
+    unknown = [name for name in quants if name not in matrix.quant]
+    if unknown:
+        raise ConfigError(f"unknown quant config {', '.join(map(repr, unknown))} in {matrix.path}; known: "
+                          f"{', '.join(sorted(matrix.quant))}")
 
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def quantize(args: argparse.Namespace) -> int:
-    try:
-        matrix = load_matrix(args.matrix)
-        _check_names(matrix, args.model, [args.quant])
-        workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device(), args.calib_samples)
-        spec = matrix.models[args.model]
-        config = matrix.quant[args.quant]
-        if args.calib_dtype:
-            config = dataclasses.replace(config, calib_dtype=args.calib_dtype)
-        if args.calib_chunk:
-            config = dataclasses.replace(config, calib_chunk=args.calib_chunk)
-        built = workbench.quantized(spec, args.quant, config)
-    except ConfigError as error:
-        print(f"quant: {error}", file=sys.stderr)
-        return 2
+def quantize_command(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix)
+    _check_names(matrix, args.model, [args.quant])
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device(), args.calib_samples)
+    spec = matrix.models[args.model]
+    config = matrix.quant[args.quant]
+    if args.calib_dtype:
+        config = dataclasses.replace(config, calib_dtype=args.calib_dtype)
+    if args.calib_chunk:
+        config = dataclasses.replace(config, calib_chunk=args.calib_chunk)
+    built = workbench.quantized(spec, args.quant, config)
     counts = built.layer_counts()
     errors = [r.output_error for r in built.records if r.output_error is not None]
     if built.quantize_seconds is None:
@@ -439,6 +461,29 @@ def quantize(args: argparse.Namespace) -> int:
         print(f"mean relative output error on the calibration inputs: {sum(errors) / len(errors):.4f}")
     return 0
 
+
+COMMANDS: dict[str, Command] = {
+    "report": Command("evaluate the matrix and write the report", _report_arguments, report_command),
+    "quantize": Command("quantize one model with one matrix config and print its log", _quantize_arguments,
+                        quantize_command),
+    "replica": Command("save a random-weight replica of a study model (no download)", _replica_arguments,
+                       save_replica_command),
+    "history": Command("plot saved benchmark runs (.benchmarks/) to a PNG", _history_arguments, history_command),
+    "crosscheck": Command("score the same items with lm-evaluation-harness and compare item by item",
+                          _crosscheck_arguments, crosscheck_command),
+    "perf": Command("time a model's baseline and quant configs side by side: decode eager and compiled, against "
+                    "this machine's memory roofline", _perf_arguments, perf_command),
+    "sensitivity": Command("quantize one linear at a time (RTN) and rank them by the KL divergence each causes; a "
+                           "heatmap and a mixed-precision config", _sensitivity_arguments, sensitivity_command),
+    "check": Command("judge a quantized checkpoint (GPTQ, AWQ, compressed-tensors folder) against its base model on "
+                     "the matrix's tasks and gates", _check_arguments, check_command),
+    "pareto": Command("the Pareto frontier of a written report: quality against size and speed", _pareto_arguments,
+                      decide_command),
+    "recommend": Command("the config to ship under constraints, from a written report", _recommend_arguments,
+                         decide_command),
+    "correlate": Command("does perplexity (or KLD) predict the task scores of a report?", _report_reader_arguments,
+                         correlate_command),
+}
 
 if __name__ == "__main__":
     sys.exit(main())

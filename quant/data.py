@@ -8,6 +8,7 @@ with the file, line and field named.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Callable
@@ -19,6 +20,14 @@ import torch
 from quant.config import DATA_DIR_ENV, ConfigError
 
 Item = dict[str, Any]
+
+# Each loader's file under the data folder (the shared data README's layout)
+LOCAL_FILES = {
+    "gsm8k": Path("gsm8k/test.jsonl"),
+    "boolq": Path("boolq/val.jsonl"),
+    "msmarco": Path("msmarco/dl19_dl20_bm25top100_labeled.jsonl"),
+    "wikitext": Path("wikitext2/wiki.test.raw"),
+}
 
 
 class DataError(ValueError):
@@ -78,7 +87,7 @@ def load_gsm8k(data_dir: Path | None) -> list[Item]:
         rows = list(enumerate(_hub("openai/gsm8k", "main", split="test"), start=1))
         path = Path("openai/gsm8k")
     else:
-        path = data_dir / "gsm8k" / "test.jsonl"
+        path = data_dir / LOCAL_FILES["gsm8k"]
         rows = _read_jsonl(path, {"question": str, "answer": str})
     items = []
     for line_number, row in rows:
@@ -96,7 +105,7 @@ def load_boolq(data_dir: Path | None) -> list[Item]:
         rows = list(enumerate(_hub("google/boolq", split="validation"), start=1))
         path = Path("google/boolq")
     else:
-        path = data_dir / "boolq" / "val.jsonl"
+        path = data_dir / LOCAL_FILES["boolq"]
         rows = _read_jsonl(path, {"question": str, "passage": str})
     items = []
     for line_number, row in rows:
@@ -138,7 +147,7 @@ def load_msmarco(data_dir: Path | None) -> list[Item]:
             items.append({"id": f"msmarco-{row['query_id']}", "query": row["query"], "candidates": candidates,
                           "judged": [c["label"] for c in candidates]})
         return items
-    path = data_dir / "msmarco" / "dl19_dl20_bm25top100_labeled.jsonl"
+    path = data_dir / LOCAL_FILES["msmarco"]
     qrels: dict[str, dict[str, list[int]]] = {}
     items = []
     rows = _read_jsonl(path, {"set": str, "qid": (str, int), "query": str, "candidates": list})
@@ -187,7 +196,7 @@ def load_wikitext(data_dir: Path | None) -> list[Item]:
     if data_dir is None:
         text = "".join(row["text"] for row in _hub("Salesforce/wikitext", "wikitext-2-raw-v1", split="test"))
     else:
-        path = data_dir / "wikitext2" / "wiki.test.raw"
+        path = data_dir / LOCAL_FILES["wikitext"]
         if not path.is_file():
             raise DataError(f"{path}: file not found (is {DATA_DIR_ENV} pointing at the shared data folder?)")
         text = path.read_text(encoding="utf-8")
@@ -202,6 +211,17 @@ LOADERS: dict[str, Callable[[Path | None], list[Item]]] = {
     "msmarco": load_msmarco,
     "wikitext": load_wikitext,
 }
+
+
+def missing_files(loaders: list[str], data_dir: Path | None) -> list[str]:
+    """What keeps ``loaders`` from reading their data, one line each (empty when every file is there): a local
+    folder's missing files; with no folder, that the hub is the source (``HF_HUB_OFFLINE`` set: unreachable)."""
+    if data_dir is None:
+        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+        return [f"no data folder set ({DATA_DIR_ENV} or --data-dir): {', '.join(loaders)} would come from the hub"
+                + (", which HF_HUB_OFFLINE=1 forbids" if offline else "")]
+    return [f"{data_dir / LOCAL_FILES[name]}: not found (the {name} data; is {DATA_DIR_ENV} the shared data folder?)"
+            for name in loaders if name in LOCAL_FILES and not (data_dir / LOCAL_FILES[name]).is_file()]
 
 
 def load(name: str, data_dir: Path | None) -> list[Item]:

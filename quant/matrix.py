@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 from typing import Any
+
+import jsonschema
+import yaml
 
 from quant.config import ConfigError, QuantConfig, load_yaml, matrix_path
 from quant.backends import get_backend
@@ -49,10 +54,66 @@ class Matrix:
             raise ConfigError(f"{self.path}: no profiles.{profile}.{tier}; known profiles: {sorted(self.profiles)}") from None
 
 
+SCHEMA_FILE = Path(__file__).resolve().parent / "matrix.schema.json"
+
+
+def _line_of(path: Path, where: list[Any]) -> int | None:
+    """The line in ``path`` of the YAML node at ``where`` (keys and indices), or of its nearest ancestor found."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    line = node.start_mark.line + 1 if node else None
+    for step in where:
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for key, value in node.value if key.value == step), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+            node = node.value[step]
+        else:
+            node = None
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _dotted(where: list[Any]) -> str:
+    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in where).lstrip(".") or "(top level)"
+
+
+def _problem(error: jsonschema.ValidationError, path: Path) -> tuple[int | None, str]:
+    """(line, "field.path: what is wrong") of one schema error; an unknown key is named at its own line."""
+    where = list(error.absolute_path)
+    message = error.message
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        # jsonschema names them in its message: "... not allowed ('a', 'b' were unexpected)"
+        unknown = re.findall(r"'([^']+)'", message.partition("(")[2])
+        if unknown:
+            where.append(unknown[0])
+            message = "unknown field" + (f" (and {', '.join(unknown[1:])})" if unknown[1:] else "")
+    return _line_of(path, where), f"{_dotted(where)}: {message}"
+
+
+def validate(raw: Any, path: Path) -> None:
+    """Check ``raw`` (the parsed ``path``) against matrix.schema.json: one ConfigError line naming the file, the
+    line and the field of each problem, the most relevant first."""
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text()))
+    errors = sorted(validator.iter_errors(raw), key=jsonschema.exceptions.relevance)
+    if not errors:
+        return
+    problems = [_problem(error, path) for error in errors]
+    first_line, first = problems[0]
+    rest = "; ".join(f"line {line}: {text}" if line else text for line, text in problems[1:3])
+    more = f" (also {rest}{'; ...' if len(problems) > 3 else ''})" if rest else ""
+    raise ConfigError(f"{path}{f':{first_line}' if first_line else ''}: {first}{more}; the fields are described "
+                      f"in {SCHEMA_FILE}")
+
+
 def load_matrix(path: Path | None = None) -> Matrix:
-    """The matrix at ``path``, by default the one ``matrix_path`` names."""
+    """The matrix at ``path``, by default the one ``matrix_path`` names, checked against matrix.schema.json."""
     path = matrix_path(path)
     raw = load_yaml(path)
+    validate(raw, path)
     models = parse_models(raw.get("models", {}))
     quant = {name: QuantConfig.from_dict(entry, where=f"{path} quant.{name}") for name, entry in raw.get("quant", {}).items()}
     for name, config in quant.items():
@@ -61,11 +122,8 @@ def load_matrix(path: Path | None = None) -> Matrix:
     tasks = load_tasks()
     defaults = raw.get("defaults", {})
     cases: dict[str, Case] = {}
-    for number, entry in enumerate(raw.get("cases", []), start=1):
+    for number, entry in enumerate(raw.get("cases", [])):
         where = f"{path} cases[{number}]"
-        unknown = set(entry) - {"models", "quant", "tasks", "cadence", "expected_failure", *GATE_FIELDS}
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         gate = {**defaults, **{k: v for k, v in entry.items() if k in GATE_FIELDS}}
         # a case's snapshot tolerances refine the defaults metric by metric
         gate["snapshot_tolerance"] = {**defaults.get("snapshot_tolerance", {}), **entry.get("snapshot_tolerance", {})}

@@ -69,6 +69,20 @@ class ModelSpec:
             return str(folder), self.gguf_file
         return self.hf_id, None
 
+    def unavailable_reason(self) -> str | None:
+        """Why this model's weights cannot be loaded here, without loading them; None when they can (a local file or
+        folder, or a hub id whose copy is downloaded or whose hub is allowed)."""
+        try:
+            location, gguf_file = self.source()
+        except ModelUnavailable as error:
+            return str(error)
+        if gguf_file or Path(location).exists() or _hub_revision(location):
+            return None
+        if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+            return (f"model {self.name!r}: {location} is not downloaded and HF_HUB_OFFLINE=1 forbids the hub; set "
+                    f"{self.override_env}=/path/to/folder")
+        return None
+
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the weights, for cache keys: the GGUF's content hash; a local folder's content (every
         file's hash); a hub id with the revision its local copy holds (None when none is downloaded yet)."""

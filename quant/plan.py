@@ -85,7 +85,7 @@ def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: st
             plan.append(Step(spec.name, f"evaluate {task_name}: {items} {unit} x {variants} variants (baseline + "
                                         f"quantized), batch {options.get('batch_size', 8)}", seconds))
         folder = BASELINES / hardware / profile
-        state = "exists" if folder.exists() else "missing: the first run records it"
+        state = "exists" if folder.exists() else "missing: snapshot tests fail until a run with --record-baselines records it"
         plan.append(Step(spec.name, f"compare {len(own)} cases with {folder.relative_to(BASELINES.parent)} ({state})", 0.0))
     return plan
 

@@ -44,6 +44,7 @@ def test_case_ids_read_like_the_design_card():
 
 def test_an_unknown_method_is_named_with_its_matrix_entry(tmp_path):
     path = tmp_path / "matrix.yaml"
-    path.write_text("quant:\n  fancy-w4: {method: fancy, bits: 4}\n")
+    path.write_text("models: {m: {hf_id: a/b}}\nquant:\n  fancy-w4: {method: fancy, bits: 4}\n"
+                    "cases: [{models: [m], quant: [fancy-w4], tasks: [wikitext]}]\n")
     with pytest.raises(ConfigError, match=r"quant.fancy-w4: unknown method 'fancy'; known: \['gptq', 'gsq', 'rtn'\]"):
         load_matrix(path)
