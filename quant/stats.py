@@ -33,18 +33,19 @@ def mrr_at_k(relevant: Sequence[bool], k: int) -> float:
 
 # ---- aggregates over per-item records, so the bootstrap can resample items ---------------------------
 
-def _aggregate(metric: str) -> Callable[[dict[str, np.ndarray]], float]:
-    """How a task's headline metric is computed from per-item columns."""
+def _aggregate(metric: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """How a task's headline metric is computed from per-item columns: over the last axis, so that one call
+    aggregates every bootstrap resample at once ([resamples, items] columns)."""
     if metric == "perplexity":
-        return lambda c: float(np.exp(c["nll"].sum() / c["tokens"].sum()))
+        return lambda c: np.exp(c["nll"].sum(-1) / c["tokens"].sum(-1))
     if metric == "mrr@10":
-        return lambda c: float(c["mrr"].mean())
+        return lambda c: c["mrr"].mean(-1)
     if metric == "ndcg@10":
-        return lambda c: float(c["score"].mean())
+        return lambda c: c["score"].mean(-1)
     if metric in ("accuracy", "answered"):
         column = "correct" if metric == "accuracy" else metric
-        return lambda c: float(c[column].mean())
-    return lambda c: float(c[f"correct_{metric}"].mean())  # generation extractions (strict-match, ...)
+        return lambda c: c[column].mean(-1)
+    return lambda c: c[f"correct_{metric}"].mean(-1)  # generation extractions (strict-match, ...)
 
 
 LOWER_IS_BETTER = frozenset({"perplexity", "mean_kld", "mean_kld_se", "median_kld", "p99_kld", "ln_ppl_ratio"})
@@ -78,21 +79,18 @@ def retention(base_value: float, quant_value: float, metric: str) -> float | Non
 
 def retention_interval(baseline: list[dict], quantized: list[dict], metric: str,
                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
-    """95% paired-bootstrap interval of the retention (items resampled jointly for both models)."""
+    """95% paired-bootstrap interval of the retention: each resample draws items with replacement and takes the
+    same items for both models, so what the two share (most items, for a good quantization) cancels out."""
     base, quant = _paired(baseline, quantized)
     aggregate = _aggregate(metric)
-    rng = np.random.default_rng(seed)
-    n = len(baseline)
-    values = []
-    for _ in range(resamples):
-        rows = rng.integers(0, n, n)
-        value = retention(aggregate({k: v[rows] for k, v in base.items()}),
-                          aggregate({k: v[rows] for k, v in quant.items()}), metric)
-        if value is not None:
-            values.append(value)
-    if len(values) < resamples / 2:
+    rows = np.random.default_rng(seed).integers(0, len(baseline), (resamples, len(baseline)))
+    base_values = aggregate({k: v[rows] for k, v in base.items()})
+    quant_values = aggregate({k: v[rows] for k, v in quant.items()})
+    numerator, denominator = (base_values, quant_values) if lower_is_better(metric) else (quant_values, base_values)
+    defined = denominator > 0  # as retention(): a resample whose baseline scores 0 retains nothing measurable
+    if defined.sum() < resamples / 2:
         return None
-    low, high = np.percentile(values, [2.5, 97.5])
+    low, high = np.percentile(numerator[defined] / denominator[defined], [2.5, 97.5])
     return float(low), float(high)
 
 

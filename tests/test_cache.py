@@ -110,11 +110,31 @@ OTHER_VALUES = {"method": "gsq", "bits": 3, "damp_percent": 0.1, "calib_dtype": 
 REQUIRES = {"lm_head_group_size": {"lm_head_bits": 8}}
 
 
+@pytest.fixture(scope="module")
+def key_workbench(shared_data):
+    matrix = load_matrix()
+    return Workbench(matrix, "test", shared_data), matrix.models["smollm2-135m"]
+
+
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(QuantConfig)])
-def test_every_quant_config_field_changes_the_key(field):
+def test_every_quant_config_field_changes_the_quantized_models_key(field, key_workbench):
+    """Through the key the workbench builds a quantized model under: a field it left out would share an entry."""
+    workbench, spec = key_workbench
     config = QuantConfig(method="gptq", **REQUIRES.get(field, {}))
     changed = dataclasses.replace(config, **{field: OTHER_VALUES.get(field, _changed(getattr(config, field)))})
-    assert key_of({"quant": changed.to_dict()}) != key_of({"quant": config.to_dict()})
+    assert key_of(workbench.quantized_parts(spec, changed)) != key_of(workbench.quantized_parts(spec, config))
+
+
+def test_the_weights_change_the_quantized_models_key(key_workbench, tmp_path, monkeypatch):
+    workbench, spec = key_workbench
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"one")
+    monkeypatch.setenv(spec.override_env, str(folder))
+    config = QuantConfig(method="gptq")
+    before = key_of(workbench.quantized_parts(spec, config))
+    (folder / "model.safetensors").write_bytes(b"two")
+    assert key_of(workbench.quantized_parts(spec, config)) != before
 
 
 def test_every_task_field_and_option_changes_the_key():

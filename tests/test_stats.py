@@ -2,6 +2,7 @@ import copy
 import math
 import types
 
+import numpy as np
 import pytest
 
 import torch
@@ -208,3 +209,52 @@ def test_flips_roc_auc_and_chance_read_every_item():
     with pytest.raises(ValueError, match="same items in the same order"):
         stats.flips(_items([True, False]), list(reversed(_items([True, False]))))
     assert math.isnan(stats.mean([]))
+
+
+def _paired_draw(rng: np.random.Generator, n: int, accuracy: float, agreement: float) -> tuple[list, list]:
+    """Per-item correctness of a baseline at ``accuracy`` and a candidate that gives the baseline's outcome on each
+    item with probability ``agreement`` and the other one otherwise: the paired structure of a quantized model."""
+    base = rng.random(n) < accuracy
+    quant = np.where(rng.random(n) < agreement, base, ~base)
+    return ([{"id": str(i), "correct": bool(x)} for i, x in enumerate(base)],
+            [{"id": str(i), "correct": bool(x)} for i, x in enumerate(quant)])
+
+
+def _unpaired_interval(baseline: list, quantized: list, seed: int) -> tuple[float, float]:
+    """The interval a bootstrap that resamples each model's items on its own would give (what the gate must not
+    do: it ignores that both models answered the same questions)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([item["correct"] for item in baseline], dtype=float)
+    quant = np.array([item["correct"] for item in quantized], dtype=float)
+    draws = lambda: rng.integers(0, len(base), (stats.BOOTSTRAP_RESAMPLES, len(base)))  # noqa: E731
+    low, high = np.percentile(quant[draws()].mean(-1) / base[draws()].mean(-1), [2.5, 97.5])
+    return float(low), float(high)
+
+
+# 300 items, a baseline at 0.6 and a candidate that agrees on 90% of them: retention (0.6 * 0.9 + 0.4 * 0.1) / 0.6
+N_ITEMS, ACCURACY, AGREEMENT = 300, 0.6, 0.9
+TRUE_RETENTION = (ACCURACY * AGREEMENT + (1 - ACCURACY) * (1 - AGREEMENT)) / ACCURACY
+
+
+def test_the_retention_interval_covers_the_true_retention_95_percent_of_the_time():
+    """Over 1000 simulated paired runs at a known retention, the 95% interval holds it in 93-97% of them (Monte
+    Carlo error of a 0.95 rate over 1000 draws: 0.007). Measured: 0.942. An unpaired bootstrap covers ~100%."""
+    rng = np.random.default_rng(2026)
+    covered = 0
+    for draw in range(1000):
+        low, high = stats.retention_interval(*_paired_draw(rng, N_ITEMS, ACCURACY, AGREEMENT), "accuracy", seed=draw)
+        covered += low <= TRUE_RETENTION <= high
+    assert 0.93 <= covered / 1000 <= 0.97, covered / 1000
+
+
+def test_the_paired_interval_is_narrower_than_an_unpaired_one_when_the_models_agree():
+    """What the two models share cancels in the paired resample: measured 0.118 against 0.26 mean width."""
+    rng = np.random.default_rng(7)
+    paired, unpaired = [], []
+    for draw in range(100):
+        baseline, quantized = _paired_draw(rng, N_ITEMS, ACCURACY, AGREEMENT)
+        low, high = stats.retention_interval(baseline, quantized, "accuracy", seed=draw)
+        paired.append(high - low)
+        low, high = _unpaired_interval(baseline, quantized, draw)
+        unpaired.append(high - low)
+    assert np.mean(paired) < 0.6 * np.mean(unpaired), (np.mean(paired), np.mean(unpaired))
