@@ -26,9 +26,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quant.qlinear import model_bytes
 
-__all__ = ["KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Timer", "attention_implementation", "decode",
-           "dtype_name", "kv_cache_bytes", "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes",
-           "peak_memory", "prefill", "roofline", "sdpa_on_kv_heads", "variant_label", "weight_bytes_per_token"]
+__all__ = ["BUSY_SPREAD", "KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Rounds", "Timer",
+           "attention_implementation", "decode", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
+           "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes", "paired_speedup", "peak_memory",
+           "prefill", "relative_spread", "roofline", "sdpa_on_kv_heads", "unmeasurable_reason", "variant_label",
+           "weight_bytes_per_token"]
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -44,6 +46,9 @@ class PerfSettings:
     batch_new_tokens: int = 16
     warmup: int = 1
     repeats: int = 3
+    # rounds of time to first token and batch-1 decode timed interleaved across a model's variants (the report's and
+    # quant perf's speed-ups come from these, paired by round)
+    rounds: int = 5
     # a torch.compile backend ("inductor"): also time batch-1 decode on a static KV cache through a compiled step
     # (CompiledDecoder); its first calls compile, so the warm-up runs must carry that cost, not the timed ones
     compiled: str | None = None
@@ -299,15 +304,92 @@ def roofline(row: dict[str, Any], bandwidth: float) -> dict[str, float]:
     return figures
 
 
-def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings: PerfSettings) -> dict[str, Any]:
-    """Latency, throughput and memory of ``model`` on ``prompt`` (token ids, at least ``prompt_tokens`` long)."""
+def latency_figures(ttft_seconds: float, decode_seconds: float, new_tokens: int) -> dict[str, float]:
+    """Time to first token and batch-1 decode, as the report names them."""
+    return {
+        "ttft_ms": ttft_seconds * 1000,
+        "decode_ms_per_token": decode_seconds / new_tokens * 1000,
+        "decode_tokens_per_s": new_tokens / decode_seconds,
+        # the reference study's throughput: output tokens over the whole request, prefill included
+        "output_tokens_per_s": new_tokens / (ttft_seconds + decode_seconds),
+    }
+
+
+# A round's probe and a baseline that move by more than this between rounds mean the machine's speed changed under
+# the measurement (other jobs): speed-ups are then not reported. Quiet 2-core VMs moved by up to ~10% (see
+# docs/measurements.md).
+BUSY_SPREAD = 0.25
+
+
+@dataclasses.dataclass
+class Rounds:
+    """Seconds per round of each model, timed interleaved, and the machine probe of each round."""
+
+    ttft: dict[str, list[float]]
+    decode: dict[str, list[float]]
+    probe_bytes_per_s: list[float]
+
+
+@torch.no_grad()
+def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor, device: str,
+                        settings: PerfSettings, rounds: int) -> Rounds:
+    """Time to first token and batch-1 decode of every model, round-robin: each round probes the machine (a memory
+    copy) and then times each model once, starting one model later than the round before. Load that comes and goes
+    during the pass then hits every model alike, and shows in the probe and in the baseline's rounds, instead of
+    landing on whichever model happened to be timed at that moment."""
+    timer, ids = Timer(device), prompt[:, : settings.prompt_tokens].to(device)
+    names = list(models)
+    for name in names:  # warm-up: allocator, kernels' first calls
+        for _ in range(settings.warmup):
+            decode(models[name], *prefill(models[name], ids), settings.new_tokens)
+    result = Rounds({name: [] for name in names}, {name: [] for name in names}, [])
+    for number in range(rounds):
+        result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))
+        for name in names[number % len(names):] + names[: number % len(names)]:
+            model = models[name]
+            result.ttft[name].append(timer(lambda: prefill(model, ids)))
+            state = prefill(model, ids)
+            result.decode[name].append(timer(lambda: decode(model, *state, settings.new_tokens)))
+    return result
+
+
+def relative_spread(values: list[float]) -> float:
+    """(largest - smallest) / median."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def paired_speedup(baseline_seconds: list[float], seconds: list[float]) -> tuple[float, float, float]:
+    """(median, lowest, highest) of the per-round ratio baseline / model. Each ratio pairs two timings taken in the
+    same round, moments apart; over R rounds the range holds the median ratio with confidence 1 - 2 / 2^R (a sign
+    test: 94% for 5 rounds)."""
+    ratios = [base / own for base, own in zip(baseline_seconds, seconds)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def unmeasurable_reason(speedup: tuple[float, float, float], machine_spread: float) -> str | None:
+    """Why a speed-up is not a measurement of this run, or None: the machine's own speed (probe, baseline) moved
+    between rounds, or the rounds spread wider than the speed-up's distance from 1."""
+    median, low, high = speedup
+    if machine_spread > BUSY_SPREAD:
+        return f"not measurable on this run: machine busy (spread {machine_spread:.0%})"
+    if high - low > abs(median - 1):
+        return f"not measurable on this run: spread {(high - low) / median:.0%} exceeds the effect"
+    return None
+
+
+def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings: PerfSettings,
+            latency: bool = True) -> dict[str, Any]:
+    """Latency, throughput and memory of ``model`` on ``prompt`` (token ids, at least ``prompt_tokens`` long).
+    ``latency`` False leaves out time to first token and batch-1 decode, for a caller that times them interleaved
+    with other models (``interleaved_latency``)."""
     timer = Timer(device)
     ids = prompt[:, : settings.prompt_tokens].to(device)
     batch_ids = prompt[:, : settings.batch_prompt_tokens].repeat(settings.batch, 1).to(device)
     above_held = PeakAboveHeld(device)
-    ttft = _median(timer, settings, lambda: None, lambda _: prefill(model, ids))
-    decode_seconds = _median(timer, settings, lambda: prefill(model, ids),
-                             lambda state: decode(model, *state, settings.new_tokens))
+    if latency:
+        ttft = _median(timer, settings, lambda: None, lambda _: prefill(model, ids))
+        decode_seconds = _median(timer, settings, lambda: prefill(model, ids),
+                                 lambda state: decode(model, *state, settings.new_tokens))
     batch_seconds = _median(timer, settings, lambda: prefill(model, batch_ids),
                             lambda state: decode(model, *state, settings.batch_new_tokens))
     # read before the compiled decode: compiling is not serving
@@ -320,11 +402,7 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
         compiled = {"compiled_decode_ms_per_token": seconds / settings.new_tokens * 1000,
                     "compiled_decode_tokens_per_s": settings.new_tokens / seconds}
     return {
-        "ttft_ms": ttft * 1000,
-        "decode_ms_per_token": decode_seconds / settings.new_tokens * 1000,
-        "decode_tokens_per_s": settings.new_tokens / decode_seconds,
-        # the reference study's throughput: output tokens over the whole request, prefill included
-        "output_tokens_per_s": settings.new_tokens / (ttft + decode_seconds),
+        **(latency_figures(ttft, decode_seconds, settings.new_tokens) if latency else {}),
         "batch": settings.batch,
         "batch_decode_tokens_per_s": settings.batch * settings.batch_new_tokens / batch_seconds,
         # what serving this model takes: its weights, plus the most that inference allocated on top of what was in

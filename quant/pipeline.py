@@ -25,7 +25,7 @@ from quant.backends.checkpoint import load_checkpoint
 from quant.methods import LayerRecord
 from quant.kernels import cast_parameters, use_fast_kernels
 from quant.models import ModelSpec, folder_sha256, load_model
-from quant.perf import PeakAboveHeld, PerfSettings, dtype_name, measure, variant_label
+from quant.perf import PeakAboveHeld, PerfSettings, dtype_name
 from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
 from quant.tasks import (TaskResult, TaskSpec, evaluate, perplexity_of_models, select_items, text_ids,
                          uses_reference)
@@ -148,17 +148,6 @@ class Workbench:
             return quantized.model, quantized.kernel  # a library's model already runs on the kernel it picked
         model = copy.deepcopy(quantized.model)
         return model, use_fast_kernels(model).describe()
-
-    def performance(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None,
-                    settings: PerfSettings | None = None) -> dict[str, Any]:
-        """Latency, throughput and memory (perf.measure, with the profile's settings unless given) of a baseline or
-        quantized model, with its kernel. Measured afresh every time: timings describe this machine now, so they
-        are never cached."""
-        model, kernel = self.runnable(spec, quant_name, dtype)
-        log.info("timing %s %s on %s", spec.name, variant_label(quant_name, dtype), kernel)
-        settings = settings or self.perf_settings(spec)
-        return {**measure(model, self.wikitext_ids(spec)[None], self.device_for(spec), settings),
-                "kernel": kernel, "dtype": dtype_name(next(model.parameters()).dtype)}
 
     def quantized(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:
         config = self.calibration_config(spec, config)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from quant.figures import kld_chart, retention_chart
 from quant.matrix import Case
 from quant.models import ModelSpec
 from quant.pipeline import DIVERGENCE_METRICS, Comparison, Workbench, task_metrics
-from quant.perf import PerfSettings, machine_facts, memory_bandwidth, model_bytes, roofline, variant_label
+from quant.perf import (PerfSettings, dtype_name, interleaved_latency, latency_figures, machine_facts, measure,
+                        memory_bandwidth, model_bytes, paired_speedup, relative_spread, roofline, unmeasurable_reason,
+                        variant_label)
 from quant.tasks import uses_reference
 
 log = logging.getLogger("quant")
@@ -50,7 +53,12 @@ NOTES = [
 PERF_NOTE = (
     "Batch 1 unless stated: time to first token = prefill of the first WikiText-2 tokens (perf settings in "
     "matrix.yaml, recorded per row in latest.json); decode = greedy steps on the KV cache; output tok/s = "
-    "generated tokens over prefill + decode (the reference study's throughput). Medians after warm-up. Roofline: a "
+    "generated tokens over prefill + decode (the reference study's throughput). Time to first token and decode are "
+    "timed interleaved: each round times every variant of a model once, in a rotating order, after a memory-copy probe "
+    "of the machine; figures are medians over the rounds. A decode speed-up is the median per-round ratio to the "
+    "baseline [lowest, highest round]; it reads 'not measurable on this run' when the probe or the baseline moved by "
+    "more than 25% between rounds (machine busy), or when the rounds spread wider than the speed-up's distance from "
+    "1. Roofline: a "
     "decode step at batch 1 reads every weight and the KV cache once (MB read / token); achieved GB/s is that over "
     "decode ms/token, its share is of this machine's memory bandwidth (machine line: a copy of a 256 MiB buffer, "
     "best of 5, read + written bytes), and roofline ms/token is the fastest the bytes allow. Model MB "
@@ -122,6 +130,15 @@ def skipped_rows(case: Case, reason: str) -> list[dict[str, Any]]:
             for metric in task_metrics(case)]
 
 
+def speedup_cell(row: dict[str, Any]) -> str:
+    """A decode speed-up with its range over the paired rounds, or why this run cannot say."""
+    if row.get("decode_speedup_unmeasurable"):
+        return row["decode_speedup_unmeasurable"]
+    if row.get("decode_speedup") is None:
+        return "–"
+    return f"{row['decode_speedup']:.2f}× [{row['decode_speedup_low']:.2f}, {row['decode_speedup_high']:.2f}]"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -161,7 +178,7 @@ def headline(report: dict[str, Any]) -> list[str]:
                                    f"{worst['verdict_reason']}")
             first, speed = config_rows[0], timing.get((model, quant), {})
             cells += [f"{first['model_bytes_quantized'] / 1e6:.0f} ({first['memory_reduction']:.1f}×)",
-                      _fmt(speed.get("decode_speedup"), 2) + ("×" if speed.get("decode_speedup") else "")]
+                      speedup_cell(speed)]
             lines.append(f"| {quant} | " + " | ".join(cells) + " |")
         sizes = {task: max(r["n"] for r in rows if r["task"] == task) for task in tasks}
         lines += ["", "Items: " + ", ".join(f"{task} {n}" for task, n in sizes.items()) + "."]
@@ -248,7 +265,7 @@ def performance_table(report: dict[str, Any]) -> str:
                      _fmt(row["decode_ms_per_token"], 1), _fmt(row["decode_tokens_per_s"], 1),
                      _fmt(row["output_tokens_per_s"], 1), f"{row['batch_decode_tokens_per_s']:.1f} (batch {row['batch']})",
                      f"{row['model_bytes'] / 1e6:.0f}", _fmt(row.get("memory_reduction"), 2),
-                     _fmt(row.get("decode_speedup"), 2), "–" if peak is None else f"{peak / 1e6:.0f}",
+                     speedup_cell(row), "–" if peak is None else f"{peak / 1e6:.0f}",
                      f"{row['bytes_per_token'] / 1e6:.0f}",
                      f"{row['achieved_gb_per_s']:.1f} ({row['bandwidth_share']:.0%})",
                      _fmt(row["roofline_ms_per_token"], 2),
@@ -304,29 +321,62 @@ def machine_line(device: str, bandwidth: float) -> dict[str, Any]:
 def performance_rows(workbench: Workbench, variants: list[Variant], bandwidth: float,
                      settings: PerfSettings | None = None) -> list[dict[str, Any]]:
     """One timing per variant, quantized models on their fastest kernel, each with its decode against the memory
-    roofline at ``bandwidth`` bytes/s. ``settings``: the profile's unless given."""
-    rows = []
+    roofline at ``bandwidth`` bytes/s; time to first token and decode are timed interleaved across each model's
+    variants (``perf.interleaved_latency``), and a speed-up is the median of per-round ratios with their range, or
+    the reason it is not measurable on this run. ``settings``: the profile's unless given."""
+    rows, served = [], {}
     for number, (spec, quant_name, dtype) in enumerate(variants, start=1):
         label = variant_label(quant_name, dtype)
         row = {"model": spec.name, "quant": label}
         log.info("timing %d/%d: %s %s", number, len(variants), spec.name, label)
         try:
-            timing = workbench.performance(spec, quant_name, dtype, settings)
-            rows.append({**row, **timing, **roofline(timing, bandwidth)})
-            compiled = timing.get("compiled_decode_ms_per_token")
-            log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
-                     label, timing["decode_ms_per_token"], f", {compiled:.2f} compiled" if compiled else "",
-                     timing["bytes_per_token"] / 1e6, rows[-1]["roofline_ms_per_token"])
+            model, kernel = workbench.runnable(spec, quant_name, dtype)
+            own = settings or workbench.perf_settings(spec)
+            timing = measure(model, workbench.wikitext_ids(spec)[None], workbench.device_for(spec), own, latency=False)
+            rows.append({**row, **timing, "kernel": kernel, "dtype": dtype_name(next(model.parameters()).dtype)})
+            served[(spec.name, label)] = model
         except Exception as error:  # a variant that cannot be timed is a row that says why, not a hole
             log.error("timing %s %s: %s", spec.name, label, error)
             rows.append({**row, "skipped_reason": f"{type(error).__name__}: {error}"})
-    baseline = {r["model"]: r for r in rows if r["quant"] == "baseline" and not r.get("skipped_reason")}
-    for row in rows:
-        reference = baseline.get(row["model"])
-        if reference and not row.get("skipped_reason"):
-            row["memory_reduction"] = reference["model_bytes"] / row["model_bytes"]
-            row["decode_speedup"] = row["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+    for spec in dict.fromkeys(spec for spec, _, _ in variants):
+        own_rows = [r for r in rows if r["model"] == spec.name and (spec.name, r["quant"]) in served]
+        if own_rows:
+            _add_interleaved_latency(workbench, spec, own_rows, served, settings or workbench.perf_settings(spec),
+                                     bandwidth)
     return rows
+
+
+def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[dict[str, Any]],
+                             served: dict[tuple[str, str], torch.nn.Module], settings: PerfSettings,
+                             bandwidth: float) -> None:
+    """Time to first token and decode of one model's variants, interleaved, into their rows: medians over the
+    rounds, the rounds themselves, the roofline, and each variant's speed-up over the baseline with its range."""
+    models = {row["quant"]: served[(spec.name, row["quant"])] for row in rows}
+    log.info("timing %s: %d variants interleaved, %d rounds", spec.name, len(models), settings.rounds)
+    rounds = interleaved_latency(models, workbench.wikitext_ids(spec)[None], workbench.device_for(spec), settings,
+                                 settings.rounds)
+    probe_spread = relative_spread(rounds.probe_bytes_per_s)
+    for row in rows:
+        ttft, decode_seconds = rounds.ttft[row["quant"]], rounds.decode[row["quant"]]
+        row.update(latency_figures(statistics.median(ttft), statistics.median(decode_seconds), settings.new_tokens),
+                   ttft_ms_rounds=[t * 1000 for t in ttft],
+                   decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in decode_seconds],
+                   probe_spread=probe_spread)
+        row.update(roofline(row, bandwidth))
+        log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
+                 row["quant"], row["decode_ms_per_token"],
+                 f", {row['compiled_decode_ms_per_token']:.2f} compiled" if "compiled_decode_ms_per_token" in row else "",
+                 row["bytes_per_token"] / 1e6, row["roofline_ms_per_token"])
+    baseline = next((row for row in rows if row["quant"] == "baseline"), None)
+    if baseline is None:
+        return
+    machine_spread = max(probe_spread, relative_spread(rounds.decode["baseline"]))
+    for row in rows:
+        row["memory_reduction"] = baseline["model_bytes"] / row["model_bytes"]
+        speedup = paired_speedup(rounds.decode["baseline"], rounds.decode[row["quant"]])
+        reason = unmeasurable_reason(speedup, machine_spread) if row is not baseline else None
+        row.update(decode_speedup=None if reason else speedup[0], decode_speedup_low=speedup[1],
+                   decode_speedup_high=speedup[2], decode_speedup_unmeasurable=reason)
 
 
 def evaluate_together(workbench: Workbench, cases: list[Case]) -> None:

@@ -14,7 +14,8 @@ from quant.kernels import use_fast_kernels
 from quant.methods import get_method
 from quant.methods.base import quantize_lm_head
 from tests.rounding import assert_greedy_choices, eager_greedy
-from quant.perf import (KV_HEAD_ATTENTION, CompiledDecoder, PerfSettings, kv_cache_bytes, machine_facts, measure,
+from quant.perf import (KV_HEAD_ATTENTION, CompiledDecoder, PerfSettings, interleaved_latency, kv_cache_bytes,
+                        machine_facts, measure, paired_speedup, unmeasurable_reason,
                         memory_bandwidth, memory_in_use, model_bytes, peak_memory, roofline, sdpa_on_kv_heads,
                         weight_bytes_per_token)
 
@@ -214,3 +215,31 @@ def test_roofline_counts_weights_and_kv_cache_read_per_token(tiny_llama):
 def test_memory_bandwidth_is_a_copy_of_read_and_written_bytes():
     bandwidth = memory_bandwidth("cpu", megabytes=16, repeats=2)
     assert 1e8 < bandwidth < 1e13  # between 0.1 GB/s and 10 TB/s: a rate, not a size or a time
+
+
+def test_interleaved_rounds_time_every_model_once_per_round_in_a_rotating_order(tiny_llama, calibration_ids):
+    """Load that comes and goes must hit every variant alike: no model is always first or always last."""
+    models = {"a": tiny_llama, "b": copy.deepcopy(tiny_llama), "c": copy.deepcopy(tiny_llama)}
+    order = []
+    for name, model in models.items():
+        model.model.layers[0].register_forward_pre_hook(
+            lambda _m, args, name=name: order.append(name) if args[0].shape[1] == SHORT.prompt_tokens else None)
+    rounds = interleaved_latency(models, calibration_ids[:1], "cpu", dataclasses.replace(SHORT, warmup=0), 3)
+    assert all(len(rounds.ttft[n]) == len(rounds.decode[n]) == 3 for n in models) and len(rounds.probe_bytes_per_s) == 3
+    firsts = order[::2][::3]  # two prefills per model per round (one timed, one building the decode's cache)
+    assert firsts == ["a", "b", "c"]
+
+
+def test_a_speed_up_is_the_median_of_paired_round_ratios_with_their_range():
+    baseline, quantized = [10.0, 20.0, 10.0, 12.0, 11.0], [5.0, 10.0, 5.5, 6.0, 5.0]  # round 2 was slow for both
+    assert paired_speedup(baseline, quantized) == (2.0, 10.0 / 5.5, 2.2)
+
+
+@pytest.mark.parametrize("speedup,spread,reason", [
+    ((1.6, 1.55, 1.65), 0.05, None),
+    ((1.6, 1.55, 1.65), 0.40, "not measurable on this run: machine busy (spread 40%)"),
+    ((1.05, 0.95, 1.15), 0.05, "not measurable on this run: spread 19% exceeds the effect"),
+    ((0.7, 0.68, 0.72), 0.05, None),  # slower, measurably
+])
+def test_a_speed_up_is_withheld_when_the_machine_moved_or_the_rounds_spread_past_the_effect(speedup, spread, reason):
+    assert unmeasurable_reason(speedup, spread) == reason

@@ -211,7 +211,7 @@ def small_llama(small_tokenizer, shared_data, tmp_path, monkeypatch) -> list[str
     raw = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
     raw["profiles"]["replica"] = {"gpu": {"wikitext": 2, "perf": {
         "prompt_tokens": 16, "new_tokens": 4, "batch": 2, "batch_prompt_tokens": 8, "batch_new_tokens": 2,
-        "warmup": 1, "repeats": 1}}}
+        "warmup": 1, "repeats": 1, "rounds": 2}}}
     (tmp_path / "matrix.yaml").write_text(yaml.safe_dump(raw))
     return ["--profile", "replica", "--matrix", str(tmp_path / "matrix.yaml"), "--data-dir", str(shared_data),
             "--out", str(tmp_path)]
@@ -234,6 +234,9 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_llama, tmp
         assert row["compiled_decode_ms_per_token"] > 0 and 0 < row["compiled_bandwidth_share"]
         assert row["settings"]["compiled"] == "eager"
     assert rows["rtn-w4g128"]["memory_reduction"] > 2 and written["machine"]["memory_bandwidth_gb_per_s"] > 0
+    for row in rows.values():  # timed interleaved: every variant once per round, a speed-up or why there is none
+        assert len(row["decode_ms_per_token_rounds"]) == len(row["ttft_ms_rounds"]) == 2
+        assert (row["decode_speedup"] is None) == bool(row["decode_speedup_unmeasurable"])
 
 
 def test_the_perf_command_refuses_a_cpp_wrapper_without_inductor(small_llama, capsys):

@@ -41,7 +41,10 @@ def _report():
     performance = [{**timed, "model": "smollm2-135m", "quant": "baseline", "decode_tokens_per_s": 20.0,
                     "kernel": "dense fp32"},
                    {**timed, "model": "smollm2-135m", "quant": "rtn-w4g128", "decode_tokens_per_s": 40.0,
-                    "kernel": KERNEL, "decode_speedup": 2.0},
+                    "kernel": KERNEL, "decode_speedup": 2.0, "decode_speedup_low": 1.9, "decode_speedup_high": 2.1},
+                   {**timed, "model": "smollm2-135m", "quant": "rtn-w8", "decode_tokens_per_s": 22.0, "kernel": KERNEL,
+                    "decode_speedup": None, "decode_speedup_low": 0.6, "decode_speedup_high": 1.9,
+                    "decode_speedup_unmeasurable": "not measurable on this run: machine busy (spread 43%)"},
                    {"model": "smollm2-135m", "quant": "gptq-w4g128", "skipped_reason": "no kernel"}]
     return {"machine": {"cpu": "test"}, "command": "quant report", "profile": "report", "rows": rows + skipped,
             "performance": performance}
@@ -52,7 +55,7 @@ def test_the_headline_gives_each_config_its_verdict_per_task_then_the_reasons_an
     assert lines[0] == "**smollm2-135m** (baseline 538 MB, decode 20.0 tok/s)"
     assert "| config | boolq | gsm8k | wikitext | MB (×) | decode speed-up |" in lines
     # a task's verdict is its worst metric's: gsm8k fails on flexible-extract although strict-match passed
-    assert "| rtn-w4g128 | uninformative | fail | pass | 110 (4.9×) | 2.00× |" in lines
+    assert "| rtn-w4g128 | uninformative | fail | pass | 110 (4.9×) | 2.00× [1.90, 2.10] |" in lines
     assert "| gptq-w4g128 | pass | uninformative | inconclusive | 100 (5.4×) | – |" in lines
     assert "Rows: 7 measured: 1 fail, 1 inconclusive, 3 pass, 2 uninformative." in lines
     assert ("- smollm2-135m rtn-w4g128 gsm8k (flexible-extract): fail: retention 95% CI [0.2, 0.5] lies below 0.9"
