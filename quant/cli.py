@@ -27,6 +27,7 @@ from quant.crosscheck import LM_EVAL_TASKS, crosscheck
 from quant.data import DataError, missing_files
 from quant.data import load as load_data
 from quant.decide import AVERAGE, correlations, frontier, load_report, parse_size, plot_pareto, points, recommend
+from quant.history import compare_runs, load_runs
 from quant.history import plot as plot_history
 from quant.matrix import Case, Matrix, load_matrix
 from quant.models import DTYPES, ModelUnavailable
@@ -239,11 +240,41 @@ def dry_run_inputs(cases: list[Case], data_dir_option: str | None, runs_here: bo
     return 2 if runs_here else 0
 
 
-def history_command(args: argparse.Namespace) -> int:
+def _bench_compare_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
+                         help="pytest-benchmark storage folder (default: .benchmarks)")
+    command.add_argument("--threshold", type=float, default=0.40,
+                         help="a regression is a time ratio whose whole interval lies above 1 + this (default: "
+                              "%(default)s)")
+
+
+def bench_compare_command(args: argparse.Namespace) -> int:
+    """The newest saved benchmark run against the one before it; exit 1 when a benchmark regressed."""
+    runs = _saved_runs(args.storage)
+    if len(runs) < 2:
+        raise ConfigError(f"{args.storage}: {len(runs)} saved run(s); comparing needs two (make bench, twice)")
+    older, newer = runs[-2], runs[-1]
+    changes = compare_runs(older, newer)
+    print(f"{newer['file']} against {older['file']}: time ratio new / old, median [interval over both runs' "
+          f"rounds]; a regression when the interval lies above {1 + args.threshold:.2f}")
+    for change in changes:
+        print(f"  {change.name}: {change.old_median * 1000:.2f} -> {change.new_median * 1000:.2f} ms, "
+              f"{change.ratio:.2f}x [{change.low:.2f}, {change.high:.2f}]: {change.verdict(args.threshold)}")
+    regressions = [c for c in changes if c.verdict(args.threshold) == "regression"]
+    print(f"{len(regressions)} regression(s) in {len(changes)} benchmarks")
+    return 1 if regressions else 0
+
+
+def _saved_runs(storage: Path) -> list[dict]:
     try:
-        print(f"wrote {plot_history(args.storage, args.out)}")
+        return load_runs(storage)
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
+
+
+def history_command(args: argparse.Namespace) -> int:
+    _saved_runs(args.storage)
+    print(f"wrote {plot_history(args.storage, args.out)}")
     return 0
 
 
@@ -469,6 +500,9 @@ COMMANDS: dict[str, Command] = {
     "replica": Command("save a random-weight replica of a study model (no download)", _replica_arguments,
                        save_replica_command),
     "history": Command("plot saved benchmark runs (.benchmarks/) to a PNG", _history_arguments, history_command),
+    "bench-compare": Command("the newest saved benchmark run against the one before it: a regression only when the "
+                             "time ratio's interval lies beyond the threshold", _bench_compare_arguments,
+                             bench_compare_command),
     "crosscheck": Command("score the same items with lm-evaluation-harness and compare item by item",
                           _crosscheck_arguments, crosscheck_command),
     "perf": Command("time a model's baseline and quant configs side by side: decode eager and compiled, against "

@@ -1,8 +1,10 @@
 """Benchmark histories: the runs pytest-benchmark saved (``--benchmark-autosave``, under ``.benchmarks/``) as one
 PNG with a panel per figure (latency, throughput, memory, score, retention) and a point per saved run, each run
-labelled with its number and the commit it measured."""
+labelled with its number and the commit it measured; and the comparison of the newest run with the one before it,
+which claims a regression only when the whole interval of the time ratio lies beyond the threshold."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -73,3 +75,37 @@ def plot(storage: Path, out: Path) -> Path:
         axis.legend(fontsize=6, ncol=3, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         axis.grid(alpha=0.3)
     return save(figure, f"benchmark history: {len(runs)} saved runs in {storage}", out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One benchmark's time in the newer run against the older: the ratio of medians and its interval, the range
+    of every round of the new run over every round of the old (new min / old max, new max / old min)."""
+
+    name: str
+    old_median: float
+    new_median: float
+    ratio: float
+    low: float
+    high: float
+
+    def verdict(self, threshold: float) -> str:
+        if self.low > 1 + threshold:
+            return "regression"
+        if self.high < 1 / (1 + threshold):
+            return "faster"
+        return "within noise" if self.low <= 1 <= self.high else "changed, within the threshold"
+
+
+def compare_runs(older: dict[str, Any], newer: dict[str, Any]) -> list[Change]:
+    """The benchmarks both runs hold, by name. Each run's rounds spread with the machine's load at the time, so a
+    median ratio alone reads a busy runner as a regression; the interval counts that spread."""
+    before = {b["fullname"]: b["stats"] for b in older["benchmarks"]}
+    changes = []
+    for benchmark in newer["benchmarks"]:
+        old, new = before.get(benchmark["fullname"]), benchmark["stats"]
+        if old is None:
+            continue
+        changes.append(Change(benchmark["fullname"], old["median"], new["median"], new["median"] / old["median"],
+                              new["min"] / old["max"], new["max"] / old["min"]))
+    return changes

@@ -2,7 +2,8 @@
 regression beyond the threshold and shows the diff, and the history PNG with a point per run."""
 import json
 
-from quant.history import load_runs, plot, series
+from quant.cli import main
+from quant.history import Change, load_runs, plot, series
 
 TOY_BENCHMARK = """
 import os, time
@@ -15,7 +16,7 @@ def test_decode(benchmark):
 """
 
 
-def test_autosave_compare_and_history(pytester, tmp_path, monkeypatch):
+def test_autosave_compare_and_history(pytester, tmp_path, monkeypatch, capsys):
     storage = tmp_path / "benchmarks"
     pytester.makepyfile(test_toy=TOY_BENCHMARK)
     run = ["-p", "no:cacheprovider", f"--benchmark-storage=file://{storage}"]
@@ -26,16 +27,26 @@ def test_autosave_compare_and_history(pytester, tmp_path, monkeypatch):
     assert [p.name[:4] for p in saved] == ["0001", "0002"]
     assert json.loads(saved[0].read_text())["benchmarks"][0]["extra_info"]["variant"] == "toy-w4"
 
-    # 20x slower than the latest saved run: the documented compare command must fail and show both
+    # two unchanged runs: within noise, whatever their medians did
+    assert main(["bench-compare", "--storage", str(storage), "--threshold", "0.5"]) == 0
+    assert "0 regression(s) in 1 benchmarks" in capsys.readouterr().out
+    # 20x slower than the latest saved run: the documented compare command fails and names it
     monkeypatch.setenv("TOY_SECONDS", "0.02")
-    compared = pytester.runpytest_subprocess(*run, "--benchmark-compare", "--benchmark-compare-fail=median:50%")
-    assert compared.ret != 0
-    compared.stdout.fnmatch_lines(["*test_decode (0002_*", "*test_decode (NOW)*"])  # the diff, side by side
-    compared.stderr.fnmatch_lines(["*Performance has regressed*"])
+    pytester.runpytest_subprocess(*run, "--benchmark-autosave").assert_outcomes(passed=1)
+    assert main(["bench-compare", "--storage", str(storage), "--threshold", "0.5"]) == 1
+    out = capsys.readouterr().out
+    assert "0003_" in out and "test_decode" in out and ": regression" in out
 
     runs = load_runs(storage)
     panels = series(runs)
-    assert all(len(points) == 2 for lines in panels.values() for points in lines.values())
+    assert all(len(points) == 3 for lines in panels.values() for points in lines.values())
     assert set(panels) == {"latency, median (ms)", "throughput (tokens/s)", "model memory (MB)", "score", "retention"}
     png = plot(storage, tmp_path / "history.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_regression_is_claimed_only_when_the_whole_interval_lies_beyond_the_threshold():
+    busy = Change("decode", 1.0, 1.5, 1.5, 0.9, 2.4)  # median +50%, but the rounds overlap: a busy runner
+    slower = Change("decode", 1.0, 1.5, 1.5, 1.45, 1.6)
+    assert busy.verdict(0.4) == "within noise" and slower.verdict(0.4) == "regression"
+    assert Change("decode", 1.0, 0.5, 0.5, 0.45, 0.55).verdict(0.4) == "faster"

@@ -26,6 +26,6 @@ def test_workflows_call_existing_make_targets_and_commands(workflow):
     targets = set(re.findall(r"^([\w-]+):", (REPO_ROOT / "Makefile").read_text(), re.M))
     for target in re.findall(r"\bmake ([\w-]+)", text):
         assert target in targets, f"{workflow.name}: make {target} is not a Makefile target"
-    for command in set(re.findall(r"-m quant (\w+)", text)):
+    for command in set(re.findall(r"-m quant ([\w-]+)", text)):
         result = subprocess.run([sys.executable, "-m", "quant", command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0, f"{workflow.name}: quant {command}: {result.stderr}"
