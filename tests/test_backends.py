@@ -162,7 +162,7 @@ def test_a_checkpoint_key_is_its_files_content(tmp_path):
 def test_the_matrix_refuses_a_backend_entry_it_cannot_build(tmp_path, entry, message):
     raw = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
     raw["quant"] = {"x": entry}
-    raw["cases"] = []
+    raw["cases"] = [{"models": ["smollm2-135m"], "quant": ["x"], "tasks": ["wikitext"]}]
     path = tmp_path / "matrix.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=message):
