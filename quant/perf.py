@@ -26,9 +26,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quant.qlinear import model_bytes
 
-__all__ = ["BUSY_SPREAD", "KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Rounds", "Timer",
-           "attention_implementation", "decode", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
-           "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes", "paired_speedup", "peak_memory",
+__all__ = ["BUSY_CPU_SHARE", "BUSY_PROBE_SPREAD", "KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Rounds", "Timer",
+           "attention_implementation", "cpu_seconds", "decode", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
+           "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes", "others_share", "paired_speedup", "peak_memory",
            "prefill", "relative_spread", "roofline", "sdpa_on_kv_heads", "unmeasurable_reason", "variant_label",
            "weight_bytes_per_token"]
 
@@ -315,10 +315,33 @@ def latency_figures(ttft_seconds: float, decode_seconds: float, new_tokens: int)
     }
 
 
-# A round's probe and a baseline that move by more than this between rounds mean the machine's speed changed under
-# the measurement (other jobs): speed-ups are then not reported. Quiet 2-core VMs moved by up to ~10% (see
-# docs/measurements.md).
-BUSY_SPREAD = 0.25
+# The machine is busy when other processes (or, on a VM, other guests: steal time) used more than this share of the
+# CPUs during a round, or when the memory-copy probe moved by more than BUSY_PROBE_SPREAD between rounds: a timing
+# then measures the load as much as the model (quiet and busy figures: docs/measurements.md).
+BUSY_CPU_SHARE = 0.20
+BUSY_PROBE_SPREAD = 0.35
+PROC_STAT = Path("/proc/stat")
+
+
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """(seconds the whole machine's CPUs were busy, steal included; seconds they were counted in all; seconds this
+    process used), or None where /proc/stat does not exist."""
+    if not PROC_STAT.exists():
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(value) for value in PROC_STAT.read_text().split("\n", 1)[0].split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    busy = user + nice + system + irq + softirq + steal
+    return busy / tick, (busy + idle + iowait) / tick, own.user + own.system
+
+
+def others_share(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> float | None:
+    """The share of the machine's CPU time that other processes (and steal) took between two ``cpu_seconds``."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy, total, own = (a - b for a, b in zip(after, before))
+    return max(busy - own, 0.0) / total
 
 
 @dataclasses.dataclass
@@ -328,6 +351,17 @@ class Rounds:
     ttft: dict[str, list[float]]
     decode: dict[str, list[float]]
     probe_bytes_per_s: list[float]
+    others_cpu_share: list[float | None]  # per round: what other processes (and steal) took of the CPUs
+
+    def busy_reason(self) -> str | None:
+        """Why this pass's timings measure the machine's load, or None when the machine stayed quiet."""
+        shares = [share for share in self.others_cpu_share if share is not None]
+        if shares and max(shares) > BUSY_CPU_SHARE:
+            return f"machine busy (other processes took {max(shares):.0%} of the CPUs in a round)"
+        spread = relative_spread(self.probe_bytes_per_s)
+        if spread > BUSY_PROBE_SPREAD:
+            return f"machine busy (memory probe spread {spread:.0%})"
+        return None
 
 
 @torch.no_grad()
@@ -342,14 +376,16 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
     for name in names:  # warm-up: allocator, kernels' first calls
         for _ in range(settings.warmup):
             decode(models[name], *prefill(models[name], ids), settings.new_tokens)
-    result = Rounds({name: [] for name in names}, {name: [] for name in names}, [])
+    result = Rounds({name: [] for name in names}, {name: [] for name in names}, [], [])
     for number in range(rounds):
+        started = cpu_seconds()
         result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))
         for name in names[number % len(names):] + names[: number % len(names)]:
             model = models[name]
             result.ttft[name].append(timer(lambda: prefill(model, ids)))
             state = prefill(model, ids)
             result.decode[name].append(timer(lambda: decode(model, *state, settings.new_tokens)))
+        result.others_cpu_share.append(others_share(started, cpu_seconds()))
     return result
 
 
@@ -366,14 +402,14 @@ def paired_speedup(baseline_seconds: list[float], seconds: list[float]) -> tuple
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def unmeasurable_reason(speedup: tuple[float, float, float], machine_spread: float) -> str | None:
-    """Why a speed-up is not a measurement of this run, or None: the machine's own speed (probe, baseline) moved
-    between rounds, or the rounds spread wider than the speed-up's distance from 1."""
-    median, low, high = speedup
-    if machine_spread > BUSY_SPREAD:
-        return f"not measurable on this run: machine busy (spread {machine_spread:.0%})"
-    if high - low > abs(median - 1):
-        return f"not measurable on this run: spread {(high - low) / median:.0%} exceeds the effect"
+def unmeasurable_reason(speedup: tuple[float, float, float], busy: str | None) -> str | None:
+    """Why a speed-up is not a measurement of this run, or None: the machine was busy (``Rounds.busy_reason``), or
+    the rounds' range of ratios reaches 1, so that faster and slower cannot be told apart."""
+    _, low, high = speedup
+    if busy:
+        return f"not measurable on this run: {busy}"
+    if low <= 1 <= high:
+        return f"not measurable on this run: the rounds' ratios [{low:.2f}, {high:.2f}] reach 1"
     return None
 
 

@@ -56,9 +56,9 @@ PERF_NOTE = (
     "generated tokens over prefill + decode (the reference study's throughput). Time to first token and decode are "
     "timed interleaved: each round times every variant of a model once, in a rotating order, after a memory-copy probe "
     "of the machine; figures are medians over the rounds. A decode speed-up is the median per-round ratio to the "
-    "baseline [lowest, highest round]; it reads 'not measurable on this run' when the probe or the baseline moved by "
-    "more than 25% between rounds (machine busy), or when the rounds spread wider than the speed-up's distance from "
-    "1. Roofline: a "
+    "baseline [lowest, highest round]; it reads 'not measurable on this run' when the machine was busy (other "
+    "processes took over 20% of the CPUs in a round, or the memory probe moved by over 35%), or when the rounds' "
+    "range of ratios reaches 1. Roofline: a "
     "decode step at batch 1 reads every weight and the KV cache once (MB read / token); achieved GB/s is that over "
     "decode ms/token, its share is of this machine's memory bandwidth (machine line: a copy of a 256 MiB buffer, "
     "best of 5, read + written bytes), and roofline ms/token is the fastest the bytes allow. Model MB "
@@ -355,13 +355,13 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
     log.info("timing %s: %d variants interleaved, %d rounds", spec.name, len(models), settings.rounds)
     rounds = interleaved_latency(models, workbench.wikitext_ids(spec)[None], workbench.device_for(spec), settings,
                                  settings.rounds)
-    probe_spread = relative_spread(rounds.probe_bytes_per_s)
+    probe_spread, busy = relative_spread(rounds.probe_bytes_per_s), rounds.busy_reason()
     for row in rows:
         ttft, decode_seconds = rounds.ttft[row["quant"]], rounds.decode[row["quant"]]
         row.update(latency_figures(statistics.median(ttft), statistics.median(decode_seconds), settings.new_tokens),
                    ttft_ms_rounds=[t * 1000 for t in ttft],
                    decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in decode_seconds],
-                   probe_spread=probe_spread)
+                   probe_spread=probe_spread, others_cpu_share_rounds=rounds.others_cpu_share)
         row.update(roofline(row, bandwidth))
         log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
                  row["quant"], row["decode_ms_per_token"],
@@ -370,11 +370,10 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
     baseline = next((row for row in rows if row["quant"] == "baseline"), None)
     if baseline is None:
         return
-    machine_spread = max(probe_spread, relative_spread(rounds.decode["baseline"]))
     for row in rows:
         row["memory_reduction"] = baseline["model_bytes"] / row["model_bytes"]
         speedup = paired_speedup(rounds.decode["baseline"], rounds.decode[row["quant"]])
-        reason = unmeasurable_reason(speedup, machine_spread) if row is not baseline else None
+        reason = unmeasurable_reason(speedup, busy) if row is not baseline else None
         row.update(decode_speedup=None if reason else speedup[0], decode_speedup_low=speedup[1],
                    decode_speedup_high=speedup[2], decode_speedup_unmeasurable=reason)
 
