@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from quant import snapshots, stats
+from quant import gate, snapshots
 from quant.cache import cached_dir, cached_json, has_entry
 from quant.config import ConfigError, QuantConfig, file_sha256
 from quant.data import calibration_windows
@@ -33,8 +33,6 @@ from quant.tasks import (TaskResult, TaskSpec, evaluate, perplexity_of_models, s
 log = logging.getLogger("quant")
 
 CALIBRATION_SOURCE = "wikitext"
-# llama.cpp --kl-divergence's statistics, reported beside each perplexity row
-DIVERGENCE_METRICS = ("mean_kld", "mean_kld_se", "median_kld", "p99_kld", "same_top_p", "ln_ppl_ratio")
 
 
 @dataclasses.dataclass
@@ -53,20 +51,6 @@ class Quantized:
         """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
         return {"quantized_layers": sum(r.bits is not None for r in self.records),
                 "fallback_layers": sum(r.fallback is not None for r in self.records)}
-
-
-@dataclasses.dataclass
-class Comparison:
-    """A case's outcome: both results on the same items and the statistics that gate it."""
-
-    case: Case
-    metric: str
-    baseline: TaskResult
-    quantized: TaskResult
-    retention: float | None
-    interval: tuple[float, float] | None
-    verdict: stats.Verdict
-    extra: dict[str, Any]
 
 
 class Workbench:
@@ -276,90 +260,20 @@ class Workbench:
         for quant_name, result in zip([*missing, None], results):
             cached_json("results", self.result_parts(spec, task_name, quant_name), lambda r=result: dataclasses.asdict(r))
 
-    def compare(self, case: Case, metric: str | None = None) -> Comparison:
+    def compare(self, case: Case, metric: str | None = None) -> gate.Comparison:
         """Quantized vs baseline on the same items, with the paired statistics and the gate's verdict."""
         baseline = self.evaluate(case.model, case.task.name)
         quantized = self.evaluate(case.model, case.task.name, case.quant_name)
-        return self.judge(case, baseline, quantized, metric)
+        return gate.judge(case, baseline, quantized, metric)
 
-    def snapshot(self, case: Case, comparison: Comparison | None = None) -> dict[str, Any]:
-        """What ``baselines/`` records for a case: its metrics (baseline and quantized) with tolerances, and the
-        identities that must not move: the items, the quantization config, the packed model's bytes.
-        ``comparison`` defaults to the case's own (cached) one."""
-        comparison = comparison or self.compare(case)
+    def snapshot(self, case: Case, candidate: TaskResult | None = None) -> dict[str, Any]:
+        """What ``baselines/`` records for a case (``snapshots.snapshot_of``): both results, from the cache, and
+        the identities of what was evaluated; ``candidate`` stands in for the quantized model's result. No
+        statistics: the gate is not consulted."""
         config = self.calibration_config(case.model, case.quant)
         quantized = self.quantized(case.model, case.quant_name, config)
-        exact = {
-            "n": comparison.baseline.n,
-            "items": snapshots.fingerprint([item["id"] for item in self.items(case.model, case.task.name)]),
-            "config": snapshots.fingerprint(config.to_dict()),
-            "model_bytes": model_bytes(quantized.model),
-            **quantized.layer_counts(),
-        }
-        metrics = {f"{side}.{name}": value for side, result in (("baseline", comparison.baseline),
-                                                                 ("quantized", comparison.quantized))
-                   for name, value in result.metrics.items()}
-        return snapshots.record(exact, metrics, case.gate["snapshot_tolerance"])
-
-    @staticmethod
-    def judge(case: Case, baseline: TaskResult, quantized: TaskResult, metric: str | None = None) -> Comparison:
-        """The statistics and the gate's verdict for two results on the same items."""
-        metric = metric or headline_metric(case)
-        base_value, quant_value = baseline.metrics[metric], quantized.metrics[metric]
-        value = stats.retention(base_value, quant_value, metric)
-        interval = stats.retention_interval(baseline.items, quantized.items, metric)
-        gate = case.gate
-        chance = stats.chance_rate(baseline.items)
-        extra: dict[str, Any] = {"chance": chance, "agreement": stats.agreement(baseline.items, quantized.items)}
-        flips = stats.flips(baseline.items, quantized.items)
-        if flips:
-            extra["flips"] = flips
-            extra["mcnemar_p"] = stats.mcnemar_exact(flips["correct_to_wrong"], flips["wrong_to_correct"])
-        if case.task.kind == "choice" and len(case.task["choices"]) == 2:
-            labels = [item["label"] for item in baseline.items]
-            extra["roc_auc_baseline"] = stats.roc_auc([i["score"] for i in baseline.items], labels)
-            extra["roc_auc_quantized"] = stats.roc_auc([i["score"] for i in quantized.items], labels)
-        informative = True
-        fallback = None
-        if chance is not None:
-            informative = base_value >= chance + gate["chance_margin"]
-            # Near chance, the yes/no decisions are coin flips that any perturbation changes; the score
-            # behind them still correlates with the baseline's unless the model is broken.
-            extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
-            fallback = ("score correlation with the baseline", extra["score_correlation"], gate["correlation_min"])
-        elif case.task.kind == "rerank":
-            # a re-ranker that does not beat BM25's own order of the same candidates measures nothing yet
-            extra["bm25"] = baseline.metrics[f"bm25_{metric}"]
-            informative = base_value > extra["bm25"]
-            # its per-query scores still follow the baseline's unless the quantized model is broken
-            extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
-            fallback = (f"per-query {metric} correlation with the baseline", extra["score_correlation"],
-                        gate["correlation_min"])
-        elif case.task.kind == "generate":
-            informative = sum(bool(i["correct"]) for i in baseline.items) >= gate["min_correct"]
-            # A model that solves almost nothing can still be damaged: it stops producing answers at all.
-            extra["answered_baseline"] = stats.answered_rate(baseline.items)
-            extra["answered_quantized"] = stats.answered_rate(quantized.items)
-            # Judged like retention, on its interval: fail only when even the upper bound is below the bar.
-            answered = stats.retention_interval(baseline.items, quantized.items, "answered")
-            extra["answered_retention_ci"] = answered
-            if answered:  # (a baseline that never answers leaves nothing to retain)
-                fallback = ("answer-format retention, 95% CI upper bound", answered[1], gate["retention_min"])
-        threshold = 1 / gate["ppl_ratio_max"] if stats.lower_is_better(metric) else gate["retention_min"]
-        verdict = stats.judge(metric, base_value, quant_value, interval, baseline.n, threshold, informative,
-                              fallback, gate["strict"])
-        if "mean_kld" in quantized.metrics:
-            extra.update({k: quantized.metrics[k] for k in DIVERGENCE_METRICS})
-            verdict = stats.judge_divergence(verdict, quantized.metrics, gate.get("kld_max"), gate.get("same_top_min"))
-        return Comparison(case, metric, baseline, quantized, value, interval, verdict, extra)
-
-
-def task_metrics(case: Case) -> list[str]:
-    """The metrics a task reports, the headline first."""
-    if case.task.kind == "generate":
-        return list(case.task["extract"])
-    return ["ndcg@10", "mrr@10"] if case.task.kind == "rerank" else [case.task.metric]
-
-
-def headline_metric(case: Case) -> str:
-    return task_metrics(case)[0]
+        return snapshots.snapshot_of(
+            self.evaluate(case.model, case.task.name),
+            candidate or self.evaluate(case.model, case.task.name, case.quant_name),
+            [item["id"] for item in self.items(case.model, case.task.name)], config.to_dict(),
+            model_bytes(quantized.model), quantized.layer_counts(), case.gate["snapshot_tolerance"])

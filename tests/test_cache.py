@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from quant import cache
-from quant.cache import cached_dir, cached_json, key_of
+from quant.cache import PACKAGE_DIR, code_version, cached_dir, cached_json, key_of
 from quant.config import QuantConfig
 from quant.matrix import load_matrix
 from quant.models import ModelSpec
@@ -209,3 +209,16 @@ def test_an_entry_with_an_unreadable_manifest_is_rebuilt(tmp_path, caplog):
     (folder / cache.MANIFEST).write_text('{"payload": ')  # cut off mid-write
     cached_dir("results", {"entry": 5}, build, root=tmp_path)
     assert len(builds) == 2 and "rebuilding" in caplog.text
+
+
+def test_the_gate_and_the_report_are_outside_the_cache_key(tmp_path):
+    """Rewording a verdict, changing how an interval is judged or adding a report column reuses every cached model
+    and result; a change to what computes a cached number does not."""
+    package = tmp_path / "quant"
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_version(package)
+    for name in ("gate.py", "stats.py", "snapshots.py", "report.py", "cli.py"):
+        (package / name).write_text((package / name).read_text() + "\n# changed\n")
+    assert code_version(package) == before
+    (package / "metrics.py").write_text((package / "metrics.py").read_text() + "\n# changed\n")
+    assert code_version(package) != before
