@@ -217,7 +217,7 @@ def test_the_gate_and_the_report_are_outside_the_cache_key(tmp_path):
     package = tmp_path / "quant"
     shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
     before = code_version(package)
-    for name in ("gate.py", "stats.py", "snapshots.py", "report.py", "cli.py"):
+    for name in ("gate.py", "stats.py", "snapshots.py", "pipeline.py", "report.py", "cli.py"):
         (package / name).write_text((package / name).read_text() + "\n# changed\n")
     assert code_version(package) == before
     (package / "metrics.py").write_text((package / "metrics.py").read_text() + "\n# changed\n")

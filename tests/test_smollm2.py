@@ -135,7 +135,7 @@ def test_evaluation_windows_that_would_reach_the_calibration_text_are_refused(ma
     profiles = copy.deepcopy(matrix.profiles)
     profiles[workbench.profile]["cpu"]["wikitext"] = 600
     crowded = Workbench(dataclasses.replace(matrix, profiles=profiles), workbench.profile, workbench.data_dir)
-    crowded._baselines = workbench._baselines  # the loaded model, not a second copy
+    crowded.models._baselines = workbench.models._baselines  # the loaded model, not a second copy
     config = matrix.quant["gptq-w4g128"]
     with pytest.raises(ConfigError, match=rf"profiles\.{workbench.profile}\.cpu\.wikitext = 600 windows of 512 "
                                           r"tokens would reach the calibration half .*: at most \d+ windows"):
