@@ -37,9 +37,14 @@ RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "safetensors"
 MANIFEST = "key.json"  # written last: its presence marks a complete entry, and it holds each payload file's hash
 
 
-@functools.lru_cache(maxsize=None)
-def code_version(package_dir: Path = PACKAGE_DIR) -> str:
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
     """Hash of the source that produces cached results: any change to it invalidates every entry."""
+    return source_hash(PACKAGE_DIR)
+
+
+def source_hash(package_dir: Path) -> str:
+    """Hash of the RESULT_MODULES of the package at ``package_dir``."""
     digest = hashlib.sha256()
     for name in RESULT_MODULES:
         module = package_dir / name
