@@ -26,11 +26,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 # The modules whose code decides what a quantized model or an evaluation result contains: quantization (methods,
-# and the backends that run them or a library), the loaders and tasks, the metrics they compute (stats), and the
-# selection of items and calibration windows (pipeline). Reporting and orchestration elsewhere are left out: they
-# must not throw away hours of cached work.
-RESULT_MODULES = ("config.py", "models.py", "qlinear.py", "data.py", "tasks.py", "tasks.yaml", "stats.py",
-                  "pipeline.py", "methods", "backends")
+# and the backends that run them or a library), the loaders and tasks, the metrics they compute (metrics), and the
+# stores that select items and calibration windows and run the evaluations (stores). The wiring (pipeline), the
+# gate (gate, stats), snapshots and reporting are left out: changing how a verdict is reached or shown must not
+# throw away hours of cached work.
+RESULT_MODULES = ("config.py", "models.py", "qlinear.py", "data.py", "tasks.py", "tasks.yaml", "metrics.py",
+                  "stores.py", "methods", "backends")
 # The libraries whose versions can change a number: kernels, tokenizers, GGUF dequantization, file formats.
 RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "numpy")
 MANIFEST = "key.json"  # written last: its presence marks a complete entry, and it holds each payload file's hash
@@ -39,11 +40,16 @@ MANIFEST = "key.json"  # written last: its presence marks a complete entry, and 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Hash of the source that produces cached results: any change to it invalidates every entry."""
+    return source_hash(PACKAGE_DIR)
+
+
+def source_hash(package_dir: Path) -> str:
+    """Hash of the RESULT_MODULES of the package at ``package_dir``."""
     digest = hashlib.sha256()
     for name in RESULT_MODULES:
-        module = PACKAGE_DIR / name
+        module = package_dir / name
         for path in sorted(module.glob("*.py")) if module.is_dir() else [module]:
-            digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+            digest.update(path.relative_to(package_dir).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

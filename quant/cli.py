@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 from quant import plan, report
 from quant.backends import BackendUnavailable
@@ -272,6 +273,38 @@ def _saved_runs(storage: Path) -> list[dict]:
         raise ConfigError(str(error)) from None
 
 
+def _show_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("case", help="a case id, e.g. smollm2-135m-rtn-w4g128-wikitext")
+    command.add_argument("--profile", default="test", help="the profile whose item counts and options apply "
+                                                           "(default: %(default)s, what pytest runs)")
+    command.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
+
+
+def show_command(args: argparse.Namespace) -> int:
+    """One case as the suite runs it, resolved from the matrix's defaults, the case entry, its quant config, its
+    task and the profile: the single declarative record of the case."""
+    matrix = load_matrix(args.matrix)
+    cases = {case.id: case for case in matrix.cases}
+    if args.case not in cases:
+        close = [case_id for case_id in cases if args.case in case_id][:5]
+        raise ConfigError(f"no case {args.case!r} in {matrix.path}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                       else f"; ids look like {matrix.cases[0].id}"))
+    case = cases[args.case]
+    limits = matrix.limits(args.profile, case.model.tier)
+    record = {
+        "case": case.id, "cadence": case.cadence, "expected_failure": case.expected_failure,
+        "model": {k: v for k, v in dataclasses.asdict(case.model).items() if v is not None},
+        "quant": {"name": case.quant_name, **case.quant.to_dict()},
+        "task": {"name": case.task.name, "loader": case.task.loader, "kind": case.task.kind,
+                 **case.task.options, **limits.get("options", {}).get(case.task.name, {})},
+        "profile": {"name": args.profile, "items": limits.get(case.task.name),
+                    **{k: limits[k] for k in ("calib_samples", "calib_chunk") if k in limits}},
+        "gate": case.gate,
+    }
+    print(yaml.safe_dump(record, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
 def history_command(args: argparse.Namespace) -> int:
     _saved_runs(args.storage)
     print(f"wrote {plot_history(args.storage, args.out)}")
@@ -499,6 +532,8 @@ COMMANDS: dict[str, Command] = {
                         quantize_command),
     "replica": Command("save a random-weight replica of a study model (no download)", _replica_arguments,
                        save_replica_command),
+    "show": Command("print one case as it runs: defaults, case entry, quant config, task and profile resolved",
+                    _show_arguments, show_command),
     "history": Command("plot saved benchmark runs (.benchmarks/) to a PNG", _history_arguments, history_command),
     "bench-compare": Command("the newest saved benchmark run against the one before it: a regression only when the "
                              "time ratio's interval lies beyond the threshold", _bench_compare_arguments,

@@ -1,139 +1,49 @@
-"""The work behind a regression case: load the baseline once, build (or reload) quantized models, evaluate
-tasks, each step cached on disk; then compare quantized with baseline on the same items."""
+"""The wiring behind a regression case: the stores (quant/stores.py: settings, baselines, calibration set,
+candidates, results) built once per process, their results handed to the gate (quant/gate.py) and the snapshot
+(quant/snapshots.py), and each model as it would be served for timing."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
-import functools
-import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from quant import snapshots, stats
-from quant.cache import cached_dir, cached_json, has_entry
-from quant.config import ConfigError, QuantConfig, file_sha256
-from quant.data import calibration_windows
-from quant.matrix import Case, Matrix
-from quant.backends import get_backend
-from quant.backends.base import records_from_model
-from quant.backends.checkpoint import load_checkpoint
-from quant.methods import LayerRecord
+from quant import gate, snapshots
 from quant.kernels import cast_parameters, use_fast_kernels
-from quant.models import ModelSpec, folder_sha256, load_model
-from quant.perf import PeakAboveHeld, PerfSettings, dtype_name
-from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
-from quant.tasks import (TaskResult, TaskSpec, evaluate, perplexity_of_models, select_items, text_ids,
-                         uses_reference)
+from quant.matrix import Case, Matrix
+from quant.models import ModelSpec
+from quant.perf import dtype_name
+from quant.qlinear import QuantLinear, model_bytes
+from quant.stores import (CALIBRATION_SOURCE, CalibrationSet, CandidateStore, ModelStore, Quantized, ResultStore,
+                          RunSettings)
+from quant.tasks import TaskResult
 
-log = logging.getLogger("quant")
-
-CALIBRATION_SOURCE = "wikitext"
-# llama.cpp --kl-divergence's statistics, reported beside each perplexity row
-DIVERGENCE_METRICS = ("mean_kld", "mean_kld_se", "median_kld", "p99_kld", "same_top_p", "ln_ppl_ratio")
-
-
-@dataclasses.dataclass
-class Quantized:
-    model: torch.nn.Module
-    records: list[LayerRecord]
-    quantize_seconds: float | None  # None: a checkpoint made elsewhere
-    calibration: str | None
-    kernel: str  # what runs its quantized layers when it is evaluated
-    # peak memory while quantizing, above what the process held before (the baseline, other models; on a CPU the
-    # resident set's growth, a lower bound when freed pages are reused): None for a checkpoint, a build in a
-    # subprocess, or a cache entry written before this was recorded
-    quantize_peak_bytes: int | None = None
-
-    def layer_counts(self) -> dict[str, int]:
-        """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
-        return {"quantized_layers": sum(r.bits is not None for r in self.records),
-                "fallback_layers": sum(r.fallback is not None for r in self.records)}
-
-
-@dataclasses.dataclass
-class Comparison:
-    """A case's outcome: both results on the same items and the statistics that gate it."""
-
-    case: Case
-    metric: str
-    baseline: TaskResult
-    quantized: TaskResult
-    retention: float | None
-    interval: tuple[float, float] | None
-    verdict: stats.Verdict
-    extra: dict[str, Any]
+__all__ = ["CALIBRATION_SOURCE", "Quantized", "Workbench"]
 
 
 class Workbench:
-    """Per-process state: loaded baselines, quantized models and item subsets, backed by the disk cache.
-
-    ``device`` is where GPU-tier models run; CPU-tier models run on the CPU on every machine, so that a GPU
-    runner's ``make test`` reproduces their ``cpu`` snapshots instead of moving them to CUDA."""
+    """One run's stores, wired together, and what a case asks of them. Each store method is reachable here under
+    its old name, so that a case reads ``workbench.evaluate(...)`` whichever store answers."""
 
     def __init__(
         self, matrix: Matrix, profile: str, data_dir: Path | None, device: str = "cpu", calib_samples: int | None = None
     ) -> None:
+        self.settings = RunSettings(matrix, profile, data_dir, device, calib_samples)
+        self.models = ModelStore(self.settings)
+        self.calibration_set = CalibrationSet(self.settings, self.models)
+        self.candidates = CandidateStore(self.settings, self.models, self.calibration_set)
+        self.results = ResultStore(self.settings, self.models, self.candidates)
         self.matrix, self.profile, self.data_dir, self.device = matrix, profile, data_dir, device
-        self.calib_samples = calib_samples  # overrides the profile's count (``quant quantize --calib-samples``)
-        self._baselines: dict[str, tuple[torch.nn.Module, Any]] = {}
-        self._quantized: dict[tuple[str, str], Quantized] = {}
-        self._items: dict[tuple[str, str], list[dict]] = {}
-        self._item_fingerprints: dict[tuple[str, str], str] = {}
-        self._wikitext: dict[str, torch.Tensor] = {}
-
-    # ---- models ----
-    def device_for(self, spec: ModelSpec) -> str:
-        return "cpu" if spec.tier == "cpu" else self.device
-
-    def baseline(self, spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
-        if spec.name not in self._baselines:
-            self._baselines[spec.name] = load_model(spec, self.device_for(spec))
-        return self._baselines[spec.name]
-
-    def limits(self, spec: ModelSpec) -> dict[str, Any]:
-        return self.matrix.limits(self.profile, spec.tier)
-
-    def task(self, spec: ModelSpec, task_name: str) -> TaskSpec:
-        """The task with the profile's option overrides (e.g. a shorter generation budget on CPU)."""
-        task = self.matrix.tasks[task_name]
-        overrides = self.limits(spec).get("options", {}).get(task_name, {})
-        return dataclasses.replace(task, options={**task.options, **overrides})
-
-    def calibration_config(self, spec: ModelSpec, config: QuantConfig) -> QuantConfig:
-        limits = self.limits(spec)
-        samples = self.calib_samples or limits.get("calib_samples", config.calib_samples)
-        return dataclasses.replace(config, calib_samples=samples, calib_chunk=limits.get("calib_chunk", config.calib_chunk))
-
-    def wikitext_ids(self, spec: ModelSpec) -> torch.Tensor:
-        """The WikiText-2 test text as one row of token ids (calibration and the timing prompt come from it)."""
-        if spec.name not in self._wikitext:
-            _, tokenizer = self.baseline(spec)
-            text = select_items(self.matrix.tasks[CALIBRATION_SOURCE], self.data_dir, None, 0)[0]["text"]
-            self._wikitext[spec.name] = text_ids(tokenizer, text)
-        return self._wikitext[spec.name]
-
-    def calibration(self, spec: ModelSpec, config: QuantConfig) -> torch.Tensor:
-        """Calibration token ids from the second half of the WikiText-2 test text. Perplexity is measured on its
-        first windows; when they would reach the second half (many windows, a dense tokenizer), the same tokens
-        would be calibrated on and scored, so this refuses."""
-        ids = self.wikitext_ids(spec)
-        windows, window = self.limits(spec).get(CALIBRATION_SOURCE), self.matrix.tasks[CALIBRATION_SOURCE]["window"]
-        free = (len(ids) // 2) // window  # whole windows before the calibration half
-        if windows is None or windows > free:
-            raise ConfigError(
-                f"{self.matrix.path}: profiles.{self.profile}.{spec.tier}.{CALIBRATION_SOURCE} = {windows} windows of "
-                f"{window} tokens would reach the calibration half of the text ({len(ids)} tokens with "
-                f"{spec.name}'s tokenizer): at most {free} windows keep evaluation and calibration apart")
-        return calibration_windows(ids, config.calib_samples, config.calib_tokens, config.calib_seed)
-
-    # ---- performance ----
-    def perf_settings(self, spec: ModelSpec) -> PerfSettings:
-        return PerfSettings.from_dict(self.limits(spec).get("perf"))
+        settings = self.settings
+        self.device_for, self.limits, self.task = settings.device_for, settings.limits, settings.task
+        self.calibration_config, self.perf_settings = settings.calibration_config, settings.perf_settings
+        self.baseline, self.wikitext_ids = self.models.baseline, self.models.wikitext_ids
+        self.calibration = self.calibration_set.ids
+        self.quantized, self.quantized_parts = self.candidates.get, self.candidates.parts
+        self.items, self.items_fingerprint = self.results.items, self.results.items_fingerprint
+        self.evaluate, self.evaluate_together = self.results.evaluate, self.results.evaluate_together
+        self.result_parts = self.results.parts
 
     def runnable(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None
                  ) -> tuple[torch.nn.Module, str]:
@@ -149,217 +59,20 @@ class Workbench:
         model = copy.deepcopy(quantized.model)
         return model, use_fast_kernels(model).describe()
 
-    def quantized(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:
-        config = self.calibration_config(spec, config)
-        key = (spec.name, quant_name)
-        if key not in self._quantized:
-            self._quantized[key] = self._build_quantized(spec, config)
-        return self._quantized[key]
-
-    def _build_quantized(self, spec: ModelSpec, config: QuantConfig) -> Quantized:
-        """The candidate a config names: built by its backend from the baseline (cached on disk) and loaded back,
-        or a checkpoint folder loaded as it is."""
-        device = self.device_for(spec)
-        if config.checkpoint:
-            model, kernel = load_checkpoint(Path(config.checkpoint), device)
-            return Quantized(model, records_from_model(model), None, None, kernel)
-        baseline, tokenizer = self.baseline(spec)
-        backend = get_backend(config.backend)
-        calibrated = backend.needs_calibration(config)
-        # the forward dtype and chunking are the in-house methods' settings; a library runs its own
-        calibration = (f"wikitext2 test, second half: {config.calib_samples} x {config.calib_tokens} tokens, "
-                       f"seed {config.calib_seed}"
-                       + ("" if config.backend else f", forward in {config.calib_dtype}"
-                          f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}")
-                       ) if calibrated else None
-
-        def build(folder: Path) -> None:
-            ids = self.calibration(spec, config) if calibrated else None
-            above_held = PeakAboveHeld(device)
-            started = time.perf_counter()
-            log.info("quantizing %s with %s %s (%s)", spec.name, backend.name, config.method, config.label)
-            records = backend.quantize(baseline, tokenizer, config, ids, folder)
-            seconds, peak = time.perf_counter() - started, above_held.read()
-            meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds,
-                    "quantize_peak_bytes": peak if backend.runs_in_process else None}
-            (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
-
-        folder = cached_dir("quantized", self.quantized_parts(spec, config), build)
-        meta = json.loads((folder / "quantization_log.json").read_text())
-        records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
-        model, kernel = backend.load(baseline, folder, records, device)
-        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel, meta.get("quantize_peak_bytes"))
-
-    def quantized_parts(self, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
-        """Everything a quantized model is made from: the weights, the config, the calibration text, and the
-        library that built it (name and version; absent for the in-house methods, whose code the cache's own
-        key holds); for a checkpoint, its files' content."""
-        if config.checkpoint:
-            return {"checkpoint": folder_sha256(Path(config.checkpoint))}
-        backend = get_backend(config.backend)
-        needs_data = backend.needs_calibration(config)
-        return {"model": spec.fingerprint(), "quant": config.to_dict(),
-                "data": self._calibration_text_fingerprint if needs_data else None,
-                **({"backend": backend.identity()} if config.backend else {})}
-
-    def result_parts(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> dict[str, Any]:
-        """Everything an evaluation result is made from: the model (baseline, or all a quantized model is made
-        from), the task as this profile runs it, the content of the items it reads, and the device."""
-        config = None if quant_name is None else self.calibration_config(spec, self.matrix.quant[quant_name])
-        return {"model": spec.fingerprint(), "quantized": None if config is None else self.quantized_parts(spec, config),
-                "task": dataclasses.asdict(self.task(spec, task_name)),
-                "items": self.items_fingerprint(spec, task_name),
-                "limit": self.limits(spec).get(task_name), "device": self.device_for(spec)}
-
-    @functools.cached_property
-    def _calibration_text_fingerprint(self) -> str:
-        """Hashed once per workbench: every quantized model's and quantized result's key holds it."""
-        path = self.data_dir / "wikitext2" / "wiki.test.raw" if self.data_dir else None
-        return file_sha256(path)[:16] if path else "hub:Salesforce/wikitext"
-
-    # ---- evaluation ----
-    def items(self, spec: ModelSpec, task_name: str) -> list[dict]:
-        key = (spec.tier, task_name)
-        if key not in self._items:
-            limit = None if self.matrix.tasks[task_name].kind == "perplexity" else self.limits(spec).get(task_name)
-            self._items[key] = select_items(self.task(spec, task_name), self.data_dir, limit, self.matrix.seed)
-        return self._items[key]
-
-    def items_fingerprint(self, spec: ModelSpec, task_name: str) -> str:
-        """The hash of the items' content, once per tier and task (every result key of the task holds it)."""
-        key = (spec.tier, task_name)
-        if key not in self._item_fingerprints:
-            self._item_fingerprints[key] = snapshots.fingerprint(self.items(spec, task_name))
-        return self._item_fingerprints[key]
-
-    def evaluate(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> TaskResult:
-        """The task's result for the baseline (``quant_name`` None) or a quantized model, cached on disk."""
-        task = self.task(spec, task_name)
-        items = self.items(spec, task_name)
-        limit = self.limits(spec).get(task_name)
-        config = None if quant_name is None else self.calibration_config(spec, self.matrix.quant[quant_name])
-        parts = self.result_parts(spec, task_name, quant_name)
-
-        def compute() -> dict:
-            _, tokenizer = self.baseline(spec)
-            model = self.baseline(spec)[0] if config is None else self.quantized(spec, quant_name, config).model
-            reference = self.baseline(spec)[0] if config is not None and uses_reference(task) else None
-            label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
-            started = time.perf_counter()
-            with dequantized_weights(model):
-                result = evaluate(model, tokenizer, task, items, limit=limit, label=label, reference_model=reference)
-            log.info("%s: %s in %.1fs", label, result.metrics, time.perf_counter() - started)
-            return dataclasses.asdict(result)
-
-        return TaskResult(**cached_json("results", parts, compute))
-
-    def evaluate_together(self, spec: ModelSpec, task_name: str, quant_names: list[str]) -> None:
-        """Cache the task's result for each of ``quant_names`` in one pass where that saves work: WikiText runs
-        the baseline beside each model (KLD), and one baseline forward per batch serves every variant not yet
-        cached, N + 1 forwards per window instead of 2N. Each result is the one ``evaluate`` gives alone (tested)."""
-        task = self.task(spec, task_name)
-        missing = [q for q in dict.fromkeys(quant_names)
-                   if not has_entry("results", self.result_parts(spec, task_name, q))]
-        if not uses_reference(task) or len(missing) < 2:
-            return
-        baseline, tokenizer = self.baseline(spec)
-        models = [self.quantized(spec, q, self.matrix.quant[q]).model for q in missing]
-        started = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            for model in models:
-                stack.enter_context(dequantized_weights(model))
-            results = perplexity_of_models(models, tokenizer, task, self.items(spec, task_name),
-                                           self.limits(spec).get(task_name), f"{task_name} [{spec.name} "
-                                           f"{len(models)} variants]", reference_model=baseline)
-        log.info("%s [%s %s]: in %.1fs", task_name, spec.name, ", ".join(missing), time.perf_counter() - started)
-        # the baseline's own result came from the same forwards: the last of the list
-        for quant_name, result in zip([*missing, None], results):
-            cached_json("results", self.result_parts(spec, task_name, quant_name), lambda r=result: dataclasses.asdict(r))
-
-    def compare(self, case: Case, metric: str | None = None) -> Comparison:
+    def compare(self, case: Case, metric: str | None = None) -> gate.Comparison:
         """Quantized vs baseline on the same items, with the paired statistics and the gate's verdict."""
         baseline = self.evaluate(case.model, case.task.name)
         quantized = self.evaluate(case.model, case.task.name, case.quant_name)
-        return self.judge(case, baseline, quantized, metric)
+        return gate.judge(case, baseline, quantized, metric)
 
-    def snapshot(self, case: Case, comparison: Comparison | None = None) -> dict[str, Any]:
-        """What ``baselines/`` records for a case: its metrics (baseline and quantized) with tolerances, and the
-        identities that must not move: the items, the quantization config, the packed model's bytes.
-        ``comparison`` defaults to the case's own (cached) one."""
-        comparison = comparison or self.compare(case)
+    def snapshot(self, case: Case, candidate: TaskResult | None = None) -> dict[str, Any]:
+        """What ``baselines/`` records for a case (``snapshots.snapshot_of``): both results, from the cache, and
+        the identities of what was evaluated; ``candidate`` stands in for the quantized model's result. No
+        statistics: the gate is not consulted."""
         config = self.calibration_config(case.model, case.quant)
         quantized = self.quantized(case.model, case.quant_name, config)
-        exact = {
-            "n": comparison.baseline.n,
-            "items": snapshots.fingerprint([item["id"] for item in self.items(case.model, case.task.name)]),
-            "config": snapshots.fingerprint(config.to_dict()),
-            "model_bytes": model_bytes(quantized.model),
-            **quantized.layer_counts(),
-        }
-        metrics = {f"{side}.{name}": value for side, result in (("baseline", comparison.baseline),
-                                                                 ("quantized", comparison.quantized))
-                   for name, value in result.metrics.items()}
-        return snapshots.record(exact, metrics, case.gate["snapshot_tolerance"])
-
-    @staticmethod
-    def judge(case: Case, baseline: TaskResult, quantized: TaskResult, metric: str | None = None) -> Comparison:
-        """The statistics and the gate's verdict for two results on the same items."""
-        metric = metric or headline_metric(case)
-        base_value, quant_value = baseline.metrics[metric], quantized.metrics[metric]
-        value = stats.retention(base_value, quant_value, metric)
-        interval = stats.retention_interval(baseline.items, quantized.items, metric)
-        gate = case.gate
-        chance = stats.chance_rate(baseline.items)
-        extra: dict[str, Any] = {"chance": chance, "agreement": stats.agreement(baseline.items, quantized.items)}
-        flips = stats.flips(baseline.items, quantized.items)
-        if flips:
-            extra["flips"] = flips
-            extra["mcnemar_p"] = stats.mcnemar_exact(flips["correct_to_wrong"], flips["wrong_to_correct"])
-        if case.task.kind == "choice" and len(case.task["choices"]) == 2:
-            labels = [item["label"] for item in baseline.items]
-            extra["roc_auc_baseline"] = stats.roc_auc([i["score"] for i in baseline.items], labels)
-            extra["roc_auc_quantized"] = stats.roc_auc([i["score"] for i in quantized.items], labels)
-        informative = True
-        fallback = None
-        if chance is not None:
-            informative = base_value >= chance + gate["chance_margin"]
-            # Near chance, the yes/no decisions are coin flips that any perturbation changes; the score
-            # behind them still correlates with the baseline's unless the model is broken.
-            extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
-            fallback = ("score correlation with the baseline", extra["score_correlation"], gate["correlation_min"])
-        elif case.task.kind == "rerank":
-            # a re-ranker that does not beat BM25's own order of the same candidates measures nothing yet
-            extra["bm25"] = baseline.metrics[f"bm25_{metric}"]
-            informative = base_value > extra["bm25"]
-            # its per-query scores still follow the baseline's unless the quantized model is broken
-            extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
-            fallback = (f"per-query {metric} correlation with the baseline", extra["score_correlation"],
-                        gate["correlation_min"])
-        elif case.task.kind == "generate":
-            informative = sum(bool(i["correct"]) for i in baseline.items) >= gate["min_correct"]
-            # A model that solves almost nothing can still be damaged: it stops producing answers at all.
-            extra["answered_baseline"] = stats.answered_rate(baseline.items)
-            extra["answered_quantized"] = stats.answered_rate(quantized.items)
-            # Judged like retention, on its interval: fail only when even the upper bound is below the bar.
-            answered = stats.retention_interval(baseline.items, quantized.items, "answered")
-            extra["answered_retention_ci"] = answered
-            if answered:  # (a baseline that never answers leaves nothing to retain)
-                fallback = ("answer-format retention, 95% CI upper bound", answered[1], gate["retention_min"])
-        threshold = 1 / gate["ppl_ratio_max"] if stats.lower_is_better(metric) else gate["retention_min"]
-        verdict = stats.judge(metric, base_value, quant_value, interval, baseline.n, threshold, informative,
-                              fallback, gate["strict"])
-        if "mean_kld" in quantized.metrics:
-            extra.update({k: quantized.metrics[k] for k in DIVERGENCE_METRICS})
-            verdict = stats.judge_divergence(verdict, quantized.metrics, gate.get("kld_max"), gate.get("same_top_min"))
-        return Comparison(case, metric, baseline, quantized, value, interval, verdict, extra)
-
-
-def task_metrics(case: Case) -> list[str]:
-    """The metrics a task reports, the headline first."""
-    if case.task.kind == "generate":
-        return list(case.task["extract"])
-    return ["ndcg@10", "mrr@10"] if case.task.kind == "rerank" else [case.task.metric]
-
-
-def headline_metric(case: Case) -> str:
-    return task_metrics(case)[0]
+        return snapshots.snapshot_of(
+            self.evaluate(case.model, case.task.name),
+            candidate or self.evaluate(case.model, case.task.name, case.quant_name),
+            [item["id"] for item in self.items(case.model, case.task.name)], config.to_dict(),
+            model_bytes(quantized.model), quantized.layer_counts(), case.gate["snapshot_tolerance"])

@@ -12,7 +12,8 @@ import torch
 from quant.figures import kld_chart, retention_chart
 from quant.matrix import Case
 from quant.models import ModelSpec
-from quant.pipeline import DIVERGENCE_METRICS, Comparison, Workbench, task_metrics
+from quant.gate import DIVERGENCE_METRICS, Comparison, task_metrics
+from quant.pipeline import Workbench
 from quant.perf import (PerfSettings, dtype_name, interleaved_latency, latency_figures, machine_facts, measure,
                         memory_bandwidth, model_bytes, paired_speedup, relative_spread, roofline, unmeasurable_reason,
                         variant_label)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from quant.config import REPO_ROOT, ConfigError
-from quant.stats import lower_is_better
+from quant.metrics import lower_is_better
 
 BASELINES_ENV = "QUANT_BASELINES"
 # <hardware>/<profile>/<test module>.json, committed and reviewed; QUANT_BASELINES points elsewhere (a team's own)
@@ -121,3 +121,14 @@ def regressions(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
             problems.append(f"{name}: {old} -> {new} ({direction}): worse by {worsened:.6g}, "
                             f"tolerance {json.dumps(tolerance) if tolerance else 'none (exact)'} allows {allowed:.6g}")
     return problems
+
+
+def snapshot_of(baseline: Any, candidate: Any, item_ids: list[str], config: dict[str, Any], packed_bytes: int,
+                layer_counts: dict[str, int], tolerances: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A case's snapshot from its two results (``TaskResult``s on the same items): every metric of both, and the
+    identities that must not move: the items, the quantization config, the packed model's bytes and layers."""
+    exact = {"n": baseline.n, "items": fingerprint(item_ids), "config": fingerprint(config),
+             "model_bytes": packed_bytes, **layer_counts}
+    metrics = {f"{side}.{name}": value for side, result in (("baseline", baseline), ("quantized", candidate))
+               for name, value in result.metrics.items()}
+    return record(exact, metrics, tolerances)

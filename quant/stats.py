@@ -1,34 +1,17 @@
-"""Metrics and statistics on per-item results: ranking metrics, paired bootstrap intervals for retention,
-McNemar's exact test, flips, ROC-AUC, chance rates, and the gate's verdict."""
+"""Statistics of two models' per-item results on the same items, for the gate (none of them changes a cached
+number): paired bootstrap intervals for retention, McNemar's exact test, flips, agreement, score correlation,
+ROC-AUC, chance rates."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from quant.metrics import lower_is_better, mean
+
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-
-
-def mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")
-
-
-def ndcg_at_k(grades: Sequence[int], judged: Sequence[int], k: int) -> float:
-    """nDCG@k as trec_eval's ``ndcg_cut`` computes it: the gain is the grade itself, discounted by log2(rank + 1),
-    and the ideal ranking orders every judged passage of the query (the qrels), not only the ranked candidates.
-    ``grades``: the ranked list's grades (0 for unjudged)."""
-    def dcg(values: Sequence[int]) -> float:
-        return sum(g / math.log2(rank + 2) for rank, g in enumerate(values[:k]))
-
-    ideal = dcg(sorted(judged, reverse=True))
-    return dcg(grades) / ideal if ideal > 0 else 0.0
-
-
-def mrr_at_k(relevant: Sequence[bool], k: int) -> float:
-    return next((1.0 / (rank + 1) for rank, hit in enumerate(relevant[:k]) if hit), 0.0)
 
 
 # ---- aggregates over per-item records, so the bootstrap can resample items ---------------------------
@@ -46,13 +29,6 @@ def _aggregate(metric: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         column = "correct" if metric == "accuracy" else metric
         return lambda c: c[column].mean(-1)
     return lambda c: c[f"correct_{metric}"].mean(-1)  # generation extractions (strict-match, ...)
-
-
-LOWER_IS_BETTER = frozenset({"perplexity", "mean_kld", "mean_kld_se", "median_kld", "p99_kld", "ln_ppl_ratio"})
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER
 
 
 def _columns(items: list[dict]) -> dict[str, np.ndarray]:
@@ -154,63 +130,3 @@ def chance_rate(items: list[dict]) -> float | None:
         return None
     share = mean([bool(item["label"]) for item in items])
     return max(share, 1 - share)
-
-
-# ---- the gate ------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Verdict:
-    """pass / fail / inconclusive / uninformative, the rule that decided, and the numbers behind it."""
-
-    status: str
-    reason: str
-
-    @property
-    def failed(self) -> bool:
-        return self.status == "fail"
-
-
-def judge(
-    metric: str, baseline_value: float, quant_value: float, interval: tuple[float, float] | None, n: int,
-    threshold: float, informative: bool, fallback: tuple[str, float, float] | None = None, strict: bool = False,
-) -> Verdict:
-    """The gate's rule. An uninformative baseline (near chance, or solving almost nothing) is gated on
-    ``fallback`` = (signal name, value, minimum), an agreement-type signal; otherwise the retention interval
-    is held against ``threshold``: fail when the upper bound is below it, pass when the lower bound is above
-    it, and in between fail only when ``strict``, else report how many items would settle it."""
-    value = retention(baseline_value, quant_value, metric)
-    if not informative or value is None:
-        why = (f"baseline {baseline_value:.4g} is not informative" if value is not None
-               else "baseline scores 0, so retention is undefined")
-        if fallback is None:
-            return Verdict("uninformative", why)
-        name, signal, minimum = fallback
-        if signal < minimum:
-            return Verdict("fail", f"{why}; gated on {name}: {signal:.3f} < {minimum}")
-        return Verdict("uninformative", f"{why}; gated on {name}: {signal:.3f} >= {minimum}")
-    if interval is None:
-        status = "pass" if value >= threshold else "fail"
-        return Verdict(status, f"retention {value:.3f} vs {threshold:.3f} (no interval)")
-    low, high = interval
-    if high < threshold:
-        return Verdict("fail", f"retention 95% CI [{low:.3f}, {high:.3f}] lies below {threshold:.3f}")
-    if low >= threshold:
-        return Verdict("pass", f"retention 95% CI [{low:.3f}, {high:.3f}] lies above {threshold:.3f}")
-    if strict:
-        return Verdict("fail", f"strict: retention 95% CI [{low:.3f}, {high:.3f}] straddles {threshold:.3f}")
-    gap = abs(value - threshold)
-    needed = math.ceil(n * ((high - low) / 2 / gap) ** 2) if gap > 0 else None
-    settle = f"about n={needed} would settle it" if needed else "the point estimate sits on the threshold"
-    return Verdict("inconclusive",
-                   f"inconclusive at n={n}: CI [{low:.3f}, {high:.3f}] straddles {threshold:.3f}; {settle}")
-
-
-def judge_divergence(verdict: Verdict, metrics: dict[str, float], kld_max: float | None,
-                     same_top_min: float | None) -> Verdict:
-    """Distribution-level bounds on top of the perplexity verdict: mean KLD and same-top-token rate are
-    low-noise (every token counts), so they are held as plain bounds."""
-    if kld_max is not None and metrics["mean_kld"] > kld_max:
-        return Verdict("fail", f"mean KLD {metrics['mean_kld']:.4f} > {kld_max}; {verdict.reason}")
-    if same_top_min is not None and metrics["same_top_p"] < same_top_min:
-        return Verdict("fail", f"same top token {metrics['same_top_p']:.3f} < {same_top_min}; {verdict.reason}")
-    return verdict

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quant.backends import BackendUnavailable, get_backend
+from quant.backends import BACKENDS, BackendUnavailable, get_backend
 from quant.backends.base import kernel_names, records_from_model
 from quant.backends.checkpoint import CheckpointError, detect_format, load_checkpoint, validate
 from quant.backends.gptqmodel import GPTQModelBackend
@@ -21,6 +21,7 @@ from quant.config import REPO_ROOT, ConfigError, QuantConfig
 from quant.matrix import load_matrix
 from quant.models import ModelSpec
 from quant.pipeline import Workbench
+from quant.stores import CalibrationSet
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
 
@@ -133,7 +134,7 @@ def test_the_backend_and_its_version_enter_the_cache_key(monkeypatch):
     workbench = Workbench(load_matrix(), "test", None)
     spec = ModelSpec(name="m", hf_id="org/m")
     monkeypatch.setattr(ModelSpec, "fingerprint", lambda self: {"hub": self.hf_id})
-    monkeypatch.setattr(Workbench, "_calibration_text_fingerprint", "text")
+    monkeypatch.setattr(CalibrationSet, "fingerprint", "text")
     inhouse = QuantConfig(method="gptq", group_size=64)
     library = QuantConfig(method="gptq", group_size=64, backend="gptqmodel")
     assert "backend" not in workbench.quantized_parts(spec, inhouse)  # the in-house keys stay what they were
@@ -310,3 +311,35 @@ def test_the_report_names_a_checkpoint_that_was_not_built_here():
            "calibration": None, "fallback_layers": 0, "quantized_layers": 210}
     assert "| smollm2-135m | checkpoint-x | checkpoint x | – (a checkpoint) | – | none | 0 / 210 |" in quantization_table(
         {"rows": [row]})
+
+
+# ---- the contract every backend keeps, generated from the registry ----------------------------------------
+
+BACKEND_METHODS = [pytest.param(name, method, id=f"{name}-{method}")
+                   for name, backend in sorted(BACKENDS.items()) for method in backend.methods]
+
+
+@pytest.mark.parametrize("backend_name,method", BACKEND_METHODS)
+def test_every_backend_builds_a_packed_model_that_reloads_on_the_cpu_close_to_the_float_one(
+        backend_name, method, small_tokenizer, tmp_path):
+    """What a new backend (one module and a registry entry) is checked for without a test of its own: every block
+    linear quantized at the asked bits and group size, saved to its folder and loaded back with every tensor on the
+    CPU, the same logits on two loads, and close to the float model without being it. A backend that is not
+    installed skips with its install command."""
+    backend = get_backend(backend_name)
+    try:
+        backend.version()
+    except BackendUnavailable as error:
+        pytest.skip(str(error))
+    baseline, calibration = _tiny_baseline(small_tokenizer)
+    config = QuantConfig(method=method, bits=4, group_size=32, backend=None if backend_name == "inhouse" else backend_name)
+    ids = calibration if backend.needs_calibration(config) else None
+    records = backend.quantize(baseline, small_tokenizer, config, ids, tmp_path)
+    assert len(records) == 14 and {(r.bits, r.group_size) for r in records} == {(4, 32)}
+    model, kernel = backend.load(baseline, tmp_path, records, "cpu")
+    again, _ = backend.load(baseline, tmp_path, records, "cpu")
+    assert kernel and {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
+    with torch.no_grad():
+        reference, served, reloaded = (m(calibration[:2]).logits.float() for m in (baseline, model, again))
+    assert torch.equal(served, reloaded)  # the same bytes loaded twice, the same operations
+    assert 0.005 < (served - reference).norm() / reference.norm() < 0.3

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from quant import cache
-from quant.cache import cached_dir, cached_json, key_of
+from quant.cache import PACKAGE_DIR, source_hash, cached_dir, cached_json, key_of
 from quant.config import QuantConfig
 from quant.matrix import load_matrix
 from quant.models import ModelSpec
@@ -68,7 +68,7 @@ def test_the_code_that_selects_items_and_computes_metrics_changes_the_key(tmp_pa
     shutil.copytree(cache.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(cache, "PACKAGE_DIR", package)
     before = cache.code_version.__wrapped__()
-    for module in ("pipeline.py", "stats.py", "data.py"):
+    for module in ("stores.py", "metrics.py", "data.py"):
         (package / module).write_text((package / module).read_text() + "\n# changed\n")
         after = cache.code_version.__wrapped__()
         assert after != before, module
@@ -209,3 +209,16 @@ def test_an_entry_with_an_unreadable_manifest_is_rebuilt(tmp_path, caplog):
     (folder / cache.MANIFEST).write_text('{"payload": ')  # cut off mid-write
     cached_dir("results", {"entry": 5}, build, root=tmp_path)
     assert len(builds) == 2 and "rebuilding" in caplog.text
+
+
+def test_the_gate_and_the_report_are_outside_the_cache_key(tmp_path):
+    """Rewording a verdict, changing how an interval is judged or adding a report column reuses every cached model
+    and result; a change to what computes a cached number does not."""
+    package = tmp_path / "quant"
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_hash(package)
+    for name in ("gate.py", "stats.py", "snapshots.py", "pipeline.py", "report.py", "cli.py"):
+        (package / name).write_text((package / name).read_text() + "\n# changed\n")
+    assert source_hash(package) == before
+    (package / "metrics.py").write_text((package / "metrics.py").read_text() + "\n# changed\n")
+    assert source_hash(package) != before

@@ -93,3 +93,15 @@ def test_the_whole_gpu_test_profile_is_costed_and_fits_45_minutes():
     assert 0 < estimate <= 45, out
     merge_cadence, _ = _h100_estimate([c for c in cases if c.cadence == "default"])
     assert merge_cadence <= _gpu_workflow_budget("gpu tier") <= 45
+
+
+def test_show_prints_a_case_resolved_from_defaults_entry_config_task_and_profile(capsys):
+    assert main(["show", "smollm2-135m-gptq-w4g128-wikitext"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["quant"]["method"] == "gptq" and shown["quant"]["group_size"] == 128
+    assert shown["task"]["kind"] == "perplexity" and shown["task"]["window"] == 512
+    assert shown["profile"] == {"name": "test", "items": 6, "calib_samples": 16}
+    assert shown["gate"]["retention_min"] == 0.90  # from defaults
+    assert shown["gate"]["kld_max"] == 0.48 and shown["gate"]["snapshot_tolerance"]["perplexity"] == {"rel": 0.04}
+    assert main(["show", "gptq-w4g128-wiki"]) == 2
+    assert "did you mean smollm2-135m-gptq-w4g128-wikitext" in capsys.readouterr().err

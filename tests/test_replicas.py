@@ -18,7 +18,7 @@ from quant.cli import main
 from quant.config import REPO_ROOT, QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.matrix import load_matrix
-from quant.methods import get_method
+from quant.methods import METHODS, get_method
 from quant.methods.gsq import SCALING_GROUPS, foldable, scale_group
 from quant.models import load_model
 from quant.perf import CompiledDecoder
@@ -29,6 +29,7 @@ from tests.meta_device import META, KernelCalls, devices
 from tests.rounding import (assert_greedy_choices, assert_same_hessians, assert_same_up_to_rounding, eager_greedy,
                             gptq_hessians)
 from tests.test_kernels import RELATIVE_TOLERANCE
+from tests.test_methods import CALIBRATED
 from tests.test_perf import decoded, varied
 
 # The small replicas' input widths are 192 and 512: g64 divides both, g128 only 512 (192 falls back to g64).
@@ -71,7 +72,7 @@ def test_replica_is_the_study_architecture_loaded_from_a_local_folder(replica, r
 
 @pytest.mark.float_sensitive
 @pytest.mark.parametrize("group_size", sorted(GROUP_SIZES))
-@pytest.mark.parametrize("method", ["rtn", "gptq", "gsq"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 @torch.no_grad()
 def test_every_method_quantizes_saves_restores_and_runs_fast(replica, method, group_size, tmp_path, shared_data):
     spec, baseline, tokenizer = replica
@@ -111,7 +112,7 @@ def block_batches(model: torch.nn.Module) -> tuple[list[int], list]:
 
 
 @pytest.mark.float_sensitive
-@pytest.mark.parametrize("method", ["gptq", "gsq"])
+@pytest.mark.parametrize("method", CALIBRATED)
 @torch.no_grad()
 def test_calibration_in_chunks_gives_the_same_model_with_smaller_forwards(replica, method, shared_data):
     """Chunks bound each block forward's batch. The bf16 block forward may round differently for another number of

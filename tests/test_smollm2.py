@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from quant import gate
 from quant.config import ConfigError
 from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
@@ -73,10 +74,10 @@ def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug)
     baseline = workbench.evaluate(case.model, "wikitext")
     result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit,
                       reference_model=baseline_model)
-    comparison = workbench.judge(case, baseline, result)
+    comparison = gate.judge(case, baseline, result)
     assert comparison.verdict.failed, comparison.verdict.reason
     stored = json.loads((BASELINES / "cpu" / workbench.profile / "test_matrix.json").read_text())[f"test_snapshot[{case.id}]"]
-    problems = regressions(stored, workbench.snapshot(case, comparison))
+    problems = regressions(stored, workbench.snapshot(case, result))
     perplexity = [p for p in problems if p.startswith("quantized.perplexity: ")]
     assert perplexity and "tolerance" in perplexity[0], problems
 
@@ -134,7 +135,7 @@ def test_evaluation_windows_that_would_reach_the_calibration_text_are_refused(ma
     profiles = copy.deepcopy(matrix.profiles)
     profiles[workbench.profile]["cpu"]["wikitext"] = 600
     crowded = Workbench(dataclasses.replace(matrix, profiles=profiles), workbench.profile, workbench.data_dir)
-    crowded._baselines = workbench._baselines  # the loaded model, not a second copy
+    crowded.models._baselines = workbench.models._baselines  # the loaded model, not a second copy
     config = matrix.quant["gptq-w4g128"]
     with pytest.raises(ConfigError, match=rf"profiles\.{workbench.profile}\.cpu\.wikitext = 600 windows of 512 "
                                           r"tokens would reach the calibration half .*: at most \d+ windows"):

@@ -18,13 +18,13 @@ MODELS = ("llama-3.2-1b", "qwen2.5-0.5b")
 # A plugin loaded in every process (-p): it logs each baseline load and each cache build with the process id.
 BUILD_LOG = '''
 import os
-import quant.cache, quant.pipeline
+import quant.cache, quant.stores
 
 def _log(line):
     with open(os.environ["BUILD_LOG"], "a") as handle:
         handle.write(f"{line} {os.getpid()}\\n")
 
-_load_model, _cached_dir = quant.pipeline.load_model, quant.cache.cached_dir
+_load_model, _cached_dir = quant.stores.load_model, quant.cache.cached_dir
 
 def load_model(spec, device="cpu"):
     _log(f"load {spec.name}")
@@ -36,8 +36,8 @@ def cached_dir(kind, parts, build, root=None):
         build(folder)
     return _cached_dir(kind, parts, logged_build, root)
 
-quant.pipeline.load_model = load_model
-quant.pipeline.cached_dir = quant.cache.cached_dir = cached_dir
+quant.stores.load_model = load_model
+quant.stores.cached_dir = quant.cache.cached_dir = cached_dir
 '''
 
 

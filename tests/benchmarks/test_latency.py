@@ -12,7 +12,7 @@ import torch
 
 from quant.matrix import load_matrix
 from quant.perf import decode, dtype_name, prefill, variant_label
-from quant.pipeline import headline_metric
+from quant.gate import headline_metric
 from quant.qlinear import model_bytes
 
 BASELINE_DTYPES = {"cpu": [None, torch.bfloat16], "gpu": [None]}  # None: the model's own dtype

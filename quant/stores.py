@@ -1,0 +1,278 @@
+"""The stores behind a run, each with one job and each backed by the disk cache where its work is expensive: the
+run's settings (profile, devices), the baselines, the calibration set, the quantized candidates (built or loaded
+through the backends) and the evaluation results (items, cached evaluation). They decide every cached number, so
+this module is in the cache key; the wiring that hands their results to the gate and the snapshot is not."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quant import snapshots
+from quant.backends import get_backend
+from quant.backends.base import records_from_model
+from quant.backends.checkpoint import load_checkpoint
+from quant.cache import cached_dir, cached_json, has_entry
+from quant.config import ConfigError, QuantConfig, file_sha256
+from quant.data import calibration_windows
+from quant.matrix import Matrix
+from quant.methods import LayerRecord
+from quant.models import ModelSpec, folder_sha256, load_model
+from quant.perf import PeakAboveHeld, PerfSettings
+from quant.qlinear import dequantized_weights
+from quant.tasks import (TaskResult, TaskSpec, evaluate, perplexity_of_models, select_items, text_ids,
+                         uses_reference)
+
+log = logging.getLogger("quant")
+
+CALIBRATION_SOURCE = "wikitext"
+
+
+@dataclasses.dataclass
+class Quantized:
+    model: torch.nn.Module
+    records: list[LayerRecord]
+    quantize_seconds: float | None  # None: a checkpoint made elsewhere
+    calibration: str | None
+    kernel: str  # what runs its quantized layers when it is evaluated
+    # peak memory while quantizing, above what the process held before (the baseline, other models; on a CPU the
+    # resident set's growth, a lower bound when freed pages are reused): None for a checkpoint, a build in a
+    # subprocess, or a cache entry written before this was recorded
+    quantize_peak_bytes: int | None = None
+
+    def layer_counts(self) -> dict[str, int]:
+        """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
+        return {"quantized_layers": sum(r.bits is not None for r in self.records),
+                "fallback_layers": sum(r.fallback is not None for r in self.records)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a run reads from the matrix for each model: its profile's limits and task options, and its device.
+    ``device`` is where GPU-tier models run; CPU-tier models run on the CPU on every machine, so that a GPU
+    runner's ``make test`` reproduces their ``cpu`` snapshots instead of moving them to CUDA."""
+
+    matrix: Matrix
+    profile: str
+    data_dir: Path | None
+    device: str = "cpu"
+    calib_samples: int | None = None  # overrides the profile's count (``quant quantize --calib-samples``)
+
+    def device_for(self, spec: ModelSpec) -> str:
+        return "cpu" if spec.tier == "cpu" else self.device
+
+    def limits(self, spec: ModelSpec) -> dict[str, Any]:
+        return self.matrix.limits(self.profile, spec.tier)
+
+    def task(self, spec: ModelSpec, task_name: str) -> TaskSpec:
+        """The task with the profile's option overrides (e.g. a shorter generation budget on CPU)."""
+        task = self.matrix.tasks[task_name]
+        overrides = self.limits(spec).get("options", {}).get(task_name, {})
+        return dataclasses.replace(task, options={**task.options, **overrides})
+
+    def calibration_config(self, spec: ModelSpec, config: QuantConfig) -> QuantConfig:
+        limits = self.limits(spec)
+        samples = self.calib_samples or limits.get("calib_samples", config.calib_samples)
+        return dataclasses.replace(config, calib_samples=samples, calib_chunk=limits.get("calib_chunk", config.calib_chunk))
+
+    def perf_settings(self, spec: ModelSpec) -> PerfSettings:
+        return PerfSettings.from_dict(self.limits(spec).get("perf"))
+
+
+class ModelStore:
+    """Baselines, loaded once per process, and the WikiText-2 text as each one's token ids."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        self.settings = settings
+        self._baselines: dict[str, tuple[torch.nn.Module, Any]] = {}
+        self._wikitext: dict[str, torch.Tensor] = {}
+
+    def baseline(self, spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
+        if spec.name not in self._baselines:
+            self._baselines[spec.name] = load_model(spec, self.settings.device_for(spec))
+        return self._baselines[spec.name]
+
+    def wikitext_ids(self, spec: ModelSpec) -> torch.Tensor:
+        """The WikiText-2 test text as one row of token ids (calibration and the timing prompt come from it)."""
+        if spec.name not in self._wikitext:
+            _, tokenizer = self.baseline(spec)
+            source = self.settings.matrix.tasks[CALIBRATION_SOURCE]
+            text = select_items(source, self.settings.data_dir, None, 0)[0]["text"]
+            self._wikitext[spec.name] = text_ids(tokenizer, text)
+        return self._wikitext[spec.name]
+
+
+class CalibrationSet:
+    """The calibration windows of a model (the second half of the WikiText-2 test text) and the text's hash."""
+
+    def __init__(self, settings: RunSettings, models: ModelStore) -> None:
+        self.settings, self.models = settings, models
+
+    def ids(self, spec: ModelSpec, config: QuantConfig) -> torch.Tensor:
+        """Calibration token ids from the second half of the WikiText-2 test text. Perplexity is measured on its
+        first windows; when they would reach the second half (many windows, a dense tokenizer), the same tokens
+        would be calibrated on and scored, so this refuses."""
+        ids = self.models.wikitext_ids(spec)
+        settings = self.settings
+        windows, window = settings.limits(spec).get(CALIBRATION_SOURCE), settings.matrix.tasks[CALIBRATION_SOURCE]["window"]
+        free = (len(ids) // 2) // window  # whole windows before the calibration half
+        if windows is None or windows > free:
+            raise ConfigError(
+                f"{settings.matrix.path}: profiles.{settings.profile}.{spec.tier}.{CALIBRATION_SOURCE} = {windows} windows of "
+                f"{window} tokens would reach the calibration half of the text ({len(ids)} tokens with "
+                f"{spec.name}'s tokenizer): at most {free} windows keep evaluation and calibration apart")
+        return calibration_windows(ids, config.calib_samples, config.calib_tokens, config.calib_seed)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The calibration text's hash, once per run: every quantized model's and quantized result's key holds it."""
+        path = self.settings.data_dir / "wikitext2" / "wiki.test.raw" if self.settings.data_dir else None
+        return file_sha256(path)[:16] if path else "hub:Salesforce/wikitext"
+
+
+class CandidateStore:
+    """Quantized candidates: built by their backend from the baseline (cached on disk) and loaded back, or a
+    checkpoint loaded as it is; once per process each."""
+
+    def __init__(self, settings: RunSettings, models: ModelStore, calibration: CalibrationSet) -> None:
+        self.settings, self.models, self.calibration = settings, models, calibration
+        self._quantized: dict[tuple[str, str], Quantized] = {}
+
+    def get(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> Quantized:
+        config = self.settings.calibration_config(spec, config)
+        key = (spec.name, quant_name)
+        if key not in self._quantized:
+            self._quantized[key] = self._build(spec, config)
+        return self._quantized[key]
+
+    def _build(self, spec: ModelSpec, config: QuantConfig) -> Quantized:
+        """The candidate a config names: built by its backend from the baseline (cached on disk) and loaded back,
+        or a checkpoint folder loaded as it is."""
+        device = self.settings.device_for(spec)
+        if config.checkpoint:
+            model, kernel = load_checkpoint(Path(config.checkpoint), device)
+            return Quantized(model, records_from_model(model), None, None, kernel)
+        baseline, tokenizer = self.models.baseline(spec)
+        backend = get_backend(config.backend)
+        calibrated = backend.needs_calibration(config)
+        # the forward dtype and chunking are the in-house methods' settings; a library runs its own
+        calibration = (f"wikitext2 test, second half: {config.calib_samples} x {config.calib_tokens} tokens, "
+                       f"seed {config.calib_seed}"
+                       + ("" if config.backend else f", forward in {config.calib_dtype}"
+                          f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}")
+                       ) if calibrated else None
+
+        def build(folder: Path) -> None:
+            ids = self.calibration.ids(spec, config) if calibrated else None
+            above_held = PeakAboveHeld(device)
+            started = time.perf_counter()
+            log.info("quantizing %s with %s %s (%s)", spec.name, backend.name, config.method, config.label)
+            records = backend.quantize(baseline, tokenizer, config, ids, folder)
+            seconds, peak = time.perf_counter() - started, above_held.read()
+            meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds,
+                    "quantize_peak_bytes": peak if backend.runs_in_process else None}
+            (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
+
+        folder = cached_dir("quantized", self.parts(spec, config), build)
+        meta = json.loads((folder / "quantization_log.json").read_text())
+        records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
+        model, kernel = backend.load(baseline, folder, records, device)
+        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel, meta.get("quantize_peak_bytes"))
+
+    def parts(self, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
+        """Everything a quantized model is made from: the weights, the config, the calibration text, and the
+        library that built it (name and version; absent for the in-house methods, whose code the cache's own
+        key holds); for a checkpoint, its files' content."""
+        if config.checkpoint:
+            return {"checkpoint": folder_sha256(Path(config.checkpoint))}
+        backend = get_backend(config.backend)
+        needs_data = backend.needs_calibration(config)
+        return {"model": spec.fingerprint(), "quant": config.to_dict(),
+                "data": self.calibration.fingerprint if needs_data else None,
+                **({"backend": backend.identity()} if config.backend else {})}
+
+
+class ResultStore:
+    """Evaluation results: the items each task reads and each model's result on them, cached on disk."""
+
+    def __init__(self, settings: RunSettings, models: ModelStore, candidates: CandidateStore) -> None:
+        self.settings, self.models, self.candidates = settings, models, candidates
+        self._items: dict[tuple[str, str], list[dict]] = {}
+        self._item_fingerprints: dict[tuple[str, str], str] = {}
+
+    def parts(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> dict[str, Any]:
+        """Everything an evaluation result is made from: the model (baseline, or all a quantized model is made
+        from), the task as this profile runs it, the content of the items it reads, and the device."""
+        settings = self.settings
+        config = None if quant_name is None else settings.calibration_config(spec, settings.matrix.quant[quant_name])
+        return {"model": spec.fingerprint(),
+                "quantized": None if config is None else self.candidates.parts(spec, config),
+                "task": dataclasses.asdict(self.settings.task(spec, task_name)),
+                "items": self.items_fingerprint(spec, task_name),
+                "limit": self.settings.limits(spec).get(task_name), "device": self.settings.device_for(spec)}
+
+    def items(self, spec: ModelSpec, task_name: str) -> list[dict]:
+        key = (spec.tier, task_name)
+        if key not in self._items:
+            settings = self.settings
+            limit = None if settings.matrix.tasks[task_name].kind == "perplexity" else settings.limits(spec).get(task_name)
+            self._items[key] = select_items(settings.task(spec, task_name), settings.data_dir, limit, settings.matrix.seed)
+        return self._items[key]
+
+    def items_fingerprint(self, spec: ModelSpec, task_name: str) -> str:
+        """The hash of the items' content, once per tier and task (every result key of the task holds it)."""
+        key = (spec.tier, task_name)
+        if key not in self._item_fingerprints:
+            self._item_fingerprints[key] = snapshots.fingerprint(self.items(spec, task_name))
+        return self._item_fingerprints[key]
+
+    def evaluate(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> TaskResult:
+        """The task's result for the baseline (``quant_name`` None) or a quantized model, cached on disk."""
+        task = self.settings.task(spec, task_name)
+        items = self.items(spec, task_name)
+        limit = self.settings.limits(spec).get(task_name)
+        config = None if quant_name is None else self.settings.calibration_config(spec, self.settings.matrix.quant[quant_name])
+        parts = self.parts(spec, task_name, quant_name)
+
+        def compute() -> dict:
+            _, tokenizer = self.models.baseline(spec)
+            model = self.models.baseline(spec)[0] if config is None else self.candidates.get(spec, quant_name, config).model
+            reference = self.models.baseline(spec)[0] if config is not None and uses_reference(task) else None
+            label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
+            started = time.perf_counter()
+            with dequantized_weights(model):
+                result = evaluate(model, tokenizer, task, items, limit=limit, label=label, reference_model=reference)
+            log.info("%s: %s in %.1fs", label, result.metrics, time.perf_counter() - started)
+            return dataclasses.asdict(result)
+
+        return TaskResult(**cached_json("results", parts, compute))
+
+    def evaluate_together(self, spec: ModelSpec, task_name: str, quant_names: list[str]) -> None:
+        """Cache the task's result for each of ``quant_names`` in one pass where that saves work: WikiText runs
+        the baseline beside each model (KLD), and one baseline forward per batch serves every variant not yet
+        cached, N + 1 forwards per window instead of 2N. Each result is the one ``evaluate`` gives alone (tested)."""
+        task = self.settings.task(spec, task_name)
+        missing = [q for q in dict.fromkeys(quant_names)
+                   if not has_entry("results", self.parts(spec, task_name, q))]
+        if not uses_reference(task) or len(missing) < 2:
+            return
+        baseline, tokenizer = self.models.baseline(spec)
+        models = [self.candidates.get(spec, q, self.settings.matrix.quant[q]).model for q in missing]
+        started = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(dequantized_weights(model))
+            results = perplexity_of_models(models, tokenizer, task, self.items(spec, task_name),
+                                           self.settings.limits(spec).get(task_name), f"{task_name} [{spec.name} "
+                                           f"{len(models)} variants]", reference_model=baseline)
+        log.info("%s [%s %s]: in %.1fs", task_name, spec.name, ", ".join(missing), time.perf_counter() - started)
+        # the baseline's own result came from the same forwards: the last of the list
+        for quant_name, result in zip([*missing, None], results):
+            cached_json("results", self.parts(spec, task_name, quant_name), lambda r=result: dataclasses.asdict(r))
