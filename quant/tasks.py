@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from quant import data, metrics
+from quant import data
+from quant.metrics import mean, mrr_at_k, ndcg_at_k
 from quant.config import TASKS_FILE, ConfigError, load_yaml
 
 MAX_CONTEXT = 2048  # tokens; longer contexts are cut from the left (BoolQ passages, few-shot prompts)
@@ -193,7 +194,7 @@ def evaluate_choice(model, tokenizer, task: TaskSpec, items, limit=None, label="
             # For two choices: log p(second) - log p(first), the threshold-free score (e.g. yes - no).
             "score": logprobs[-1] - logprobs[0], "logprobs": logprobs,
         })
-    return TaskResult(task.name, {"accuracy": metrics.mean([r["correct"] for r in records])}, records)
+    return TaskResult(task.name, {"accuracy": mean([r["correct"] for r in records])}, records)
 
 
 def fewshot_exemplars(task: TaskSpec, items: list[dict]) -> list[dict]:
@@ -318,7 +319,7 @@ def score_generations(task: TaskSpec, items: list[dict], outputs: list[str]) -> 
         headline = next(iter(extractors))
         record["prediction"], record["correct"] = record[f"prediction_{headline}"], record[f"correct_{headline}"]
         records.append(record)
-    metrics = {name: metrics.mean([r[f"correct_{name}"] for r in records]) for name in extractors}
+    metrics = {name: mean([r[f"correct_{name}"] for r in records]) for name in extractors}
     return TaskResult(task.name, metrics, records)
 
 
@@ -343,7 +344,7 @@ def evaluate_rerank(model, tokenizer, task: TaskSpec, items, limit=None, label="
         bm25_ndcg, bm25_mrr = rank_metrics(item["candidates"], item["judged"], task["relevant_min"])
         records.append({"id": item["id"], "ranking": [c["docid"] for c in order], "score": ndcg, "mrr": mrr,
                         "bm25_ndcg": bm25_ndcg, "bm25_mrr": bm25_mrr, "correct": None})
-    metrics = {name: metrics.mean([r[field] for r in records]) for name, field in RERANK_METRICS.items()}
+    metrics = {name: mean([r[field] for r in records]) for name, field in RERANK_METRICS.items()}
     return TaskResult(task.name, metrics, records)
 
 
@@ -355,7 +356,7 @@ def rank_metrics(ranking: list[dict], judged: list[int], relevant_min: int) -> t
     """(nDCG@10, MRR@10) of a ranked candidate list, TREC-style: unjudged passages count as grade 0, MRR's
     relevance is a grade of at least ``relevant_min`` (TREC DL passage: 2)."""
     grades = [c["label"] or 0 for c in ranking]
-    return metrics.ndcg_at_k(grades, judged, 10), metrics.mrr_at_k([g >= relevant_min for g in grades], 10)
+    return ndcg_at_k(grades, judged, 10), mrr_at_k([g >= relevant_min for g in grades], 10)
 
 
 def evaluate_perplexity(model, tokenizer, task: TaskSpec, items, limit=None, label="",
