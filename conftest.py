@@ -105,7 +105,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         for location, name in recorded:
             terminalreporter.write_line(f"recorded {name} in {location}")
         terminalreporter.write_line("review these figures (README: Snapshot baselines) and commit the folder")
-    snapshot_tests = [report for reports in terminalreporter.stats.values() for report in reports
+    snapshot_tests = [report for outcome, reports in terminalreporter.stats.items() if outcome != "deselected"
+                      for report in reports
                       if "::test_snapshot[" in getattr(report, "nodeid", "") and hasattr(report, "user_properties")]
     if snapshot_tests and not any(("snapshot", "compared") in report.user_properties for report in snapshot_tests):
         terminalreporter.section("snapshots")
