@@ -358,10 +358,13 @@ class Rounds:
         shares = [share for share in self.others_cpu_share if share is not None]
         if shares and max(shares) > BUSY_CPU_SHARE:
             return f"machine busy (other processes took {max(shares):.0%} of the CPUs in a round)"
-        spread = relative_spread(self.probe_bytes_per_s)
-        if spread > BUSY_PROBE_SPREAD:
-            return f"machine busy (memory probe spread {spread:.0%})"
+        if self.probe_spread > BUSY_PROBE_SPREAD:
+            return f"machine busy (memory probe spread {self.probe_spread:.0%})"
         return None
+
+    @property
+    def probe_spread(self) -> float:
+        return relative_spread(self.probe_bytes_per_s)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from quant.models import ModelSpec
 from quant.gate import DIVERGENCE_METRICS, Comparison, task_metrics
 from quant.pipeline import Workbench
 from quant.perf import (PerfSettings, dtype_name, interleaved_latency, latency_figures, machine_facts, measure,
-                        memory_bandwidth, model_bytes, paired_speedup, relative_spread, roofline, unmeasurable_reason,
+                        memory_bandwidth, model_bytes, paired_speedup, roofline, unmeasurable_reason,
                         variant_label)
 from quant.tasks import uses_reference
 
@@ -356,13 +356,13 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
     log.info("timing %s: %d variants interleaved, %d rounds", spec.name, len(models), settings.rounds)
     rounds = interleaved_latency(models, workbench.wikitext_ids(spec)[None], workbench.device_for(spec), settings,
                                  settings.rounds)
-    probe_spread, busy = relative_spread(rounds.probe_bytes_per_s), rounds.busy_reason()
+    busy = rounds.busy_reason()
     for row in rows:
         ttft, decode_seconds = rounds.ttft[row["quant"]], rounds.decode[row["quant"]]
         row.update(latency_figures(statistics.median(ttft), statistics.median(decode_seconds), settings.new_tokens),
                    ttft_ms_rounds=[t * 1000 for t in ttft],
                    decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in decode_seconds],
-                   probe_spread=probe_spread, others_cpu_share_rounds=rounds.others_cpu_share)
+                   probe_spread=rounds.probe_spread, others_cpu_share_rounds=rounds.others_cpu_share)
         row.update(roofline(row, bandwidth))
         log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
                  row["quant"], row["decode_ms_per_token"],

@@ -21,7 +21,7 @@ from quant.backends.base import records_from_model
 from quant.backends.checkpoint import load_checkpoint
 from quant.cache import cached_dir, cached_json, has_entry
 from quant.config import ConfigError, QuantConfig, file_sha256
-from quant.data import calibration_windows
+from quant.data import LOCAL_FILES, calibration_windows
 from quant.matrix import Matrix
 from quant.methods import LayerRecord
 from quant.models import ModelSpec, folder_sha256, load_model
@@ -133,7 +133,7 @@ class CalibrationSet:
     @functools.cached_property
     def fingerprint(self) -> str:
         """The calibration text's hash, once per run: every quantized model's and quantized result's key holds it."""
-        path = self.settings.data_dir / "wikitext2" / "wiki.test.raw" if self.settings.data_dir else None
+        path = self.settings.data_dir / LOCAL_FILES[CALIBRATION_SOURCE] if self.settings.data_dir else None
         return file_sha256(path)[:16] if path else "hub:Salesforce/wikitext"
 
 
