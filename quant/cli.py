@@ -30,15 +30,16 @@ from quant.data import load as load_data
 from quant.decide import AVERAGE, correlations, frontier, load_report, parse_size, plot_pareto, points, recommend
 from quant.history import compare_runs, load_runs
 from quant.history import plot as plot_history
+from quant.kinds.generate import fewshot_exemplars
 from quant.matrix import Case, Matrix, load_matrix
-from quant.models import DTYPES, ModelUnavailable
+from quant.models import DTYPES, ModelSpec, ModelUnavailable
 from quant.perf import memory_bandwidth
-from quant.pipeline import Workbench
+from quant.pipeline import CALIBRATION_SOURCE, Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
 from quant.sensitivity import heatmap, layer_sensitivity, mixed_precision_overrides
 from quant.snapshots import check_hardware, hardware_class
-from quant.tasks import fewshot_exemplars, select_items
+from quant.tasks import evaluate, select_items
 
 MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else matrix.yaml)"
 REPORT_JSON = REPO_ROOT / "reports" / "latest.json"
@@ -70,6 +71,9 @@ def _report_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--hardware", default=None,
                          help="hardware class for snapshots and measured costs (default: detected; h100 for a GPU "
                               "plan on a machine without CUDA)")
+    command.add_argument("--reproducible", action="store_true",
+                         help="quantize every built config a second time in an empty cache and say in the "
+                              "quantization table whether the two came out bit-identical")
 
 
 def _quantize_arguments(command: argparse.ArgumentParser) -> None:
@@ -82,6 +86,9 @@ def _quantize_arguments(command: argparse.ArgumentParser) -> None:
                          help="GPTQ: dtype of the calibration forward's matmuls (default: the config's, float32)")
     command.add_argument("--calib-chunk", type=int, default=None,
                          help="calibration samples per forward of a block, to bound peak memory (default: all at once)")
+    command.add_argument("--reproducible", action="store_true",
+                         help="build it again in an empty cache and compare every tensor; when they differ, the "
+                              "WikiText perplexity of both builds on the profile's windows")
 
 
 def _replica_arguments(command: argparse.ArgumentParser) -> None:
@@ -215,11 +222,12 @@ def report_command(args: argparse.Namespace) -> int:
     skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
     skipped += [(c, f"cadence {c.cadence}: not run in this report (--cadence {c.cadence} or all runs it)")
                 for c in selected if c.model.tier == tier and c not in cases]
-    if args.dry_run:
-        print(plan.describe(matrix, cases, args.profile, tier, args.hardware))
-        return dry_run_inputs(cases, args.data_dir, runs_here=tier == ("gpu" if device == "cuda" else "cpu"))
     workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
-    result = report.build(workbench, cases, skipped, args.command_line)
+    if args.dry_run:
+        spreads = plan.cached_spreads(workbench, cases)
+        print(plan.describe(matrix, cases, args.profile, tier, args.hardware, spreads))
+        return dry_run_inputs(cases, args.data_dir, runs_here=tier == ("gpu" if device == "cuda" else "cpu"))
+    result = report.build(workbench, cases, skipped, args.command_line, args.reproducible)
     json_path, md_path = report.write(result, args.out)
     print("\n".join(report.headline(result)))
     print(f"\nwrote {md_path} and {json_path}")
@@ -523,7 +531,26 @@ def quantize_command(args: argparse.Namespace) -> int:
     print(f"group-size fallbacks: {counts['fallback_layers']} layers")
     if errors:
         print(f"mean relative output error on the calibration inputs: {sum(errors) / len(errors):.4f}")
-    return 0
+    return reproducibility(workbench, spec, args.quant, config) if args.reproducible else 0
+
+
+def reproducibility(workbench: Workbench, spec: ModelSpec, quant_name: str, config: QuantConfig) -> int:
+    """Build the candidate again in an empty cache and say whether it came out the same: 0 if bit-identical, else 1,
+    with what the difference does to WikiText perplexity."""
+    rebuild, second = workbench.candidates.rebuild(spec, config)
+    print(f"rebuilt in an empty cache: {rebuild.describe()}")
+    if rebuild.identical:
+        return 0
+    task = workbench.task(spec, CALIBRATION_SOURCE)
+    items, limit = workbench.items(spec, task.name), workbench.limits(spec).get(task.name)
+    _, tokenizer = workbench.baseline(spec)
+    figures = []
+    for label, quantized in (("cached build", workbench.quantized(spec, quant_name, config)), ("rebuild", second)):
+        with dequantized_weights(quantized.model):
+            perplexity = evaluate(quantized.model, tokenizer, task, items, limit).metrics["perplexity"]
+        figures.append(f"{label} {perplexity:.2f}")
+    print(f"{task.name} perplexity on {limit} windows: " + ", ".join(figures))
+    return 1
 
 
 COMMANDS: dict[str, Command] = {

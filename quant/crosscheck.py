@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import ConfigError
-from quant.tasks import TaskResult, TaskSpec, evaluate, extract_answer, normalise_answer
+from quant.kinds import kind_of
+from quant.kinds.generate import extract_answer, normalise_answer
+from quant.tasks import TaskResult, TaskSpec, evaluate
 
 INSTALL = 'pip install -e ".[lm-eval]"'
 # The lm-eval task definition each suite task is checked against, relative to lm_eval/tasks/.
@@ -128,7 +130,7 @@ def compare_choice(task: TaskSpec, items: list[dict], ours: TaskResult, samples:
         if not prompt_matches or prediction != record["prediction"]:
             differs.append({"id": item["id"], "suite": record["logprobs"], "lm_eval": theirs,
                             "lm_eval_continuations": continuations})
-    metric = task.metric
+    metric = kind_of(task).metrics(task)[0]
     return Agreement(task.name, len(items), same_prompt, {metric: same_prediction}, {metric: same_correct},
                      {metric: ours.metrics[metric]}, {metric: sum(s["acc"] for s in samples) / len(samples)},
                      max_logprob_diff=largest, disagreements=differs)

@@ -1,7 +1,8 @@
-"""The gate: the one place the policy lives. From two results on the same items (a baseline's and a candidate's)
-to a verdict: the paired statistics, the informative rule per task kind and its fallback signal, the retention
-rule, and the divergence bounds. Pure (no model, no cache, no file) and outside the cache key: changing how a
-verdict is reached or worded reuses every cached model and result."""
+"""The gate: the one place the policy lives. From two results on the same items (a baseline's and a candidate's) to a
+verdict: the paired statistics, the retention rule and the divergence bounds, applied to what the task's kind says
+(its metrics, whether its baseline is informative and the fallback signal when it is not). Pure (no model, no cache,
+no file) and outside the cache key: changing how a verdict is reached or worded reuses every cached model and
+result."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +10,34 @@ import math
 from typing import Any
 
 from quant import stats
+from quant.kinds import TaskResult, kind_of, lower_is_better
+from quant.kinds.perplexity import DIVERGENCE_METRICS
 from quant.matrix import Case
-from quant.metrics import lower_is_better
-from quant.tasks import TaskResult
 
-# llama.cpp --kl-divergence's statistics, reported beside each perplexity row
-DIVERGENCE_METRICS = ("mean_kld", "mean_kld_se", "median_kld", "p99_kld", "same_top_p", "ln_ppl_ratio")
+
+Z_GATE = 1.959964  # the gate's two-sided 95% interval: a fail is a one-sided 2.5% decision
+Z_POWER = 0.841621  # 80% power
+
+
+def threshold_of(gate: dict[str, Any], metric: str) -> float:
+    """The retention a case must keep: ``retention_min``, or 1 / ``ppl_ratio_max`` for a lower-is-better metric."""
+    return 1 / gate["ppl_ratio_max"] if lower_is_better(metric) else gate["retention_min"]
+
+
+def detectable_drop(spread: float, n: int, threshold: float) -> float:
+    """The smallest drop of retention below 1 that the gate fails with 80% probability at ``n`` items, when the
+    retention's standard error is ``spread / sqrt(n)`` (``spread``: the per-item standard deviation of the paired
+    retention, measured or the matrix's prior). The gate fails when its interval's upper bound, about z_0.975
+    standard errors above the estimate, lies below the threshold, so a true retention (z_0.975 + z_0.8) standard
+    errors below the threshold is failed 80% of the time."""
+    return 1 - threshold + (Z_GATE + Z_POWER) * spread / math.sqrt(n)
+
+
+def items_to_detect(drop: float, spread: float, threshold: float) -> int | None:
+    """The items at which ``detectable_drop`` reaches ``drop``; None when no count does (a drop within the
+    threshold's own margin passes the gate by design)."""
+    margin = drop - (1 - threshold)
+    return math.ceil(((Z_GATE + Z_POWER) * spread / margin) ** 2) if margin > 0 else None
 
 
 @dataclasses.dataclass
@@ -37,7 +60,7 @@ def retention_verdict(
     ``fallback`` = (signal name, value, minimum), an agreement-type signal; otherwise the retention interval
     is held against ``threshold``: fail when the upper bound is below it, pass when the lower bound is above
     it, and in between fail only when ``strict``, else report how many items would settle it."""
-    value = stats.retention(baseline_value, quant_value, metric)
+    value = stats.retention(baseline_value, quant_value, lower_is_better=lower_is_better(metric))
     if not informative or value is None:
         why = (f"baseline {baseline_value:.4g} is not informative" if value is not None
                else "baseline scores 0, so retention is undefined")
@@ -87,65 +110,86 @@ class Comparison:
     interval: tuple[float, float] | None
     verdict: Verdict
     extra: dict[str, Any]
+    # one-sided bootstrap p-value of "retention >= threshold", for informative gates (the joint verdict's input)
+    p_value: float | None = None
 
 
 def judge(case: Case, baseline: TaskResult, quantized: TaskResult, metric: str | None = None) -> Comparison:
     """The statistics and the gate's verdict for two results on the same items."""
+    kind = kind_of(case.task)
     metric = metric or headline_metric(case)
+    stats.same_items(baseline.items, quantized.items)
     base_value, quant_value = baseline.metrics[metric], quantized.metrics[metric]
-    value = stats.retention(base_value, quant_value, metric)
-    interval = stats.retention_interval(baseline.items, quantized.items, metric)
+    lower = lower_is_better(metric)
+    value = stats.retention(base_value, quant_value, lower_is_better=lower)
+    base_columns, quant_columns = kind.columns(baseline.items), kind.columns(quantized.items)
+    ratios = stats.bootstrap_retentions(base_columns, quant_columns, kind.aggregate(metric), lower_is_better=lower)
+    interval = stats.interval_of(ratios) if ratios is not None else None
+    extra: dict[str, Any] = {"agreement": None}
+    if kind.answer(baseline.items[0]) is not None:
+        extra["agreement"] = stats.agreement([kind.answer(r) for r in baseline.items],
+                                             [kind.answer(r) for r in quantized.items])
+    if "correct" in base_columns:
+        extra["flips"] = stats.flips(base_columns["correct"], quant_columns["correct"])
+        extra["mcnemar_p"] = stats.mcnemar_exact(extra["flips"]["correct_to_wrong"], extra["flips"]["wrong_to_correct"])
+    informativeness = kind.informativeness(case.task, case.gate, baseline, quantized, metric)
+    extra.update(informativeness.signals)
     gate = case.gate
-    chance = stats.chance_rate(baseline.items)
-    extra: dict[str, Any] = {"chance": chance, "agreement": stats.agreement(baseline.items, quantized.items)}
-    flips = stats.flips(baseline.items, quantized.items)
-    if flips:
-        extra["flips"] = flips
-        extra["mcnemar_p"] = stats.mcnemar_exact(flips["correct_to_wrong"], flips["wrong_to_correct"])
-    if case.task.kind == "choice" and len(case.task["choices"]) == 2:
-        labels = [item["label"] for item in baseline.items]
-        extra["roc_auc_baseline"] = stats.roc_auc([i["score"] for i in baseline.items], labels)
-        extra["roc_auc_quantized"] = stats.roc_auc([i["score"] for i in quantized.items], labels)
-    informative = True
-    fallback = None
-    if chance is not None:
-        informative = base_value >= chance + gate["chance_margin"]
-        # Near chance, the yes/no decisions are coin flips that any perturbation changes; the score
-        # behind them still correlates with the baseline's unless the model is broken.
-        extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
-        fallback = ("score correlation with the baseline", extra["score_correlation"], gate["correlation_min"])
-    elif case.task.kind == "rerank":
-        # a re-ranker that does not beat BM25's own order of the same candidates measures nothing yet
-        extra["bm25"] = baseline.metrics[f"bm25_{metric}"]
-        informative = base_value > extra["bm25"]
-        # its per-query scores still follow the baseline's unless the quantized model is broken
-        extra["score_correlation"] = stats.score_correlation(baseline.items, quantized.items)
-        fallback = (f"per-query {metric} correlation with the baseline", extra["score_correlation"],
-                    gate["correlation_min"])
-    elif case.task.kind == "generate":
-        informative = sum(bool(i["correct"]) for i in baseline.items) >= gate["min_correct"]
-        # A model that solves almost nothing can still be damaged: it stops producing answers at all.
-        extra["answered_baseline"] = stats.answered_rate(baseline.items)
-        extra["answered_quantized"] = stats.answered_rate(quantized.items)
-        # Judged like retention, on its interval: fail only when even the upper bound is below the bar.
-        answered = stats.retention_interval(baseline.items, quantized.items, "answered")
-        extra["answered_retention_ci"] = answered
-        if answered:  # (a baseline that never answers leaves nothing to retain)
-            fallback = ("answer-format retention, 95% CI upper bound", answered[1], gate["retention_min"])
-    threshold = 1 / gate["ppl_ratio_max"] if lower_is_better(metric) else gate["retention_min"]
-    verdict = retention_verdict(metric, base_value, quant_value, interval, baseline.n, threshold, informative,
-                          fallback, gate["strict"])
+    threshold = threshold_of(gate, metric)
+    if informativeness.informative and ratios is not None:
+        extra["spread"] = float(ratios.std() * math.sqrt(baseline.n))
+        extra["detectable_drop"] = detectable_drop(extra["spread"], baseline.n, threshold)
+    verdict = retention_verdict(metric, base_value, quant_value, interval, baseline.n, threshold,
+                                informativeness.informative, informativeness.fallback, gate["strict"])
     if "mean_kld" in quantized.metrics:
         extra.update({k: quantized.metrics[k] for k in DIVERGENCE_METRICS})
         verdict = judge_divergence(verdict, quantized.metrics, gate.get("kld_max"), gate.get("same_top_min"))
-    return Comparison(case, metric, baseline, quantized, value, interval, verdict, extra)
+    p_value = stats.p_at_least(ratios, threshold) if informativeness.informative and ratios is not None else None
+    return Comparison(case, metric, baseline, quantized, value, interval, verdict, extra, p_value)
+
+
+JOINT_ALPHA = 0.025  # one-sided, as each case's gate: its 95% interval's upper bound below the threshold
+
+
+@dataclasses.dataclass
+class JointVerdict:
+    """One verdict for a whole run: the informative gates' p-values under Holm's correction (the family-wise
+    false-fail rate held at JOINT_ALPHA however many cases ran), beside the per-case verdicts."""
+
+    gates: int  # informative gates combined
+    failing: list[str]  # gates that fail after the correction
+    failing_uncorrected: list[str]  # gates whose own p-value is below JOINT_ALPHA
+    other_fails: list[str]  # per-case fails outside the combination (fallback signals, divergence bounds, strict)
+
+    @property
+    def status(self) -> str:
+        return "fail" if self.failing or self.other_fails else "pass"
+
+    def line(self) -> str:
+        if not self.gates and not self.other_fails:
+            return "this change: no informative gate ran, nothing to combine"
+        combined = (f"{len(self.failing)} of {self.gates} informative gates fail after Holm's correction"
+                    + (f": {', '.join(self.failing)}" if self.failing else ""))
+        if len(self.failing_uncorrected) > len(self.failing):
+            combined += f" ({len(self.failing_uncorrected)} before it)"
+        cases = "1 case fails" if len(self.other_fails) == 1 else f"{len(self.other_fails)} cases fail"
+        other = f"; {cases} on a bound outside it: {', '.join(self.other_fails)}" if self.other_fails else ""
+        return f"this change: {self.status}, {combined}{other}"
+
+
+def joint_verdict(gates: list[tuple[str, float | None, str]], alpha: float = JOINT_ALPHA) -> JointVerdict:
+    """``gates``: (case id, p-value or None, per-case status) for each case's headline gate. Cases with a p-value
+    are combined by Holm's step-down procedure; a per-case fail that its p-value does not explain (an
+    uninformative row's fallback signal, a divergence bound, a strict straddle) counts on its own."""
+    p_values = {name: p for name, p, _ in gates if p is not None}
+    return JointVerdict(len(p_values), stats.holm(p_values, alpha),
+                        sorted(name for name, p in p_values.items() if p <= alpha),
+                        sorted(name for name, p, status in gates if status == "fail" and (p is None or p > alpha)))
 
 
 def task_metrics(case: Case) -> list[str]:
-    """The metrics a task reports, the headline first."""
-    if case.task.kind == "generate":
-        return list(case.task["extract"])
-    return ["ndcg@10", "mrr@10"] if case.task.kind == "rerank" else [case.task.metric]
+    """The metrics a case's task is gated and reported on, the headline first."""
+    return kind_of(case.task).metrics(case.task)
 
 
 def headline_metric(case: Case) -> str:

@@ -16,7 +16,7 @@ from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
 
 GATE_FIELDS = ("retention_min", "ppl_ratio_max", "chance_margin", "min_correct", "correlation_min", "strict",
-               "kld_max", "same_top_min", "snapshot_tolerance")
+               "kld_max", "same_top_min", "snapshot_tolerance", "detect", "spread_prior")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,9 @@ def _problem(error: jsonschema.ValidationError, path: Path) -> tuple[int | None,
 def validate(raw: Any, path: Path) -> None:
     """Check ``raw`` (the parsed ``path``) against matrix.schema.json: one ConfigError line naming the file, the
     line and the field of each problem, the most relevant first."""
-    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text()))
+    schema = json.loads(SCHEMA_FILE.read_text())
+    schema["$defs"]["taskName"]["enum"] = sorted(load_tasks())  # the tasks are tasks.yaml's, not the schema's
+    validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=jsonschema.exceptions.relevance)
     if not errors:
         return

@@ -1,5 +1,5 @@
 """Metric definitions that tasks compute per item and per run (they change cached results): means, trec_eval's
-nDCG@k, MRR@k, and which metrics are better lower."""
+nDCG@k and MRR@k."""
 from __future__ import annotations
 
 import math
@@ -24,9 +24,3 @@ def ndcg_at_k(grades: Sequence[int], judged: Sequence[int], k: int) -> float:
 def mrr_at_k(relevant: Sequence[bool], k: int) -> float:
     return next((1.0 / (rank + 1) for rank, hit in enumerate(relevant[:k]) if hit), 0.0)
 
-
-LOWER_IS_BETTER = frozenset({"perplexity", "mean_kld", "mean_kld_se", "median_kld", "p99_kld", "ln_ppl_ratio"})
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER

@@ -34,7 +34,6 @@ class Workbench:
         self.calibration_set = CalibrationSet(self.settings, self.models)
         self.candidates = CandidateStore(self.settings, self.models, self.calibration_set)
         self.results = ResultStore(self.settings, self.models, self.candidates)
-        self.matrix, self.profile, self.data_dir, self.device = matrix, profile, data_dir, device
         settings = self.settings
         self.device_for, self.limits, self.task = settings.device_for, settings.limits, settings.task
         self.calibration_config, self.perf_settings = settings.calibration_config, settings.perf_settings
@@ -53,7 +52,7 @@ class Workbench:
         if quant_name is None:
             model = baseline if dtype in (None, baseline.dtype) else cast_parameters(copy.deepcopy(baseline), dtype)
             return model, f"dense {dtype_name(model.dtype)} (torch.nn.functional.linear)"
-        quantized = self.quantized(spec, quant_name, self.matrix.quant[quant_name])
+        quantized = self.quantized(spec, quant_name, self.settings.matrix.quant[quant_name])
         if not any(isinstance(module, QuantLinear) for module in quantized.model.modules()):
             return quantized.model, quantized.kernel  # a library's model already runs on the kernel it picked
         model = copy.deepcopy(quantized.model)

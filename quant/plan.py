@@ -1,17 +1,23 @@
 """What a run will do, before it runs (``quant report --dry-run``, ``pytest --plan``): per model the quant configs,
 tasks and item counts, the calibration size, the kernel each config will be served on, the snapshot folder its
-cases compare with, and an estimated time per step from the measured costs in matrix.yaml (``costs``). A step
-with no measured cost says so; the total then counts only what was measured."""
+cases compare with, an estimated time per step from the measured costs in matrix.yaml (``costs``), and what each
+case's gate can see (its detectable drop). A step with no measured cost says so; the total then counts only what
+was measured."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from quant.config import QuantConfig
+from quant.cache import has_entry
+from quant.config import ConfigError, QuantConfig
+from quant.data import DataError
+from quant.gate import detectable_drop, headline_metric, items_to_detect, threshold_of
 from quant.kernels import INT8_KERNELS, KERNEL_GROUP_SIZES, KERNELS
+from quant.kinds import kind_of
 from quant.matrix import Case, Matrix
+from quant.models import ModelUnavailable
+from quant.pipeline import Workbench
 from quant.backends import get_backend
 from quant.replicas import REPLICAS
 from quant.snapshots import BASELINES, hardware_class
@@ -22,6 +28,7 @@ class Step:
     model: str
     what: str
     seconds: float | None  # None: no measured cost for this step on this hardware
+    note: bool = False  # a detail of the step before it (no time of its own)
 
 
 def kernel_label(config: QuantConfig, device: str) -> str:
@@ -41,12 +48,30 @@ def _blocks(model: str) -> int | None:
     return replica.full["num_hidden_layers"] if replica else None
 
 
-def _forwards_per_item(kind: str, options: dict) -> int:
-    """Sequences a task scores per item: each choice, each re-ranked passage, or one perplexity window."""
-    return {"choice": len(options.get("choices", ())), "rerank": options.get("top_k", 1)}.get(kind, 1)
+def power_line(case: Case, items: int, measured: float | None) -> str:
+    """What the case's gate can see at ``items``: the smallest retention drop it fails with 80% power, from the
+    spread measured on cached results or else the matrix's prior; with ``detect:``, the items that reach it."""
+    metric = headline_metric(case)
+    threshold = threshold_of(case.gate, metric)
+    spread = measured if measured is not None else case.gate.get("spread_prior", {}).get(case.task.name)
+    if spread is None:
+        return f"  {case.quant_name}: detectable drop unknown (no cached results, no spread_prior for {case.task.name})"
+    source = "measured on cached results" if measured is not None else "spread_prior"
+    line = (f"  {case.quant_name}: detects a {metric} retention drop of {detectable_drop(spread, items, threshold):.3f}"
+            f" with 80% power at n={items} (threshold {threshold:.3f}; per-item spread {spread:.3g}, {source})")
+    if case.gate.get("detect") is not None:
+        needed = items_to_detect(case.gate["detect"], spread, threshold)
+        reach = ("no n reaches it (within the threshold's own margin)" if needed is None
+                 else f"needs n={needed}" + (", more than the profile runs" if needed > items else ""))
+        line += f"; detect {case.gate['detect']}: {reach}"
+    return line
 
 
-def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: str, hardware: str) -> list[Step]:
+def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: str, hardware: str,
+          spreads: dict[str, float] | None = None) -> list[Step]:
+    """The plan's steps; ``spreads`` (case id -> per-item spread measured on cached results) sharpen the
+    detectable drops, which otherwise come from the matrix's ``spread_prior``."""
+    spreads = spreads or {}
     costs = matrix.costs.get(hardware, {})
     plan: list[Step] = []
     for spec in dict.fromkeys(case.model for case in cases):
@@ -72,18 +97,16 @@ def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: st
             plan.append(Step(spec.name, f"{what}; served on {kernel_label(config, device)}", seconds))
         for task_name in dict.fromkeys(c.task.name for c in own):
             task = matrix.tasks[task_name]
-            options = {**task.options, **limits.get("options", {}).get(task_name, {})}
+            task = dataclasses.replace(task, options={**task.options, **limits.get("options", {}).get(task_name, {})})
+            kind = kind_of(task)
             items = limits.get(task_name)
             variants = 1 + len({c.quant_name for c in own if c.task.name == task_name})
-            seconds = None
-            if task.kind == "generate" and "generate_step" in costs and items:
-                batches = math.ceil(items / options.get("batch_size", 8))
-                seconds = variants * batches * options.get("max_new_tokens", 256) * costs["generate_step"]
-            elif task.kind != "generate" and "forward_512" in costs and items:
-                seconds = variants * items * _forwards_per_item(task.kind, options) * costs["forward_512"]
-            unit = "windows" if task.kind == "perplexity" else "items"
-            plan.append(Step(spec.name, f"evaluate {task_name}: {items} {unit} x {variants} variants (baseline + "
-                                        f"quantized), batch {options.get('batch_size', 8)}", seconds))
+            per_model = kind.seconds(task, items, costs) if items else None
+            plan.append(Step(spec.name, f"evaluate {task_name}: {items} {kind.unit} x {variants} variants (baseline + "
+                                        f"quantized), batch {task.get('batch_size', kind.default_batch_size)}",
+                             None if per_model is None else variants * per_model))
+            plan += [Step(spec.name, power_line(case, items, spreads.get(case.id)), 0.0, note=True)
+                     for case in own if case.task.name == task_name and items]
         folder = BASELINES / hardware / profile
         state = "exists" if folder.exists() else "missing: snapshot tests fail until a run with --record-baselines records it"
         plan.append(Step(spec.name, f"compare {len(own)} cases with {folder.relative_to(BASELINES.parent)} ({state})", 0.0))
@@ -95,7 +118,7 @@ def render(plan: list[Step], header: str) -> str:
     for model in dict.fromkeys(step.model for step in plan):
         lines.append(f"\n{model}")
         for step in (s for s in plan if s.model == model):
-            cost = "not measured" if step.seconds is None else f"~{step.seconds / 60:.1f} min"
+            cost = "" if step.note else "not measured" if step.seconds is None else f"~{step.seconds / 60:.1f} min"
             lines.append(f"  {cost:>13}  {step.what}")
     known = sum(step.seconds for step in plan if step.seconds is not None)
     unknown = sum(step.seconds is None for step in plan)
@@ -103,7 +126,8 @@ def render(plan: list[Step], header: str) -> str:
     return "\n".join(lines)
 
 
-def describe(matrix: Matrix, cases: list[Case], profile: str, tier: str, hardware: str | None = None) -> str:
+def describe(matrix: Matrix, cases: list[Case], profile: str, tier: str, hardware: str | None = None,
+             spreads: dict[str, float] | None = None) -> str:
     """The rendered plan of ``cases`` (one tier) on ``hardware``: by default this machine's, or h100 (the GPU with
     measured costs) for a GPU plan on a machine without CUDA, which the header then says."""
     cuda = torch.cuda.is_available()
@@ -111,4 +135,20 @@ def describe(matrix: Matrix, cases: list[Case], profile: str, tier: str, hardwar
     header = f"plan: {len(cases)} {tier}-tier cases, profile {profile}, hardware {hardware}"
     if tier == "gpu" and not cuda:
         header += f"\nCUDA is not available on this machine: this is the plan for a GPU runner ({hardware}); nothing runs here"
-    return render(steps(matrix, cases, profile, tier, "cuda" if tier == "gpu" else "cpu", hardware), header)
+    return render(steps(matrix, cases, profile, tier, "cuda" if tier == "gpu" else "cpu", hardware, spreads), header)
+
+
+def cached_spreads(workbench: Workbench, cases: list[Case]) -> dict[str, float]:
+    """Each case's per-item spread of its headline retention, from its baseline's and candidate's results where both
+    are in the cache (nothing is built or evaluated); none for a case whose inputs are not reachable from here."""
+    spreads = {}
+    for case in cases:
+        try:
+            parts = [workbench.result_parts(case.model, case.task.name, q) for q in (None, case.quant_name)]
+        except (ConfigError, DataError, ModelUnavailable, OSError):
+            continue
+        if all(has_entry("results", p) for p in parts):
+            spread = workbench.compare(case).extra.get("spread")
+            if spread is not None:
+                spreads[case.id] = spread
+    return spreads

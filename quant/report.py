@@ -12,12 +12,13 @@ import torch
 from quant.figures import kld_chart, retention_chart
 from quant.matrix import Case
 from quant.models import ModelSpec
-from quant.gate import DIVERGENCE_METRICS, Comparison, task_metrics
+from quant.gate import Comparison, joint_verdict, task_metrics
+from quant.kinds import kind_of
+from quant.kinds.perplexity import DIVERGENCE_METRICS
 from quant.pipeline import Workbench
 from quant.perf import (PerfSettings, dtype_name, interleaved_latency, latency_figures, machine_facts, measure,
                         memory_bandwidth, model_bytes, paired_speedup, roofline, unmeasurable_reason,
                         variant_label)
-from quant.tasks import uses_reference
 
 log = logging.getLogger("quant")
 
@@ -39,6 +40,9 @@ NOTES = [
     "interval over items (2,000 resamples, seed 0). Rows whose baseline does not beat chance (or BM25) are "
     "'uninformative' and are gated instead on the correlation of the per-item yes-no score with the baseline's "
     "(BoolQ), of the per-query score (MS MARCO), or on keeping the answer format (GSM8K).",
+    "The detectable drop is the smallest retention drop below 1 that the row's gate fails with 80% probability at "
+    "its n (from the bootstrap's standard error): a gate cannot see a drop smaller than it. The last headline "
+    "line combines every case's headline gate with Holm's correction (family-wise false-fail rate 2.5%).",
     "Mean KLD (± its standard error) and same-top-token rate compare each quantized model's next-token "
     "distribution with the baseline's on the WikiText windows, KL(baseline || quantized) over the whole "
     "vocabulary with the baseline run beside the model, as llama.cpp's --kl-divergence computes it; the JSON "
@@ -111,6 +115,8 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             "model_bytes_baseline": bytes_baseline, "model_bytes_quantized": bytes_quantized,
             "memory_reduction": bytes_baseline / bytes_quantized,
             "verdict": comparison.verdict.status, "verdict_reason": comparison.verdict.reason,
+            "headline_metric": comparison.metric == metrics[0], "p_at_least_threshold": comparison.p_value,
+            "detectable_drop": extra.get("detectable_drop"), "spread": extra.get("spread"),
             "flips_correct_to_wrong": flips.get("correct_to_wrong"),
             "flips_wrong_to_correct": flips.get("wrong_to_correct"),
             "mcnemar_p": extra.get("mcnemar_p"), "chance": extra.get("chance"), "bm25": extra.get("bm25"),
@@ -155,7 +161,7 @@ VERDICT_ORDER = ("fail", "inconclusive", "pass", "uninformative")
 def headline(report: dict[str, Any]) -> list[str]:
     """The first screen: per model, one line per quant config with each task's verdict (its worst metric's), the
     stored size and the decode speed-up; the fail and inconclusive reasons; the counts; skipped cases as one line
-    per reason."""
+    per reason; and last, one verdict for the whole run (``gate.joint_verdict`` over each case's headline gate)."""
     measured = [r for r in report["rows"] if not r.get("skipped_reason")]
     timing = {(p["model"], p["quant"]): p for p in report.get("performance", []) if not p.get("skipped_reason")}
     lines, reasons = [], []
@@ -199,6 +205,8 @@ def headline(report: dict[str, Any]) -> list[str]:
         models = ", ".join(dict.fromkeys(r["model"] for r in rows))
         cases = len({(r["model"], r["quant"], r["task"]) for r in rows})
         lines.append(f"Skipped, {reason}: {cases} cases ({len(rows)} rows) of {models}.")
+    lines.append(joint_verdict([(f"{r['model']}-{r['quant']}-{r['task']}", r.get("p_at_least_threshold"), r["verdict"])
+                                for r in measured if r.get("headline_metric")]).line() + ".")
     return lines
 
 
@@ -211,8 +219,8 @@ def kernel_legend(report: dict[str, Any]) -> dict[str, str]:
 def markdown(report: dict[str, Any]) -> str:
     """The detailed table: every measured row (skipped ones are summed up in the headline), kernels by their key."""
     header = ["model", "method", "config", "task", "metric", "n", "baseline", "quantized", "retention [95% CI]",
-              "flips (c→w / w→c)", "McNemar p", "chance / BM25", "mean KLD / same top", "MB base → quant (×)",
-              "TTFT ms / decode tok/s [kernel]", "verdict"]
+              "detectable drop", "flips (c→w / w→c)", "McNemar p", "chance / BM25", "mean KLD / same top",
+              "MB base → quant (×)", "TTFT ms / decode tok/s [kernel]", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
     for row in (r for r in report["rows"] if not r.get("skipped_reason")):
@@ -227,7 +235,8 @@ def markdown(report: dict[str, Any]) -> str:
         speed = ("not timed" if row.get("ttft_ms") is None else
                  f"{row['ttft_ms']:.0f} / {row['decode_tokens_per_s']:.1f} [{legend[row['kernel']]}]")
         cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
-                 _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval, flips,
+                 _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval,
+                 _fmt(row.get("detectable_drop")), flips,
                  _fmt(row["mcnemar_p"]), _fmt(row["chance"] if row["bm25"] is None else row["bm25"], 4),
                  divergence, memory, speed, row["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -236,7 +245,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def quantization_table(report: dict[str, Any]) -> str:
     seen, lines = set(), ["| model | quant | config | quantize s | quantize peak MB above what was loaded | calibration | "
-                          "fallback layers |", "|---|---|---|---|---|---|---|"]
+                          "fallback layers | rebuilt in an empty cache |", "|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         key = (row["model"], row["quant"])
         if key in seen or row.get("skipped_reason"):
@@ -246,7 +255,7 @@ def quantization_table(report: dict[str, Any]) -> str:
         peak = row.get("quantize_peak_bytes")
         lines.append(f"| {row['model']} | {row['quant']} | {row['config']} | {built} | "
                      f"{'–' if peak is None else f'{peak / 1e6:.0f}'} | {row['calibration'] or 'none'} | "
-                     f"{row['fallback_layers']} / {row['quantized_layers']} |")
+                     f"{row['fallback_layers']} / {row['quantized_layers']} | {row.get('rebuild') or 'not checked'} |")
     return "\n".join(lines)
 
 
@@ -385,7 +394,7 @@ def evaluate_together(workbench: Workbench, cases: list[Case]) -> None:
     its case reports the error."""
     groups: dict[tuple[str, str], list[Case]] = {}
     for case in cases:
-        if uses_reference(case.task):
+        if kind_of(case.task).uses_reference:
             groups.setdefault((case.model.name, case.task.name), []).append(case)
     for (_, task_name), group in groups.items():
         ready = []
@@ -398,21 +407,38 @@ def evaluate_together(workbench: Workbench, cases: list[Case]) -> None:
         workbench.evaluate_together(group[0].model, task_name, ready)
 
 
-def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str]], command: str) -> dict[str, Any]:
+def rebuilds(workbench: Workbench, cases: list[Case]) -> dict[tuple[str, str], str]:
+    """Each built config of ``cases`` quantized a second time in an empty cache: bit-identical, or which tensors
+    differ (``quant quantize --reproducible`` adds what that does to perplexity)."""
+    checked = {}
+    for case in cases:
+        key = (case.model.name, case.quant_name)
+        if key not in checked and not case.quant.checkpoint:
+            log.info("rebuilding %s %s in an empty cache", *key)
+            checked[key] = workbench.candidates.rebuild(case.model, case.quant)[0].describe()
+    return checked
+
+
+def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str]], command: str,
+          reproducible: bool = False) -> dict[str, Any]:
+    """The report's rows and timings; with ``reproducible``, every built config is quantized twice."""
     evaluate_together(workbench, cases)
     rows = []
     for number, case in enumerate(cases, start=1):
         log.info("case %d/%d: %s", number, len(cases), case.id)
         rows += case_rows(workbench, case)
+    checked = rebuilds(workbench, cases) if reproducible else {}
+    for row in rows:
+        row["rebuild"] = checked.get((row["model"], row.get("quant")))
     for case, reason in skipped:
         rows += skipped_rows(case, reason)
-    bandwidth = memory_bandwidth(workbench.device)
+    bandwidth = memory_bandwidth(workbench.settings.device)
     log.info("memory bandwidth: %.1f GB/s (copy of a 256 MiB buffer, best of 5)", bandwidth / 1e9)
     performance = performance_rows(workbench, timed_variants(cases), bandwidth)
     timings = {(p["model"], p["quant"]): p for p in performance if not p.get("skipped_reason")}
     for row in rows:  # each accuracy row carries the speed of the model that produced it
         timing = timings.get((row["model"], row.get("quant")), {})
         row.update({column: timing.get(column) for column in PERF_COLUMNS})
-    machine = machine_line(workbench.device, bandwidth)
-    return {"machine": machine, "command": command, "profile": workbench.profile,
+    machine = machine_line(workbench.settings.device, bandwidth)
+    return {"machine": machine, "command": command, "profile": workbench.settings.profile,
             "rows": rows, "performance": performance}

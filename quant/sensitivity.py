@@ -29,7 +29,7 @@ from quant.models import ModelSpec
 from quant.pipeline import CALIBRATION_SOURCE, Workbench
 from quant.qlinear import packed_bytes
 from quant.snapshots import fingerprint
-from quant.tasks import full_kld, perplexity_windows
+from quant.kinds.perplexity import full_kld, perplexity_windows
 
 log = logging.getLogger("quant")
 
@@ -103,15 +103,16 @@ def evaluation_windows(workbench: Workbench, spec: ModelSpec, windows: int) -> t
     """The first ``windows`` WikiText windows, as the perplexity task scores them ([windows, window] ids)."""
     _, tokenizer = workbench.baseline(spec)
     text = workbench.items(spec, CALIBRATION_SOURCE)[0]["text"]
-    return torch.stack(perplexity_windows(tokenizer, text, workbench.matrix.tasks[CALIBRATION_SOURCE]["window"])[:windows])
+    window = workbench.settings.matrix.tasks[CALIBRATION_SOURCE]["window"]
+    return torch.stack(perplexity_windows(tokenizer, text, window)[:windows])
 
 
 def layer_sensitivity(workbench: Workbench, spec: ModelSpec, quant_name: str, windows: int) -> list[LayerSensitivity]:
     """Every decoder linear of ``spec`` quantized alone by RTN with the config ``quant_name``, in model order, on
     the first ``windows`` WikiText windows; each layer's figures cached on their own."""
-    config = workbench.matrix.quant[quant_name]
+    config = workbench.settings.matrix.quant[quant_name]
     if config.method != "rtn":
-        raise ConfigError(f"{workbench.matrix.path} quant.{quant_name}: layer-wise sensitivity quantizes one linear "
+        raise ConfigError(f"{workbench.settings.matrix.path} quant.{quant_name}: layer-wise sensitivity quantizes one linear "
                           f"at a time by RTN; name an rtn config (this one is {config.method})")
     model, _ = workbench.baseline(spec)
     device = workbench.device_for(spec)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from quant.config import REPO_ROOT, ConfigError
-from quant.metrics import lower_is_better
+from quant.kinds import lower_is_better
 
 BASELINES_ENV = "QUANT_BASELINES"
 # <hardware>/<profile>/<test module>.json, committed and reviewed; QUANT_BASELINES points elsewhere (a team's own)

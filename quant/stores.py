@@ -9,7 +9,9 @@ import dataclasses
 import functools
 import json
 import logging
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,9 @@ from quant.methods import LayerRecord
 from quant.models import ModelSpec, folder_sha256, load_model
 from quant.perf import PeakAboveHeld, PerfSettings
 from quant.qlinear import dequantized_weights
-from quant.tasks import (TaskResult, TaskSpec, evaluate, perplexity_of_models, select_items, text_ids,
-                         uses_reference)
+from quant.kinds import kind_of
+from quant.kinds.lm import text_ids
+from quant.tasks import TaskResult, TaskSpec, evaluate, select_items
 
 log = logging.getLogger("quant")
 
@@ -51,6 +54,40 @@ class Quantized:
         """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
         return {"quantized_layers": sum(r.bits is not None for r in self.records),
                 "fallback_layers": sum(r.fallback is not None for r in self.records)}
+
+
+@dataclasses.dataclass
+class Rebuild:
+    """Two builds of one candidate from the same inputs, tensor by tensor (every .safetensors file they wrote)."""
+
+    tensors: int
+    differing: list[str]  # names of the tensors whose bytes differ (or that only one build has)
+
+    @property
+    def identical(self) -> bool:
+        return not self.differing
+
+    def describe(self) -> str:
+        if self.identical:
+            return f"bit-identical ({self.tensors} tensors)"
+        shown = ", ".join(self.differing[:3]) + (", ..." if len(self.differing) > 3 else "")
+        return f"{len(self.differing)} of {self.tensors} tensors differ ({shown})"
+
+
+def compare_builds(first: Path, second: Path) -> Rebuild:
+    """Every tensor of the .safetensors files in two build folders, compared byte for byte."""
+    from safetensors.torch import load_file
+
+    tensors, differing = 0, []
+    files = sorted({p.relative_to(folder) for folder in (first, second) for p in folder.rglob("*.safetensors")})
+    for name in files:
+        a = load_file(first / name) if (first / name).exists() else {}
+        b = load_file(second / name) if (second / name).exists() else {}
+        for key in sorted(set(a) | set(b)):
+            tensors += 1
+            if key not in a or key not in b or a[key].dtype != b[key].dtype or not torch.equal(a[key], b[key]):
+                differing.append(key)
+    return Rebuild(tensors, differing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +192,9 @@ class CandidateStore:
     def _build(self, spec: ModelSpec, config: QuantConfig) -> Quantized:
         """The candidate a config names: built by its backend from the baseline (cached on disk) and loaded back,
         or a checkpoint folder loaded as it is."""
-        device = self.settings.device_for(spec)
         if config.checkpoint:
-            model, kernel = load_checkpoint(Path(config.checkpoint), device)
+            model, kernel = load_checkpoint(Path(config.checkpoint), self.settings.device_for(spec))
             return Quantized(model, records_from_model(model), None, None, kernel)
-        baseline, tokenizer = self.models.baseline(spec)
         backend = get_backend(config.backend)
         calibrated = backend.needs_calibration(config)
         # the forward dtype and chunking are the in-house methods' settings; a library runs its own
@@ -168,6 +203,33 @@ class CandidateStore:
                        + ("" if config.backend else f", forward in {config.calib_dtype}"
                           f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}")
                        ) if calibrated else None
+        folder = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config))
+        return self._load(spec, config, folder, calibration)
+
+    def _load(self, spec: ModelSpec, config: QuantConfig, folder: Path, calibration: str | None) -> Quantized:
+        meta = json.loads((folder / "quantization_log.json").read_text())
+        records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
+        model, kernel = get_backend(config.backend).load(self.models.baseline(spec)[0], folder, records,
+                                                         self.settings.device_for(spec))
+        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel, meta.get("quantize_peak_bytes"))
+
+    def rebuild(self, spec: ModelSpec, config: QuantConfig) -> tuple[Rebuild, Quantized]:
+        """The candidate built a second time from the same inputs in an empty cache, compared tensor by tensor with
+        the cached build (built first if absent); and the second build, loaded."""
+        config = self.settings.calibration_config(spec, config)
+        if config.checkpoint:
+            raise ConfigError(f"{config.checkpoint}: a checkpoint is not built here, so it cannot be rebuilt")
+        first = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config))
+        with tempfile.TemporaryDirectory(prefix="quant-rebuild-") as root:
+            second = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config), root=Path(root))
+            return compare_builds(first, second), self._load(spec, config, second, None)
+
+    def _builder(self, spec: ModelSpec, config: QuantConfig) -> Callable[[Path], None]:
+        """What writes the config's candidate into a cache folder: its backend run on the baseline."""
+        device = self.settings.device_for(spec)
+        baseline, tokenizer = self.models.baseline(spec)
+        backend = get_backend(config.backend)
+        calibrated = backend.needs_calibration(config)
 
         def build(folder: Path) -> None:
             ids = self.calibration.ids(spec, config) if calibrated else None
@@ -180,11 +242,7 @@ class CandidateStore:
                     "quantize_peak_bytes": peak if backend.runs_in_process else None}
             (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
 
-        folder = cached_dir("quantized", self.parts(spec, config), build)
-        meta = json.loads((folder / "quantization_log.json").read_text())
-        records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
-        model, kernel = backend.load(baseline, folder, records, device)
-        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel, meta.get("quantize_peak_bytes"))
+        return build
 
     def parts(self, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
         """Everything a quantized model is made from: the weights, the config, the calibration text, and the
@@ -222,8 +280,8 @@ class ResultStore:
         key = (spec.tier, task_name)
         if key not in self._items:
             settings = self.settings
-            limit = None if settings.matrix.tasks[task_name].kind == "perplexity" else settings.limits(spec).get(task_name)
-            self._items[key] = select_items(settings.task(spec, task_name), settings.data_dir, limit, settings.matrix.seed)
+            self._items[key] = select_items(settings.task(spec, task_name), settings.data_dir,
+                                            settings.limits(spec).get(task_name), settings.matrix.seed)
         return self._items[key]
 
     def items_fingerprint(self, spec: ModelSpec, task_name: str) -> str:
@@ -244,7 +302,7 @@ class ResultStore:
         def compute() -> dict:
             _, tokenizer = self.models.baseline(spec)
             model = self.models.baseline(spec)[0] if config is None else self.candidates.get(spec, quant_name, config).model
-            reference = self.models.baseline(spec)[0] if config is not None and uses_reference(task) else None
+            reference = self.models.baseline(spec)[0] if config is not None and kind_of(task).uses_reference else None
             label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
             started = time.perf_counter()
             with dequantized_weights(model):
@@ -261,7 +319,8 @@ class ResultStore:
         task = self.settings.task(spec, task_name)
         missing = [q for q in dict.fromkeys(quant_names)
                    if not has_entry("results", self.parts(spec, task_name, q))]
-        if not uses_reference(task) or len(missing) < 2:
+        kind = kind_of(task)
+        if not kind.uses_reference or len(missing) < 2:
             return
         baseline, tokenizer = self.models.baseline(spec)
         models = [self.candidates.get(spec, q, self.settings.matrix.quant[q]).model for q in missing]
@@ -269,7 +328,7 @@ class ResultStore:
         with contextlib.ExitStack() as stack:
             for model in models:
                 stack.enter_context(dequantized_weights(model))
-            results = perplexity_of_models(models, tokenizer, task, self.items(spec, task_name),
+            results = kind.evaluate_models(models, tokenizer, task, self.items(spec, task_name),
                                            self.settings.limits(spec).get(task_name), f"{task_name} [{spec.name} "
                                            f"{len(models)} variants]", reference_model=baseline)
         log.info("%s [%s %s]: in %.1fs", task_name, spec.name, ", ".join(missing), time.perf_counter() - started)

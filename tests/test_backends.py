@@ -21,7 +21,7 @@ from quant.config import REPO_ROOT, ConfigError, QuantConfig
 from quant.matrix import load_matrix
 from quant.models import ModelSpec
 from quant.pipeline import Workbench
-from quant.stores import CalibrationSet
+from quant.stores import CalibrationSet, compare_builds
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
 
@@ -323,9 +323,10 @@ BACKEND_METHODS = [pytest.param(name, method, id=f"{name}-{method}")
 def test_every_backend_builds_a_packed_model_that_reloads_on_the_cpu_close_to_the_float_one(
         backend_name, method, small_tokenizer, tmp_path):
     """What a new backend (one module and a registry entry) is checked for without a test of its own: every block
-    linear quantized at the asked bits and group size, saved to its folder and loaded back with every tensor on the
-    CPU, the same logits on two loads, and close to the float model without being it. A backend that is not
-    installed skips with its install command."""
+    linear quantized at the asked bits and group size, saved to its folder, bit-identical when built twice (unless
+    the backend says it is not deterministic), loaded back with every tensor on the CPU, the same logits on two
+    loads, and close to the float model without being it. A backend that is not installed skips with its install
+    command."""
     backend = get_backend(backend_name)
     try:
         backend.version()
@@ -334,10 +335,15 @@ def test_every_backend_builds_a_packed_model_that_reloads_on_the_cpu_close_to_th
     baseline, calibration = _tiny_baseline(small_tokenizer)
     config = QuantConfig(method=method, bits=4, group_size=32, backend=None if backend_name == "inhouse" else backend_name)
     ids = calibration if backend.needs_calibration(config) else None
-    records = backend.quantize(baseline, small_tokenizer, config, ids, tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    records = backend.quantize(baseline, small_tokenizer, config, ids, first)
     assert len(records) == 14 and {(r.bits, r.group_size) for r in records} == {(4, 32)}
-    model, kernel = backend.load(baseline, tmp_path, records, "cpu")
-    again, _ = backend.load(baseline, tmp_path, records, "cpu")
+    backend.quantize(baseline, small_tokenizer, config, ids, second)
+    rebuild = compare_builds(first, second)
+    assert rebuild.tensors > 0 and (rebuild.identical or not backend.deterministic), rebuild.describe()
+    model, kernel = backend.load(baseline, first, records, "cpu")
+    again, _ = backend.load(baseline, first, records, "cpu")
     assert kernel and {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
     with torch.no_grad():
         reference, served, reloaded = (m(calibration[:2]).logits.float() for m in (baseline, model, again))

@@ -25,7 +25,7 @@ def test_quantize_prints_the_layer_log(capsys):
 
 def test_quantize_splits_a_calibrated_build_into_hessians_layers_and_block_runs(capsys, workbench):
     # The same build (and cache entry) as the matrix's gptq-w4g128 cases in the test profile.
-    data = ["--data-dir", str(workbench.data_dir)] if workbench.data_dir else []
+    data = ["--data-dir", str(workbench.settings.data_dir)] if workbench.settings.data_dir else []
     assert main(["quantize", "smollm2-135m", "gptq-w4g128", "--profile", "test", *data]) == 0
     out = capsys.readouterr().out
     assert "calibration: wikitext2 test, second half: 16 x 512 tokens" in out

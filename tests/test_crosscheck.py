@@ -7,7 +7,8 @@ import pytest
 
 from quant import crosscheck
 from quant.data import load as load_data
-from quant.tasks import fewshot_exemplars, score_generations, select_items
+from quant.kinds.generate import KIND as GENERATE, fewshot_exemplars
+from quant.tasks import select_items
 
 pytest.importorskip("lm_eval", reason=f"lm-evaluation-harness is not installed: {crosscheck.INSTALL}")
 
@@ -53,9 +54,9 @@ def test_gsm8k_extractions_and_prompts_match_lm_eval(matrix, workbench, shared_d
     recorded = workbench.evaluate(spec, "gsm8k")
     ids = {item["id"] for item in recorded_items}
     probe_items = [i for i in select_items(task, shared_data, 32, seed=1) if i["id"] not in ids][:8]
-    probed = score_generations(task, probe_items, _probing_generations([i["target"] for i in probe_items]))
+    probed = GENERATE.score(task, probe_items, _probing_generations([i["target"] for i in probe_items]))
     items, records = recorded_items + probe_items, recorded.items + probed.items
-    ours = score_generations(task, items, [r["output"] for r in records])
+    ours = GENERATE.score(task, items, [r["output"] for r in records])
     assert [r for r in ours.items[: len(recorded_items)]] == recorded.items  # the replayed records are the suite's
     exemplars = fewshot_exemplars(task, load_data(task.loader, shared_data))
     agreement = crosscheck.replay_generations(task, items, exemplars, ours)
@@ -64,8 +65,8 @@ def test_gsm8k_extractions_and_prompts_match_lm_eval(matrix, workbench, shared_d
     assert agreement.same_prediction == both, agreement.disagreements
     assert agreement.same_correct == agreement.same_prediction, agreement.disagreements
     # The probes are worth something only if both extractions find answers, right and wrong.
-    assert 0 < sum(r["correct_flexible-extract"] for r in probed.items) < len(probe_items)
-    assert 0 < sum(r["prediction_strict-match"] is not None for r in probed.items) < len(probe_items)
+    assert 0 < sum(r["answers"]["flexible-extract"] == r["target"] for r in probed.items) < len(probe_items)
+    assert 0 < sum(r["answers"]["strict-match"] is not None for r in probed.items) < len(probe_items)
 
 
 def test_gsm8k_generation_settings_match_lm_eval(matrix, workbench, tmp_path):

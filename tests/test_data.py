@@ -8,7 +8,11 @@ import torch
 
 from quant import data
 from quant.config import ConfigError, data_dir
-from quant.tasks import load_tasks, perplexity_windows, rank_metrics, select_items, stop_criteria, text_prefix
+from quant.kinds.generate import stop_criteria
+from quant.kinds.lm import text_prefix
+from quant.kinds.perplexity import perplexity_windows
+from quant.kinds.rerank import rank_metrics
+from quant.tasks import load_tasks, select_items
 
 SHARED_COUNTS = {"gsm8k": 1319, "boolq": 3270, "msmarco": 97, "wikitext": 1}
 

@@ -1,12 +1,13 @@
 """The gate's rule (quant/gate.py): retention intervals against the threshold, the informative rule's fallback,
-strictness, and the divergence bounds on top."""
+strictness, the divergence bounds on top, and the joint verdict over a run (Holm)."""
+import numpy as np
 import pytest
 
 from quant import gate, stats
 
 
 def test_retention_of_a_zero_baseline_is_undefined():
-    assert stats.retention(0.0, 0.1, "accuracy") is None
+    assert stats.retention(0.0, 0.1, lower_is_better=False) is None
     verdict = gate.retention_verdict("accuracy", 0.0, 0.0, None, 40, 0.9, informative=True)
     assert verdict.status == "uninformative" and "undefined" in verdict.reason
 
@@ -67,3 +68,81 @@ def test_divergence_bounds_are_inclusive():
     failed = gate.judge_divergence(passed, {"mean_kld": 0.6, "same_top_p": 0.8}, 0.5, None)
     assert failed.status == "fail" and "0.6000 > 0.5" in failed.reason
     assert "0.700 < 0.8" in gate.judge_divergence(passed, {"mean_kld": 0.1, "same_top_p": 0.7}, None, 0.8).reason
+
+
+def test_holm_rejects_step_down_and_stops_at_the_first_kept_hypothesis():
+    # m = 4: 0.005 <= 0.025/4 and 0.008 <= 0.025/3 are rejected, then 0.013 > 0.025/2 stops it, so 0.02 is kept
+    # although it is below 0.025/1
+    p_values = {"a": 0.008, "b": 0.005, "c": 0.02, "d": 0.013}
+    assert stats.holm(p_values, 0.025) == ["b", "a"]
+    assert stats.holm({"a": 0.03}, 0.025) == [] and stats.holm({}, 0.025) == []
+    assert stats.holm({"a": 0.025}, 0.025) == ["a"]  # at the level rejects, as the per-case rule's bound
+
+
+def test_one_gate_that_fails_only_before_correction_leaves_the_change_passing():
+    """Five informative gates; one's own p-value (0.02) is below 0.025, so its case fails on its own, but after
+    Holm's correction over the five it needs 0.005: the joint verdict passes and says one failed before it."""
+    gates = [("m-rtn-wikitext", 0.02, "fail")] + [(f"m-q{i}-wikitext", 0.6, "pass") for i in range(4)]
+    joint = gate.joint_verdict(gates)
+    assert joint.status == "pass" and joint.failing == [] and joint.failing_uncorrected == ["m-rtn-wikitext"]
+    assert joint.line() == "this change: pass, 0 of 5 informative gates fail after Holm's correction (1 before it)"
+    strong = gate.joint_verdict([("m-rtn-wikitext", 0.0005, "fail")] + gates[1:])
+    assert strong.status == "fail" and strong.failing == ["m-rtn-wikitext"]
+    assert strong.line().startswith("this change: fail, 1 of 5 informative gates fail after Holm's correction: m-rtn")
+
+
+def test_fails_outside_the_combination_count_on_their_own():
+    """An uninformative row failing its fallback signal has no p-value; an informative one failing a KLD bound has
+    an unremarkable one: both fail the change beside the combination."""
+    joint = gate.joint_verdict([("m-a-boolq", None, "fail"), ("m-a-wikitext", 0.4, "fail"), ("m-b-boolq", None,
+                                                                                               "uninformative")])
+    assert joint.status == "fail" and joint.gates == 1 and joint.other_fails == ["m-a-boolq", "m-a-wikitext"]
+    assert joint.line().endswith("; 2 cases fail on a bound outside it: m-a-boolq, m-a-wikitext")
+    assert gate.joint_verdict([("m-b-boolq", None, "uninformative")]).line() == (
+        "this change: no informative gate ran, nothing to combine")
+
+
+def test_the_bootstrap_p_value_agrees_with_the_interval():
+    """p <= 0.025 about when the interval's upper bound lies below the threshold; never 0."""
+    ratios = np.linspace(0.80, 0.90, 1001)
+    low, high = stats.interval_of(ratios)
+    assert stats.p_at_least(ratios, high + 1e-3) < 0.025 < stats.p_at_least(ratios, high - 5e-3)
+    assert stats.p_at_least(ratios, 2.0) == pytest.approx(1 / 1002)
+
+
+def _agreement_for(retention: float, accuracy: float) -> float:
+    """The per-item agreement at which a candidate's expected accuracy is ``retention`` x the baseline's:
+    accuracy * a + (1 - accuracy) * (1 - a) = retention * accuracy."""
+    return (retention * accuracy - (1 - accuracy)) / (2 * accuracy - 1)
+
+
+def test_the_detectable_drop_is_failed_80_percent_of_the_time_in_simulation():
+    """Paired runs of 300 items (baseline accuracy 0.8) at the true retention 1 - detectable_drop: the gate (its
+    bootstrap interval against 0.9) fails about 80% of them. 400 runs: Monte Carlo sd 0.02, so 0.72-0.88."""
+    rng = np.random.default_rng(11)
+    n, accuracy, threshold = 300, 0.8, 0.9
+    accuracy_of = lambda c: c["correct"].mean(-1)  # noqa: E731
+
+    def draw(retention: float) -> tuple[dict, dict]:
+        base = rng.random(n) < accuracy
+        quant = np.where(rng.random(n) < _agreement_for(retention, accuracy), base, ~base)
+        return {"correct": base.astype(float)}, {"correct": quant.astype(float)}
+
+    # the per-item spread at the alternative, from pilot runs (as the gate measures it from one run's bootstrap)
+    retention = 0.8
+    for _ in range(2):
+        spreads = [stats.bootstrap_retentions(*draw(retention), accuracy_of, lower_is_better=False, resamples=400,
+                                              seed=i).std() * np.sqrt(n) for i in range(50)]
+        retention = 1 - gate.detectable_drop(float(np.mean(spreads)), n, threshold)
+    fails = 0
+    for run in range(400):
+        ratios = stats.bootstrap_retentions(*draw(retention), accuracy_of, lower_is_better=False, resamples=400,
+                                            seed=run)
+        fails += stats.interval_of(ratios)[1] < threshold
+    assert 0.72 <= fails / 400 <= 0.88, (retention, fails / 400)
+
+
+def test_items_to_detect_inverts_the_detectable_drop():
+    n = gate.items_to_detect(0.2, 1.5, 0.9)
+    assert gate.detectable_drop(1.5, n, 0.9) <= 0.2 < gate.detectable_drop(1.5, n - 1, 0.9)
+    assert gate.items_to_detect(0.05, 1.5, 0.9) is None  # within the threshold's own margin: never failed

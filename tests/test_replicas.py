@@ -273,7 +273,7 @@ def test_continuations_scored_from_kept_logits_equal_a_full_forward_each(replica
     """The choice and rerank evaluators ask each architecture for logits only where continuations are read
     (``logits_to_keep``, per row of a right-padded batch); against one full forward per (context, continuation):
     the same log-likelihoods, for one-token and multi-token continuations of different lengths in one batch."""
-    from quant.tasks import continuation_logprobs, text_prefix
+    from quant.kinds.lm import continuation_logprobs, text_prefix
 
     _, model, tokenizer = replica
     model.float()  # in bf16, batch composition alone moves these sums by ~2e-3; in float32 by ~1e-5
@@ -328,16 +328,17 @@ def test_perplexity_and_kld_from_chunked_logits_equal_a_full_forward(replica):
     """WikiText's evaluator runs each architecture's trunk, then its output projection (a bias on phi-1.5) 32
     positions at a time; against the logits of a plain forward: the same NLL per window, KLD per token and
     same-top-token count, for windows longer than a chunk and not a multiple of it."""
-    from quant.tasks import TaskSpec, evaluate_perplexity, full_kld, perplexity_windows
+    from quant.kinds.perplexity import KIND, full_kld, perplexity_windows
+    from quant.tasks import TaskSpec
 
     _, model, tokenizer = replica
     model.float()
     noisy = copy.deepcopy(model)
     head = noisy.get_output_embeddings()
     head.weight.add_(0.02 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
-    task = TaskSpec("wikitext", "wikitext", "perplexity", "perplexity", {"window": 100, "batch_size": 2})
+    task = TaskSpec("wikitext", "wikitext", "perplexity", {"window": 100, "batch_size": 2, "metrics": ["perplexity"]})
     text = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 40
-    result = evaluate_perplexity(noisy, tokenizer, task, [{"id": "t", "text": text}], limit=3, reference_model=model)
+    result = KIND.evaluate(noisy, tokenizer, task, [{"id": "t", "text": text}], limit=3, label="", reference_model=model)
     ids = torch.stack(perplexity_windows(tokenizer, text, 100)[:3])
     base, logprobs = (torch.log_softmax(m(ids).logits[:, :-1].float(), -1) for m in (model, noisy))
     nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
@@ -376,7 +377,7 @@ def test_a_build_records_its_peak_memory_above_what_the_process_held(replica, sh
         return original(self, *args)
 
     monkeypatch.setattr(InHouse, "quantize", heavier)
-    built = workbench.quantized(spec, "rtn-w4g128", workbench.matrix.quant["rtn-w4g128"])
+    built = workbench.quantized(spec, "rtn-w4g128", workbench.settings.matrix.quant["rtn-w4g128"])
     assert built.quantize_peak_bytes == 64e6
     monkeypatch.setattr(InHouse, "runs_in_process", False)
-    assert workbench.quantized(spec, "rtn-w8", workbench.matrix.quant["rtn-w8"]).quantize_peak_bytes is None
+    assert workbench.quantized(spec, "rtn-w8", workbench.settings.matrix.quant["rtn-w8"]).quantize_peak_bytes is None

@@ -10,7 +10,7 @@ from quant.methods.base import quantizable_layers
 from quant.qlinear import packed_bytes
 from quant.sensitivity import (LayerSensitivity, _rtn_weight, heatmap, layer_sensitivity, measure_layers,
                                mixed_precision_overrides)
-from quant.tasks import full_kld
+from quant.kinds.perplexity import full_kld
 
 W4 = QuantConfig(method="rtn", bits=4, group_size=32)
 

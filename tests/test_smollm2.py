@@ -11,7 +11,8 @@ from quant.config import ConfigError
 from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
 from quant.snapshots import BASELINES, regressions
-from quant.tasks import evaluate, text_prefix
+from quant.kinds.lm import text_prefix
+from quant.tasks import evaluate
 
 MODEL = "smollm2-135m"
 
@@ -76,7 +77,8 @@ def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug)
                       reference_model=baseline_model)
     comparison = gate.judge(case, baseline, result)
     assert comparison.verdict.failed, comparison.verdict.reason
-    stored = json.loads((BASELINES / "cpu" / workbench.profile / "test_matrix.json").read_text())[f"test_snapshot[{case.id}]"]
+    stored_file = BASELINES / "cpu" / workbench.settings.profile / "test_matrix.json"
+    stored = json.loads(stored_file.read_text())[f"test_snapshot[{case.id}]"]
     problems = regressions(stored, workbench.snapshot(case, result))
     perplexity = [p for p in problems if p.startswith("quantized.perplexity: ")]
     assert perplexity and "tolerance" in perplexity[0], problems
@@ -133,11 +135,12 @@ def test_evaluation_windows_that_would_reach_the_calibration_text_are_refused(ma
     windows reach it (here 600 of 512 tokens: more than the whole text) is refused, naming the field to lower."""
     spec = matrix.models["smollm2-135m"]
     profiles = copy.deepcopy(matrix.profiles)
-    profiles[workbench.profile]["cpu"]["wikitext"] = 600
-    crowded = Workbench(dataclasses.replace(matrix, profiles=profiles), workbench.profile, workbench.data_dir)
+    profiles[workbench.settings.profile]["cpu"]["wikitext"] = 600
+    crowded = Workbench(dataclasses.replace(matrix, profiles=profiles), workbench.settings.profile,
+                        workbench.settings.data_dir)
     crowded.models._baselines = workbench.models._baselines  # the loaded model, not a second copy
     config = matrix.quant["gptq-w4g128"]
-    with pytest.raises(ConfigError, match=rf"profiles\.{workbench.profile}\.cpu\.wikitext = 600 windows of 512 "
+    with pytest.raises(ConfigError, match=rf"profiles\.{workbench.settings.profile}\.cpu\.wikitext = 600 windows of 512 "
                                           r"tokens would reach the calibration half .*: at most \d+ windows"):
         crowded.calibration(spec, config)
     assert workbench.calibration(spec, workbench.calibration_config(spec, config)).shape[1] == 512

@@ -9,7 +9,7 @@ import pytest
 
 from quant.config import REPO_ROOT, ConfigError
 from quant.snapshots import BASELINES_ENV, check_hardware, record, regressions
-from tests.snapshot_extension import RECORDED, FirstRecording
+from quant.pytest_plugin import RECORDED, FirstRecording
 
 TOLERANCES = {"perplexity": {"rel": 0.01}, "accuracy": {"items": 1}}
 
@@ -62,7 +62,7 @@ def test_a_metric_without_tolerance_must_match_exactly():
 SNAPSHOT_TEST = """
 import pytest
 from quant.snapshots import record
-from tests.snapshot_extension import MetricsSnapshotExtension
+from quant.pytest_plugin import MetricsSnapshotExtension
 
 @pytest.fixture
 def metrics_snapshot(snapshot):

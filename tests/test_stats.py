@@ -1,6 +1,5 @@
 """Paired statistics for the gate (quant/stats.py), tested as statistics as well as code: the bootstrap's coverage
-and pairing on simulated runs, McNemar, flips, ROC-AUC, chance rates."""
-import math
+and pairing on simulated runs, McNemar, flips, ROC-AUC, majority rates, correlation."""
 
 import numpy as np
 import pytest
@@ -15,70 +14,69 @@ def test_mcnemar_exact_matches_the_binomial_test():
     assert stats.mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
 
 
-def test_roc_auc_and_chance():
+def test_roc_auc_and_majority_rate():
     assert stats.roc_auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert stats.roc_auc([1, 1], [True, False]) == 0.5
-    assert stats.chance_rate([{"label": True}] * 3 + [{"label": False}]) == 0.75
+    assert stats.majority_rate([True] * 3 + [False]) == 0.75
+    assert stats.majority_rate([0, 0, 1, 1]) == 0.5
 
 
-def _items(correct):
-    return [{"id": str(i), "correct": c} for i, c in enumerate(correct)]
+ACCURACY_OF = lambda columns: columns["correct"].mean(-1)  # noqa: E731  (choice's accuracy from its column)
+
+
+def _columns(correct) -> dict[str, np.ndarray]:
+    return {"correct": np.array(correct, dtype=float)}
 
 
 def test_retention_interval_contains_the_estimate_and_is_seeded():
-    base = _items([True] * 60 + [False] * 40)
-    quant = _items([True] * 50 + [False] * 10 + [True] * 5 + [False] * 35)
-    value = stats.retention(0.60, 0.55, "accuracy")
-    low, high = stats.retention_interval(base, quant, "accuracy")
+    base = _columns([True] * 60 + [False] * 40)
+    quant = _columns([True] * 50 + [False] * 10 + [True] * 5 + [False] * 35)
+    value = stats.retention(0.60, 0.55, lower_is_better=False)
+    low, high = stats.retention_interval(base, quant, ACCURACY_OF, lower_is_better=False)
     assert low < value < high
-    assert (low, high) == stats.retention_interval(base, quant, "accuracy")
-    assert stats.flips(base, quant) == {"correct_to_wrong": 10, "wrong_to_correct": 5}
+    assert (low, high) == stats.retention_interval(base, quant, ACCURACY_OF, lower_is_better=False)
+    assert stats.flips(base["correct"], quant["correct"]) == {"correct_to_wrong": 10, "wrong_to_correct": 5}
 
 
-def test_perplexity_retention_is_inverted():
-    assert stats.retention(10.0, 12.5, "perplexity") == pytest.approx(0.8)
+def test_retention_of_a_lower_is_better_metric_is_inverted():
+    assert stats.retention(10.0, 12.5, lower_is_better=True) == pytest.approx(0.8)
+    nll = lambda c: c["nll"].mean(-1)  # noqa: E731
+    low, high = stats.retention_interval({"nll": np.array([2.0])}, {"nll": np.array([2.5])}, nll,
+                                         lower_is_better=True, resamples=20)
+    assert low == high == pytest.approx(0.8)
 
 
 def test_the_bootstrap_resamples_every_item_with_replacement():
     """One item in 100 differs: resampling must sometimes leave it out (retention 1) and sometimes draw it twice."""
-    base = _items([True] * 100)
-    quant = _items([False] + [True] * 99)
-    low, high = stats.retention_interval(base, quant, "accuracy")
+    low, high = stats.retention_interval(_columns([True] * 100), _columns([False] + [True] * 99), ACCURACY_OF,
+                                         lower_is_better=False)
     assert low <= 0.98 and high == 1.0
 
 
-def test_agreement_answered_rate_and_score_correlation():
-    base = [{"id": "a", "prediction": 1, "score": 1.0}, {"id": "b", "prediction": 0, "score": 2.0},
-            {"id": "c", "prediction": 1, "score": 4.0}]
-    quant = [{"id": "a", "prediction": 1, "score": 2.0}, {"id": "b", "prediction": 1, "score": 4.0},
-             {"id": "c", "prediction": 1, "score": 8.0}]
-    assert stats.agreement(base, quant) == pytest.approx(2 / 3)
-    assert stats.score_correlation(base, quant) == pytest.approx(1.0)
-    assert stats.score_correlation(base, [{**q, "score": -q["score"]} for q in quant]) == pytest.approx(-1.0)
-    assert stats.score_correlation(base, [{**q, "score": 1.0} for q in quant]) == 0.0  # a constant score
-    assert stats.score_correlation([{"id": "a", "score": None}], [{"id": "a", "score": None}]) is None
-    rankings = [{"id": "q", "ranking": ["d1", "d2"]}], [{"id": "q", "ranking": ["d2", "d1"]}]
-    assert stats.agreement(*rankings) == 0.0 and stats.agreement(rankings[0], rankings[0]) == 1.0
-    assert stats.agreement([{"id": "w", "nll": 1.0}], [{"id": "w", "nll": 2.0}]) is None
-    generations = [{"id": str(i), "output": "", "prediction": p} for i, p in enumerate(["3", None, None, "4"])]
-    assert stats.answered_rate(generations) == 0.5
+def test_agreement_and_correlation():
+    assert stats.agreement([1, 0, 1], [1, 1, 1]) == pytest.approx(2 / 3)
+    assert stats.agreement(["d1"], ["d2"]) == 0.0
+    with pytest.raises(ValueError):
+        stats.agreement([1, 0], [1])
+    base, quant = [1.0, 2.0, 4.0], [2.0, 4.0, 8.0]
+    assert stats.correlation(base, quant) == pytest.approx(1.0)
+    assert stats.correlation(base, [-q for q in quant]) == pytest.approx(-1.0)
+    assert stats.correlation(base, [1.0, 1.0, 1.0]) == 0.0  # a constant score
 
 
-def _paired_draw(rng: np.random.Generator, n: int, accuracy: float, agreement: float) -> tuple[list, list]:
+def _paired_draw(rng: np.random.Generator, n: int, accuracy: float, agreement: float) -> tuple[dict, dict]:
     """Per-item correctness of a baseline at ``accuracy`` and a candidate that gives the baseline's outcome on each
     item with probability ``agreement`` and the other one otherwise: the paired structure of a quantized model."""
     base = rng.random(n) < accuracy
     quant = np.where(rng.random(n) < agreement, base, ~base)
-    return ([{"id": str(i), "correct": bool(x)} for i, x in enumerate(base)],
-            [{"id": str(i), "correct": bool(x)} for i, x in enumerate(quant)])
+    return _columns(base), _columns(quant)
 
 
-def _unpaired_interval(baseline: list, quantized: list, seed: int) -> tuple[float, float]:
+def _unpaired_interval(baseline: dict, quantized: dict, seed: int) -> tuple[float, float]:
     """The interval a bootstrap that resamples each model's items on its own would give (what the gate must not
     do: it ignores that both models answered the same questions)."""
     rng = np.random.default_rng(seed)
-    base = np.array([item["correct"] for item in baseline], dtype=float)
-    quant = np.array([item["correct"] for item in quantized], dtype=float)
+    base, quant = baseline["correct"], quantized["correct"]
     draws = lambda: rng.integers(0, len(base), (stats.BOOTSTRAP_RESAMPLES, len(base)))  # noqa: E731
     low, high = np.percentile(quant[draws()].mean(-1) / base[draws()].mean(-1), [2.5, 97.5])
     return float(low), float(high)
@@ -95,7 +93,8 @@ def test_the_retention_interval_covers_the_true_retention_95_percent_of_the_time
     rng = np.random.default_rng(2026)
     covered = 0
     for draw in range(1000):
-        low, high = stats.retention_interval(*_paired_draw(rng, N_ITEMS, ACCURACY, AGREEMENT), "accuracy", seed=draw)
+        low, high = stats.retention_interval(*_paired_draw(rng, N_ITEMS, ACCURACY, AGREEMENT), ACCURACY_OF,
+                                             lower_is_better=False, seed=draw)
         covered += low <= TRUE_RETENTION <= high
     assert 0.93 <= covered / 1000 <= 0.97, covered / 1000
 
@@ -106,36 +105,20 @@ def test_the_paired_interval_is_narrower_than_an_unpaired_one_when_the_models_ag
     paired, unpaired = [], []
     for draw in range(100):
         baseline, quantized = _paired_draw(rng, N_ITEMS, ACCURACY, AGREEMENT)
-        low, high = stats.retention_interval(baseline, quantized, "accuracy", seed=draw)
+        low, high = stats.retention_interval(baseline, quantized, ACCURACY_OF, lower_is_better=False, seed=draw)
         paired.append(high - low)
         low, high = _unpaired_interval(baseline, quantized, draw)
         unpaired.append(high - low)
     assert np.mean(paired) < 0.6 * np.mean(unpaired), (np.mean(paired), np.mean(unpaired))
 
 
-def test_flips_roc_auc_and_chance_read_every_item():
-    assert stats.flips([{"id": "a", "nll": 1.0}], [{"id": "a", "nll": 1.0}]) is None
+def test_flips_roc_auc_and_pairing_read_every_item():
+    assert stats.flips(np.array([1.0, 0.0]), np.array([1.0, 1.0])) == {"correct_to_wrong": 0, "wrong_to_correct": 1}
     assert stats.roc_auc([0.2, 0.9, 0.4], [True, False, False]) == 0.0  # the positive ranks below both negatives
     assert stats.roc_auc([0.9, 0.1, 0.5], [True, False, False]) == 1.0
     assert stats.roc_auc([0.9, 0.8], [True, True]) is None
-    assert stats.chance_rate([{"id": "x"}, {"id": "y", "label": True}]) is None
     assert stats.mcnemar_exact(1, 0) == 1.0
+    records = [{"id": "a"}, {"id": "b"}]
+    stats.same_items(records, records)
     with pytest.raises(ValueError, match="same items in the same order"):
-        stats.flips(_items([True, False]), list(reversed(_items([True, False]))))
-
-
-@pytest.mark.parametrize("metric,base,quant,expected", [
-    ("accuracy", {"correct": True}, {"correct": False}, 0.0),
-    ("perplexity", {"nll": 20.0, "tokens": 10}, {"nll": 25.0, "tokens": 10}, math.exp(2.0) / math.exp(2.5)),
-    ("ndcg@10", {"score": 0.8, "mrr": 1.0}, {"score": 0.6, "mrr": 0.25}, 0.75),
-    ("mrr@10", {"score": 0.8, "mrr": 1.0}, {"score": 0.6, "mrr": 0.25}, 0.25),
-    ("strict-match", {"correct": False, "correct_strict-match": True, "output": "", "prediction": "1"},
-     {"correct": True, "correct_strict-match": True, "output": "", "prediction": None}, 1.0),
-    ("answered", {"correct": False, "correct_strict-match": True, "output": "", "prediction": "1"},
-     {"correct": True, "correct_strict-match": True, "output": "", "prediction": None}, 0.0),
-])
-def test_each_metric_is_aggregated_from_its_own_per_item_column(metric, base, quant, expected):
-    """With one item every bootstrap resample is that item, so the interval collapses onto the retention computed
-    by hand from the metric's own column (perplexity from NLL and tokens, MRR from mrr, nDCG from score, ...)."""
-    low, high = stats.retention_interval([{"id": "a", **base}], [{"id": "a", **quant}], metric, resamples=20)
-    assert low == pytest.approx(expected) and high == pytest.approx(expected)
+        stats.same_items(records, list(reversed(records)))

@@ -3,10 +3,11 @@ applied per model, and the evaluation items, chosen once per tier and task and k
 import dataclasses
 
 import pytest
+import torch
 
 from quant.config import QuantConfig
 from quant.matrix import load_matrix
-from quant.stores import ModelStore, ResultStore, RunSettings
+from quant.stores import ModelStore, ResultStore, RunSettings, compare_builds
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +35,17 @@ def test_items_are_the_profiles_count_and_their_content_is_in_the_key(settings):
     other = ResultStore(dataclasses.replace(settings, profile="test"), ModelStore(settings), candidates=None)
     assert len(other.items(spec, "boolq")) == 32
     assert other.items_fingerprint(spec, "boolq") != results.items_fingerprint(spec, "boolq")
+
+
+def test_two_builds_are_compared_tensor_by_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, y in ((first, [1.0, 1.0]), (second, [1.0, 2.0])):
+        folder.mkdir()
+        save_file({"x": torch.zeros(3), "y": torch.tensor(y)}, folder / "model.safetensors")
+    assert compare_builds(first, first).describe() == "bit-identical (2 tensors)"
+    differ = compare_builds(first, second)
+    assert not differ.identical and differ.differing == ["y"] and differ.describe() == "1 of 2 tensors differ (y)"
+    save_file({"z": torch.zeros(1)}, second / "extra.safetensors")  # a tensor only one build wrote
+    assert sorted(compare_builds(first, second).differing) == ["y", "z"]

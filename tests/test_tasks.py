@@ -7,7 +7,8 @@ import types
 import pytest
 import torch
 
-from quant.tasks import TaskSpec, evaluate_perplexity, full_kld
+from quant.kinds.perplexity import KIND as PERPLEXITY, full_kld
+from quant.tasks import TaskSpec
 
 
 def test_full_kld_is_torchs_kl_divergence_over_the_whole_vocabulary():
@@ -25,23 +26,21 @@ def test_perplexity_reports_llama_cpps_kld_statistics_over_the_full_vocabulary(t
         def __call__(self, text, **_):
             return types.SimpleNamespace(input_ids=[ord(c) % 128 for c in text])
 
-    task = TaskSpec("wikitext", "wikitext", "perplexity", "perplexity", {"window": 32, "batch_size": 2})
+    task = TaskSpec("wikitext", "wikitext", "perplexity", {"window": 32, "batch_size": 2, "metrics": ["perplexity"]})
     items = [{"id": "wiki", "text": "The quick brown fox jumps over the lazy dog. " * 4}]
-    same = evaluate_perplexity(tiny_llama, CharacterTokenizer(), task, items, reference_model=tiny_llama)
+    same = PERPLEXITY.evaluate(tiny_llama, CharacterTokenizer(), task, items, None, "", reference_model=tiny_llama)
     assert same.metrics["mean_kld"] == pytest.approx(0, abs=1e-6) and same.metrics["same_top_p"] == 1.0
     assert same.metrics["ln_ppl_ratio"] == pytest.approx(0, abs=1e-6)
 
     noisy = copy.deepcopy(tiny_llama)
     noisy.lm_head.weight.add_(0.05 * torch.randn_like(noisy.lm_head.weight, generator=None))
-    result = evaluate_perplexity(noisy, CharacterTokenizer(), task, items, reference_model=tiny_llama)
+    result = PERPLEXITY.evaluate(noisy, CharacterTokenizer(), task, items, None, "", reference_model=tiny_llama)
     ids = torch.tensor(CharacterTokenizer()(items[0]["text"]).input_ids[:5 * 32]).view(5, 32)
     per_token = full_kld(*(torch.log_softmax(m(ids).logits[:, :-1], -1) for m in (tiny_llama, noisy))).flatten()
     assert result.metrics["mean_kld"] == pytest.approx(float(per_token.mean()), rel=1e-4)
     assert result.metrics["median_kld"] == pytest.approx(float(per_token.median()), rel=1e-3)
     assert result.metrics["mean_kld_se"] == pytest.approx(float(per_token.std() / len(per_token) ** 0.5), rel=1e-3)
-    base = evaluate_perplexity(tiny_llama, CharacterTokenizer(), task, items)
+    base = PERPLEXITY.evaluate(tiny_llama, CharacterTokenizer(), task, items, None, "", None)
     expected = math.log(result.metrics["perplexity"] / base.metrics["perplexity"])
     assert result.metrics["ln_ppl_ratio"] == pytest.approx(expected, rel=1e-5)
 
-
-# ---- closing mutation-testing survivors (make mutate): each test fails on a mutant that gave a wrong number ----

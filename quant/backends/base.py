@@ -30,6 +30,9 @@ class Backend(abc.ABC):
     # whether quantize() runs in this process, so that its peak memory is this process's (llm-compressor runs in a
     # subprocess of its own environment: not measured here)
     runs_in_process: ClassVar[bool] = True
+    # whether two builds from the same inputs come out bit-identical (``quant quantize --reproducible`` checks it);
+    # the backend contract test holds every backend that claims it to it
+    deterministic: ClassVar[bool] = True
 
     def check(self, config: QuantConfig, where: str) -> None:
         """Refuse, naming the field, a config this backend cannot build."""

@@ -32,6 +32,7 @@ class LLMCompressorBackend(Backend):
     methods = ("gptq",)
     install = "make llmcompressor-env"
     runs_in_process = False
+    deterministic = False  # two CPU builds from the same inputs differed in 205 of 692 tensors (docs/measurements.md)
 
     def version(self) -> str:
         return venv_version(VENV, self.install)

@@ -41,7 +41,7 @@ def _quality(workbench, spec, quant_name):
     """The variant's headline scores on the model's default-cadence cases (cached by the matrix tests) and, for
     a quantized variant, its retention; flat keys for extra_info."""
     quality = {}
-    for case in workbench.matrix.cases:
+    for case in workbench.settings.matrix.cases:
         if case.model is not spec or case.cadence != "default":
             continue
         metric = headline_metric(case)
@@ -56,7 +56,7 @@ def _quality(workbench, spec, quant_name):
 
 
 def test_latency(benchmark, workbench, model_name, quant_name, dtype, variant, phase):
-    spec = workbench.matrix.models[model_name]
+    spec = workbench.settings.matrix.models[model_name]
     model, kernel = workbench.runnable(spec, quant_name, dtype)
     settings = workbench.perf_settings(spec)
     ids = workbench.wikitext_ids(spec)[None, : settings.prompt_tokens].to(workbench.device_for(spec))

@@ -1,0 +1,124 @@
+"""Task kinds (quant/kinds/), each checked by the same contract from ``KINDS``: tasks.yaml's fields are the ones
+the kind reads, its metrics are the ones it can compute, every metric comes from its own per-item column, and its
+informative rule hands the gate a fallback signal."""
+import dataclasses
+import math
+
+import pytest
+
+from quant.config import TASKS_FILE, ConfigError
+from quant.kinds import KINDS, TaskResult, kind_of, lower_is_better
+from quant.tasks import TaskSpec, load_tasks
+
+TASKS = load_tasks()
+GATE = {"chance_margin": 0.05, "correlation_min": 0.5, "min_correct": 3, "retention_min": 0.9}
+
+
+def _task_of(kind: str) -> TaskSpec:
+    return next(task for task in TASKS.values() if task.kind == kind)
+
+
+def test_every_kind_has_a_task_and_every_task_a_known_kind():
+    assert {task.kind for task in TASKS.values()} == set(KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_field_the_kind_does_not_read_is_an_error_naming_the_file(kind, tmp_path):
+    task = _task_of(kind)
+    kind_of(task).check(task, str(TASKS_FILE))  # the shipped entry is clean
+    unread = rf"tasks.yaml: task '{task.name}' \(kind {kind}\) has fields it does not read: \['metric'\]"
+    with pytest.raises(ConfigError, match=unread):
+        kind_of(task).check(dataclasses.replace(task, options={**task.options, "metric": "accuracy"}), str(TASKS_FILE))
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in KINDS if k != "generate"))
+def test_an_unknown_metric_is_an_error_listing_the_known_ones(kind):
+    task = dataclasses.replace(_task_of(kind), options={**_task_of(kind).options, "metrics": ["f1"]})
+    with pytest.raises(ConfigError, match="has no metric 'f1'; known:"):
+        kind_of(task).check(task, "tasks.yaml")
+
+
+def test_load_tasks_names_the_file_for_an_unknown_kind_or_loader(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    path.write_text("t:\n  loader: boolq\n  kind: ranking\n")
+    with pytest.raises(ConfigError, match=f"{path}: task 't' has kind 'ranking'"):
+        load_tasks(path)
+    path.write_text("t:\n  loader: squad\n  kind: choice\n")
+    with pytest.raises(ConfigError, match=f"{path}: task 't' has loader 'squad'"):
+        load_tasks(path)
+
+
+# Two records per kind, the second worse: (records baseline, records candidate, metric, retention by hand)
+CHOICE = ({"id": "a", "prediction": 1, "label": 1, "correct": True, "logodds": 1.0, "logprobs": [-2.0, -1.0]},
+          {"id": "a", "prediction": 0, "label": 1, "correct": False, "logodds": -1.0, "logprobs": [-1.0, -2.0]})
+RERANK = ({"id": "q", "ranking": ["d1"], "ndcg": 0.8, "mrr": 1.0, "bm25_ndcg": 0.5, "bm25_mrr": 0.5},
+          {"id": "q", "ranking": ["d2"], "ndcg": 0.6, "mrr": 0.25, "bm25_ndcg": 0.5, "bm25_mrr": 0.5})
+GENERATE = ({"id": "g", "output": "#### 3", "target": "3", "answers": {"strict-match": "3", "flexible-extract": "3"},
+             "prediction": "3", "correct": True},
+            {"id": "g", "output": "3", "target": "3", "answers": {"strict-match": None, "flexible-extract": "3"},
+             "prediction": None, "correct": False})
+WINDOW = ({"id": "window-0", "nll": 20.0, "tokens": 10}, {"id": "window-0", "nll": 25.0, "tokens": 10})
+
+
+@pytest.mark.parametrize("kind,records,metric,expected", [
+    ("choice", CHOICE, "accuracy", 0.0),
+    ("rerank", RERANK, "ndcg@10", 0.75),
+    ("rerank", RERANK, "mrr@10", 0.25),
+    ("rerank", RERANK, "bm25_ndcg@10", 1.0),
+    ("generate", GENERATE, "strict-match", 0.0),
+    ("generate", GENERATE, "flexible-extract", 1.0),
+    ("generate", GENERATE, "answered", 0.0),
+    ("perplexity", WINDOW, "perplexity", 20.0 / 25.0),  # exp(2.0) / exp(2.5) on the inverted scale
+])
+def test_each_metric_is_aggregated_from_its_own_per_item_column(kind, records, metric, expected):
+    """One item per model: the metric's value from the kind's aggregate over its own column. Perplexity's retention
+    is baseline / candidate (lower is better); the others candidate / baseline."""
+    aggregate = KINDS[kind].aggregate(metric)
+    base, quant = (float(aggregate(KINDS[kind].columns([r]))) for r in records)
+    if lower_is_better(metric):
+        assert base / quant == pytest.approx(math.exp(2.0) / math.exp(2.5))
+    else:
+        assert (quant / base if base else 0.0) == pytest.approx(expected)
+
+
+def test_a_result_holds_every_reported_metric_from_its_records():
+    task = _task_of("rerank")
+    kind = kind_of(task)
+    result = kind.result(task, [kind.record(**RERANK[0]), kind.record(**RERANK[1])])
+    assert result.metrics == pytest.approx({"ndcg@10": 0.7, "mrr@10": 0.625, "bm25_ndcg@10": 0.5, "bm25_mrr@10": 0.5})
+    assert result.items == list(RERANK)
+
+
+def _result(task: TaskSpec, records: list[dict]) -> TaskResult:
+    kind = kind_of(task)
+    columns = kind.columns(records)
+    return TaskResult(task.name, {m: float(kind.aggregate(m)(columns)) for m in kind.reported(task)}, records)
+
+
+def test_choice_near_chance_is_gated_on_the_score_correlation():
+    task = _task_of("choice")
+    labels = [1, 0, 1, 0]
+    base = [{**CHOICE[0], "id": str(i), "label": y, "correct": i < 2, "logodds": float(i)}
+            for i, y in enumerate(labels)]
+    quant = [{**r, "logodds": -r["logodds"]} for r in base]
+    decided = kind_of(task).informativeness(task, GATE, _result(task, base), _result(task, quant), "accuracy")
+    assert not decided.informative  # 0.5 against chance 0.5 + margin
+    assert decided.fallback == ("score correlation with the baseline", pytest.approx(-1.0), 0.5)
+    assert decided.signals["chance"] == 0.5 and decided.signals["roc_auc_baseline"] is not None
+
+
+def test_a_reranker_that_does_not_beat_bm25_is_gated_on_its_per_query_correlation():
+    task = _task_of("rerank")
+    base = [{**RERANK[0], "id": "q1", "ndcg": 0.4}, {**RERANK[0], "id": "q2", "ndcg": 0.5}]
+    decided = kind_of(task).informativeness(task, GATE, _result(task, base), _result(task, base), "ndcg@10")
+    assert not decided.informative and decided.signals["bm25"] == 0.5
+    assert decided.fallback == ("per-query ndcg@10 correlation with the baseline", pytest.approx(1.0), 0.5)
+
+
+def test_a_generator_that_solves_too_little_is_gated_on_keeping_the_answer_format():
+    task = _task_of("generate")
+    base = [{**GENERATE[0], "id": str(i)} for i in range(2)] + [{**GENERATE[1], "id": str(i)} for i in range(2, 10)]
+    decided = kind_of(task).informativeness(task, GATE, _result(task, base), _result(task, base), "strict-match")
+    assert not decided.informative  # 2 solved < min_correct 3
+    assert decided.fallback[0] == "answer-format retention, 95% CI upper bound" and decided.fallback[1] == 1.0
+    assert decided.signals["answered_baseline"] == decided.signals["answered_quantized"] == 0.2
