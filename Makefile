@@ -7,7 +7,7 @@ export QUANT_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # The default run leaves out slow cases and the benchmarks (make bench); both are listed as deselected/skipped.
-PYTEST_ARGS ?= -m "not slow" --benchmark-skip
+PYTEST_ARGS ?= -m "not slow" --benchmark-skip --durations=15
 # Then the tests that compare different float-operation orders run again on a second CPU code path (AVX2 kernels,
 # one thread): an assumption of bit-identity that holds on one CPU's kernels fails here, not on a user's runner.
 SECOND_PATH_ENV ?= ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1
