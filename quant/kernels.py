@@ -12,10 +12,17 @@ per group, so a zero-point ``z`` becomes the float offset ``(8 - z) * scale`` (0
 - 8-bit per-channel symmetric layers (``rtn-w8``, an 8-bit ``lm_head``): ``Int8Linear``, an int8 weight and one
   scale per channel; ``aten._weight_int8pack_mm`` on the CPU, a matmul that torch.compile fuses with the
   dequantization on CUDA.
+- Prefill: the weight-only kernels are built for a few rows (decode). A call with many rows (a prompt, a batch of
+  scored sequences) can be faster as the layer's weight dequantized once per call and a dense GEMM; whether, from
+  how many rows and in which dtype is measured once per process on this machine (``prefill_route``), because the
+  fastest dense dtype depends on the CPU (bf16 GEMMs on AMX, fp32 elsewhere).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import statistics
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -34,6 +41,25 @@ def inner_k_tiles(in_features: int) -> int | None:
 
 
 ACTIVATION_DTYPE = torch.bfloat16  # what both kernels are fast at; scales and offsets are stored in it too
+
+
+def _unpack_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The [out, in] uint8 codes from the CPU kernel's packing: blocks of 32 output rows, each byte holding row r's
+    code (low nibble) and row r + 16's (high nibble) for one input column, 8 columns by 16 rows per 128 bytes."""
+    blocks = packed.view(out_features // 32, in_features // 8, 8, 16)
+    return torch.cat([blocks & 15, blocks >> 4], -1).permute(0, 3, 1, 2).reshape(out_features, in_features)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_layout_unpacks(out_features: int, in_features: int) -> bool:
+    """Whether ``_unpack_cpu`` reads back this shape's packing exactly (checked once per shape on random codes): a
+    torch release that tiles otherwise keeps every call on the kernel instead of computing a wrong weight."""
+    if out_features % 32 or in_features % 8 or inner_k_tiles(in_features) is None:
+        return False
+    codes = torch.randint(0, 16, (out_features, in_features), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.int32)
+    packed = KERNELS["cpu"].pack(codes, inner_k_tiles(in_features))
+    return torch.equal(_unpack_cpu(packed, out_features, in_features).to(torch.int32), codes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +105,71 @@ def kernel_for(device: torch.device) -> Kernel:
         raise ValueError(f"no int4 kernel for device {device.type!r}; kernels exist for {sorted(KERNELS)}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillRoute:
+    """How a packed layer computes a call of ``min_rows`` rows or more: its weight dequantized to ``dtype`` and a
+    dense GEMM. Fewer rows go through the weight-only kernel."""
+
+    dtype: torch.dtype
+    min_rows: int
+
+    def describe(self) -> str:
+        return f"from {self.min_rows} rows on: dequantized to {str(self.dtype).removeprefix('torch.')} + dense GEMM"
+
+
+ROUTE_ROWS = (32, 128, 512)  # row counts the route is measured at; 512: the report's prompt
+
+
+def _median_ms(call: Callable[[], object], repeats: int = 3) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def measure_route(layer: WeightOnlyLinear, rows: tuple[int, ...] = ROUTE_ROWS) -> PrefillRoute | None:
+    """Time ``layer``'s kernel against its dequantize-and-GEMM path in fp32 and bf16 at each row count (medians of
+    3, the paths side by side): the dense dtype that is faster at the most rows, from the smallest count at which
+    it beats the kernel at that count and every larger one; None when it never does."""
+    device = layer.device
+    timings = {}
+    with torch.no_grad():
+        for count in rows:
+            x = torch.randn(count, layer.in_features, device=device)
+            timings[count] = {"kernel": _median_ms(lambda: layer._matmul(x.to(ACTIVATION_DTYPE)))}
+            for dtype in (torch.float32, torch.bfloat16):
+                timings[count][dtype] = _median_ms(lambda: nn.functional.linear(x.to(dtype), layer.dequantized(dtype)))
+    dtype = min((torch.float32, torch.bfloat16), key=lambda d: timings[rows[-1]][d])
+    faster = [timings[count][dtype] < timings[count]["kernel"] for count in rows]
+    first = next((i for i in range(len(rows)) if all(faster[i:])), None)
+    return None if first is None else PrefillRoute(dtype, rows[first])
+
+
+@functools.lru_cache(maxsize=None)
+def prefill_route(kind: str, device_type: str) -> PrefillRoute | None:
+    """The measured route for ``kind`` ("int4" or "int8") layers on this machine, once per process, on a layer of
+    the embedded model's MLP shape (1536 x 576, groups of 64). CUDA keeps its kernels (not measured: no GPU here)."""
+    if device_type != "cpu":
+        return None
+    generator = torch.Generator().manual_seed(0)
+    bits, group_size = (4, 64) if kind == "int4" else (8, 576)
+    q = torch.randint(0, 2**bits, (1536, 576), generator=generator)
+    scales = torch.rand(1536, 576 // group_size, generator=generator) * 0.01 + 1e-3
+    probe = QuantLinear.from_quantized(q, scales, torch.full_like(scales, 2 ** (bits - 1)), bits, group_size, True)
+    layer = Int4Linear(probe, route=None) if kind == "int4" else Int8Linear(probe, route=None)
+    return measure_route(layer)
+
+
 class WeightOnlyLinear(nn.Module):
-    """What the fast layers share: the QuantLinear's bias and input scale kept as they are, and bf16 activations
-    into the kernel (``_matmul``, [tokens, in] -> [tokens, out]) and back to the caller's dtype."""
+    """What the fast layers share: the QuantLinear's bias and input scale kept as they are, bf16 activations into
+    the kernel (``_matmul``, [tokens, in] -> [tokens, out]) and back to the caller's dtype; and for calls of many
+    rows, the ``route`` through the dequantized weight and a dense GEMM."""
 
     bits: int
+    route: PrefillRoute | None
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
@@ -98,7 +184,15 @@ class WeightOnlyLinear(nn.Module):
     def kernel(self) -> str:
         raise NotImplementedError
 
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [out, in] weight in ``dtype``, as the kernel computes it."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +200,10 @@ class WeightOnlyLinear(nn.Module):
         x = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
-        out = self._matmul(x.to(ACTIVATION_DTYPE).contiguous())
+        if self.route is not None and x.shape[0] >= self.route.min_rows:
+            out = nn.functional.linear(x.to(self.route.dtype), self.dequantized(self.route.dtype))
+        else:
+            out = self._matmul(x.to(ACTIVATION_DTYPE).contiguous())
         out = out.to(dtype).reshape(*shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(dtype)
 
@@ -118,7 +215,7 @@ class Int4Linear(WeightOnlyLinear):
 
     bits = 4
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, route: PrefillRoute | None | str = "measured") -> None:
         super().__init__(layer)
         device = layer.qweight.device
         self.group_size = layer.group_size
@@ -128,6 +225,20 @@ class Int4Linear(WeightOnlyLinear):
         self.register_buffer("scales_and_zeros",
                              torch.stack([scales, offsets], -1).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE))
         self.register_buffer("packed", self._pack(layer.codes().to(torch.int32)))
+        blocked = device.type == "cpu" and _cpu_layout_unpacks(self.out_features, self.in_features)
+        self.route = (prefill_route("int4", device.type) if route == "measured" else route) if blocked else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """(q - 8) * scale + offset per group, from the CPU kernel's tiling of the codes (``_unpack_cpu``)."""
+        codes = _unpack_cpu(self.packed, self.out_features, self.in_features)
+        groups = self.in_features // self.group_size
+        scales, offsets = (self.scales_and_zeros[..., i].t().to(dtype)[:, :, None] for i in (0, 1))
+        weight = (codes.view(self.out_features, groups, self.group_size).to(dtype) - 8) * scales + offsets
+        return weight.view(self.out_features, self.in_features)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         return kernel_for(codes.device).pack(codes, inner_k_tiles(self.in_features))
@@ -151,6 +262,8 @@ class Int4Linear(WeightOnlyLinear):
         codes = self.codes()
         super()._apply(fn, recurse)
         self.packed = self._pack(codes.to(target))
+        if target.type != "cpu":
+            self.route = None  # the dequantizing route reads the CPU tiling
         return self
 
     @property
@@ -182,10 +295,19 @@ class Int8Linear(WeightOnlyLinear):
 
     bits = 8
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, route: PrefillRoute | None | str = "measured") -> None:
         super().__init__(layer)
         self.register_buffer("weight", (layer.codes().to(torch.int16) - 128).to(torch.int8))
         self.register_buffer("scales", layer.scales.reshape(-1).to(ACTIVATION_DTYPE))
+        device = self.weight.device.type
+        self.route = (prefill_route("int8", device) if route == "measured" else route) if device == "cpu" else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
     @property
     def kernel(self) -> str:
@@ -205,11 +327,13 @@ class KernelPlan:
     kernel: str
     fast_layers: int
     reference_layers: Counter  # reason -> count
+    routes: tuple[str, ...] = ()  # the prefill routes its fast layers take
 
     def describe(self) -> str:
         if not self.fast_layers and not self.reference_layers:
             return "dense (no quantized layers)"
-        text = f"{self.kernel} ({self.fast_layers} layers; the rest bf16)" if self.fast_layers else ""
+        route = "; prefill " + " / ".join(self.routes) if self.routes else ""
+        text = f"{self.kernel} ({self.fast_layers} layers; the rest bf16{route})" if self.fast_layers else ""
         rest = ", ".join(f"{n} on the dequantizing reference: {reason}" for reason, n in self.reference_layers.items())
         return "; ".join(part for part in (text, rest) if part)
 
@@ -222,6 +346,7 @@ def use_fast_kernels(model: nn.Module) -> KernelPlan:
     bf16 as well: otherwise the fp32 lm_head alone reads more bytes per token than all the int4 layers. Layers
     left on the reference keep their own fp16 scales; buffers stay as they are (``cast_parameters``)."""
     kernels: set[str] = set()
+    routes: set[str] = set()
     fast, reference = 0, Counter()
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
@@ -233,10 +358,11 @@ def use_fast_kernels(model: nn.Module) -> KernelPlan:
         fast_layer = Int8Linear(module) if module.bits == 8 else Int4Linear(module)
         replace_module(model, name, fast_layer)
         kernels.add(fast_layer.kernel)
+        routes.add(fast_layer.route.describe() if fast_layer.route else "on the kernel at every row count")
         fast += 1
     if fast:
         cast_parameters(model, ACTIVATION_DTYPE)
-    return KernelPlan(" + ".join(sorted(kernels)), fast, reference)
+    return KernelPlan(" + ".join(sorted(kernels)), fast, reference, tuple(sorted(routes)))
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -18,7 +18,7 @@ from quant.kinds import kind_of
 from quant.matrix import Case, Matrix
 from quant.models import ModelUnavailable
 from quant.pipeline import Workbench
-from quant.backends import get_backend
+from quant.backends import BackendUnavailable, get_backend
 from quant.replicas import REPLICAS
 from quant.snapshots import BASELINES, hardware_class
 
@@ -57,8 +57,10 @@ def power_line(case: Case, items: int, measured: float | None) -> str:
     if spread is None:
         return f"  {case.quant_name}: detectable drop unknown (no cached results, no spread_prior for {case.task.name})"
     source = "measured on cached results" if measured is not None else "spread_prior"
-    line = (f"  {case.quant_name}: detects a {metric} retention drop of {detectable_drop(spread, items, threshold):.3f}"
-            f" with 80% power at n={items} (threshold {threshold:.3f}; per-item spread {spread:.3g}, {source})")
+    drop = detectable_drop(spread, items, threshold)
+    sees = (f"detects a drop of {drop:.3f} in {metric} retention with 80% power" if drop < 1
+            else f"detects no drop in {metric} retention with 80% power")
+    line = f"  {case.quant_name}: {sees} at n={items} (threshold {threshold:.3f}; per-item spread {spread:.3g}, {source})"
     if case.gate.get("detect") is not None:
         needed = items_to_detect(case.gate["detect"], spread, threshold)
         reach = ("no n reaches it (within the threshold's own margin)" if needed is None
@@ -145,7 +147,7 @@ def cached_spreads(workbench: Workbench, cases: list[Case]) -> dict[str, float]:
     for case in cases:
         try:
             parts = [workbench.result_parts(case.model, case.task.name, q) for q in (None, case.quant_name)]
-        except (ConfigError, DataError, ModelUnavailable, OSError):
+        except (ConfigError, DataError, ModelUnavailable, BackendUnavailable, OSError):
             continue
         if all(has_entry("results", p) for p in parts):
             spread = workbench.compare(case).extra.get("spread")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from quant.config import QuantConfig
+from quant import kernels
 from quant.kernels import Int4Linear, Int8Linear, unsupported_reason, use_fast_kernels
 from quant.methods import get_method
 from quant.qlinear import QuantLinear
@@ -101,3 +102,53 @@ def test_mixed_models_keep_unsupported_layers_on_the_reference(tiny_llama, calib
     assert plan.reference_layers == {"3-bit codes (the kernels are 4- and 8-bit)": 2}  # one down_proj per block
     assert "2 on the dequantizing reference: 3-bit codes" in plan.describe()
     _assert_agrees(fast(calibration_ids).logits, tiny_llama(calibration_ids).logits)
+
+
+# ---- prefill: many rows through the dequantized weight and a dense GEMM ----------------------------------------
+
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (192, 576), (64, 256)])
+def test_the_cpu_packing_reads_back_exactly(shape):
+    assert kernels._cpu_layout_unpacks(*shape)
+    assert not kernels._cpu_layout_unpacks(48, 256)  # not a whole block of 32 rows: calls stay on the kernel
+
+
+@pytest.mark.parametrize("shape,group_size", [((1536, 576), 64), ((576, 1536), 128), ((64, 256), 256)])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_the_dense_prefill_route_matches_the_reference(shape, group_size, sym, dtype):
+    """Forced from one row on, every call goes through the dequantized weight: within the kernels' tolerance of
+    the reference, and the weight is the one the kernel itself computes with (read through it with the identity)."""
+    layer = _layer(*shape, group_size, sym)
+    fast = Int4Linear(layer, route=kernels.PrefillRoute(dtype, 1))
+    x = torch.randn(2, 9, shape[1], generator=torch.Generator().manual_seed(1))
+    _assert_agrees(fast(x).float(), layer(x).float())
+    eye = torch.eye(shape[1], dtype=kernels.ACTIVATION_DTYPE)
+    through_kernel = fast._matmul(eye).t().float()
+    _assert_agrees(fast.dequantized(torch.float32), through_kernel)
+    on_kernel = Int4Linear(layer, route=None)
+    _assert_agrees(fast(x).float(), on_kernel(x).float())
+
+
+@torch.no_grad()
+def test_the_int8_dense_route_matches_the_reference():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 256, (96, 160), generator=generator)
+    scales = torch.rand(96, 1, generator=generator) * 0.01 + 1e-3
+    layer = QuantLinear.from_quantized(q, scales, torch.full_like(scales, 128), 8, 160, True)
+    fast = Int8Linear(layer, route=kernels.PrefillRoute(torch.float32, 4))
+    for tokens in (1, 7):  # the kernel below 4 rows, the dense route from 4 on
+        x = torch.randn(1, tokens, 160, generator=torch.Generator().manual_seed(tokens))
+        _assert_agrees(fast(x).float(), layer(x).float())
+
+
+def test_the_route_starts_where_the_dense_path_wins_at_every_larger_count(monkeypatch):
+    """Scripted timings (ms) per row count: fp32 dense wins from 128 rows on (at 32 it loses), bf16 is slower."""
+    script = {32: [1.0, 2.0, 3.0], 128: [4.0, 3.0, 9.0], 512: [16.0, 10.0, 30.0]}  # kernel, fp32, bf16
+    calls = iter([t for count in (32, 128, 512) for t in script[count]])
+    monkeypatch.setattr(kernels, "_median_ms", lambda call, repeats=3: next(calls))
+    layer = Int4Linear(_layer(64, 256, 64, True), route=None)
+    assert kernels.measure_route(layer, (32, 128, 512)) == kernels.PrefillRoute(torch.float32, 128)
+    never = iter([1.0, 2.0, 3.0] * 3)
+    monkeypatch.setattr(kernels, "_median_ms", lambda call, repeats=3: next(never))
+    assert kernels.measure_route(layer, (32, 128, 512)) is None
