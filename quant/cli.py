@@ -537,7 +537,7 @@ def quantize_command(args: argparse.Namespace) -> int:
 def reproducibility(workbench: Workbench, spec: ModelSpec, quant_name: str, config: QuantConfig) -> int:
     """Build the candidate again in an empty cache and say whether it came out the same: 0 if bit-identical, else 1,
     with what the difference does to WikiText perplexity."""
-    rebuild, second = workbench.candidates.rebuild(spec, config)
+    rebuild, second = workbench.candidates.rebuild(spec, config, load_if_different=True)
     print(f"rebuilt in an empty cache: {rebuild.describe()}")
     if rebuild.identical:
         return 0

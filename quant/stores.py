@@ -213,16 +213,20 @@ class CandidateStore:
                                                          self.settings.device_for(spec))
         return Quantized(model, records, meta["quantize_seconds"], calibration, kernel, meta.get("quantize_peak_bytes"))
 
-    def rebuild(self, spec: ModelSpec, config: QuantConfig) -> tuple[Rebuild, Quantized]:
+    def rebuild(self, spec: ModelSpec, config: QuantConfig, load_if_different: bool = False
+                ) -> tuple[Rebuild, Quantized | None]:
         """The candidate built a second time from the same inputs in an empty cache, compared tensor by tensor with
-        the cached build (built first if absent); and the second build, loaded."""
+        the cached build (built first if absent); and, with ``load_if_different``, the second build loaded when it
+        differs (None otherwise: loading a model to discard it is work the comparison does not need)."""
         config = self.settings.calibration_config(spec, config)
         if config.checkpoint:
             raise ConfigError(f"{config.checkpoint}: a checkpoint is not built here, so it cannot be rebuilt")
         first = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config))
         with tempfile.TemporaryDirectory(prefix="quant-rebuild-") as root:
             second = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config), root=Path(root))
-            return compare_builds(first, second), self._load(spec, config, second, None)
+            rebuild = compare_builds(first, second)
+            differs = load_if_different and not rebuild.identical
+            return rebuild, self._load(spec, config, second, None) if differs else None
 
     def _builder(self, spec: ModelSpec, config: QuantConfig) -> Callable[[Path], None]:
         """What writes the config's candidate into a cache folder: its backend run on the baseline."""
