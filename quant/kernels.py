@@ -43,23 +43,32 @@ def inner_k_tiles(in_features: int) -> int | None:
 ACTIVATION_DTYPE = torch.bfloat16  # what both kernels are fast at; scales and offsets are stored in it too
 
 
-def _unpack_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The [out, in] uint8 codes from the CPU kernel's packing: blocks of 32 output rows, each byte holding row r's
-    code (low nibble) and row r + 16's (high nibble) for one input column, 8 columns by 16 rows per 128 bytes."""
-    blocks = packed.view(out_features // 32, in_features // 8, 8, 16)
-    return torch.cat([blocks & 15, blocks >> 4], -1).permute(0, 3, 1, 2).reshape(out_features, in_features)
+# Rows per block of the CPU kernel's packing: 64 where ATen runs its AVX-512 code, 32 on AVX2 and below.
+CPU_PACK_BLOCKS = (64, 32)
+
+
+def _unpack_cpu(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
+    """The [out, in] uint8 codes from the CPU kernel's packing: blocks of ``block`` output rows, each input column
+    of a block in block / 2 bytes, byte r holding row r's code (low nibble) and row r + block / 2's (high)."""
+    bytes_ = packed.view(out_features // block, in_features, block // 2)
+    return torch.cat([bytes_ & 15, bytes_ >> 4], -1).permute(0, 2, 1).reshape(out_features, in_features)
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_layout_unpacks(out_features: int, in_features: int) -> bool:
-    """Whether ``_unpack_cpu`` reads back this shape's packing exactly (checked once per shape on random codes): a
-    torch release that tiles otherwise keeps every call on the kernel instead of computing a wrong weight."""
-    if out_features % 32 or in_features % 8 or inner_k_tiles(in_features) is None:
-        return False
+def _cpu_pack_block(out_features: int, in_features: int) -> int | None:
+    """The block of ``CPU_PACK_BLOCKS`` with which ``_unpack_cpu`` reads back this shape's packing exactly on this
+    CPU's code path (checked once per shape on random codes), or None: a packing neither reads, whatever the torch
+    release or CPU, keeps every call on the kernel instead of computing a wrong weight."""
+    if in_features % 8 or inner_k_tiles(in_features) is None:
+        return None
     codes = torch.randint(0, 16, (out_features, in_features), generator=torch.Generator().manual_seed(0),
                           dtype=torch.int32)
     packed = KERNELS["cpu"].pack(codes, inner_k_tiles(in_features))
-    return torch.equal(_unpack_cpu(packed, out_features, in_features).to(torch.int32), codes)
+    for block in CPU_PACK_BLOCKS:
+        if out_features % block == 0 and torch.equal(
+                _unpack_cpu(packed, out_features, in_features, block).to(torch.int32), codes):
+            return block
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +234,7 @@ class Int4Linear(WeightOnlyLinear):
         self.register_buffer("scales_and_zeros",
                              torch.stack([scales, offsets], -1).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE))
         self.register_buffer("packed", self._pack(layer.codes().to(torch.int32)))
-        blocked = device.type == "cpu" and _cpu_layout_unpacks(self.out_features, self.in_features)
+        blocked = device.type == "cpu" and _cpu_pack_block(self.out_features, self.in_features) is not None
         self.route = (prefill_route("int4", device.type) if route == "measured" else route) if blocked else None
 
     @property
@@ -234,7 +243,8 @@ class Int4Linear(WeightOnlyLinear):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """(q - 8) * scale + offset per group, from the CPU kernel's tiling of the codes (``_unpack_cpu``)."""
-        codes = _unpack_cpu(self.packed, self.out_features, self.in_features)
+        block = _cpu_pack_block(self.out_features, self.in_features)
+        codes = _unpack_cpu(self.packed, self.out_features, self.in_features, block)
         groups = self.in_features // self.group_size
         scales, offsets = (self.scales_and_zeros[..., i].t().to(dtype)[:, :, None] for i in (0, 1))
         weight = (codes.view(self.out_features, groups, self.group_size).to(dtype) - 8) * scales + offsets
