@@ -547,7 +547,7 @@ def reproducibility(workbench: Workbench, spec: ModelSpec, quant_name: str, conf
     figures = []
     for label, quantized in (("cached build", workbench.quantized(spec, quant_name, config)), ("rebuild", second)):
         with dequantized_weights(quantized.model):
-            perplexity = evaluate(quantized.model, tokenizer, task, items, limit).metrics["perplexity"]
+            perplexity = evaluate(quantized.model, tokenizer, task, items, range(limit)).metrics["perplexity"]
         figures.append(f"{label} {perplexity:.2f}")
     print(f"{task.name} perplexity on {limit} windows: " + ", ".join(figures))
     return 1

@@ -16,7 +16,7 @@ from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
 
 GATE_FIELDS = ("retention_min", "ppl_ratio_max", "chance_margin", "min_correct", "correlation_min", "strict",
-               "kld_max", "same_top_min", "snapshot_tolerance", "detect", "spread_prior")
+               "kld_max", "same_top_min", "snapshot_tolerance", "detect", "spread_prior", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)

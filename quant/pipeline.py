@@ -42,7 +42,6 @@ class Workbench:
         self.quantized, self.quantized_parts = self.candidates.get, self.candidates.parts
         self.items, self.items_fingerprint = self.results.items, self.results.items_fingerprint
         self.evaluate, self.evaluate_together = self.results.evaluate, self.results.evaluate_together
-        self.result_parts = self.results.parts
 
     def runnable(self, spec: ModelSpec, quant_name: str | None, dtype: torch.dtype | None = None
                  ) -> tuple[torch.nn.Module, str]:
@@ -58,11 +57,28 @@ class Workbench:
         model = copy.deepcopy(quantized.model)
         return model, use_fast_kernels(model).describe()
 
-    def compare(self, case: Case, metric: str | None = None) -> gate.Comparison:
-        """Quantized vs baseline on the same items, with the paired statistics and the gate's verdict."""
-        baseline = self.evaluate(case.model, case.task.name)
-        quantized = self.evaluate(case.model, case.task.name, case.quant_name)
+    def compare(self, case: Case, metric: str | None = None, n: int | None = None) -> gate.Comparison:
+        """Quantized vs baseline on the same first ``n`` items (None: the profile's n), with the paired statistics
+        and the fixed gate's verdict."""
+        baseline = self.evaluate(case.model, case.task.name, n=n)
+        quantized = self.evaluate(case.model, case.task.name, case.quant_name, n=n)
         return gate.judge(case, baseline, quantized, metric)
+
+    def looks(self, case: Case) -> list[int]:
+        """The item counts the case's gate looks at: ``ResultStore.looks``, or the profile's n alone for a case
+        with ``sequential: false``."""
+        sizes = self.results.looks(case.model, case.task.name)
+        return sizes if case.gate["sequential"] else sizes[-1:]
+
+    def settle_look(self, case: Case, look: int) -> gate.Comparison | None:
+        """The case's headline gate at ``look`` (from 0): decided there (``gate.settle``), or None to go on."""
+        sizes = self.looks(case)
+        return gate.settle(self.compare(case, n=sizes[look]), sizes, look)
+
+    def settle(self, case: Case) -> gate.Comparison:
+        """The case's headline gate, evaluated span by span until a look decides it (at the latest, the last)."""
+        looks = (self.settle_look(case, look) for look in range(len(self.looks(case))))
+        return next(settled for settled in looks if settled is not None)  # the last look always decides
 
     def snapshot(self, case: Case, candidate: TaskResult | None = None) -> dict[str, Any]:
         """What ``baselines/`` records for a case (``snapshots.snapshot_of``): both results, from the cache, and

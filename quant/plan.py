@@ -9,7 +9,6 @@ import dataclasses
 
 import torch
 
-from quant.cache import has_entry
 from quant.config import ConfigError, QuantConfig
 from quant.data import DataError
 from quant.gate import detectable_drop, headline_metric, items_to_detect, threshold_of
@@ -21,6 +20,7 @@ from quant.pipeline import Workbench
 from quant.backends import BackendUnavailable, get_backend
 from quant.replicas import REPLICAS
 from quant.snapshots import BASELINES, hardware_class
+from quant.stores import look_sizes
 
 
 @dataclasses.dataclass
@@ -66,6 +66,9 @@ def power_line(case: Case, items: int, measured: float | None) -> str:
         reach = ("no n reaches it (within the threshold's own margin)" if needed is None
                  else f"needs n={needed}" + (", more than the profile runs" if needed > items else ""))
         line += f"; detect {case.gate['detect']}: {reach}"
+    looks = look_sizes(items)
+    if case.gate["sequential"] and len(looks) > 1:
+        line += f"; sequential: looks at n={', '.join(map(str, looks))}, stops at the first that decides"
     return line
 
 
@@ -146,10 +149,10 @@ def cached_spreads(workbench: Workbench, cases: list[Case]) -> dict[str, float]:
     spreads = {}
     for case in cases:
         try:
-            parts = [workbench.result_parts(case.model, case.task.name, q) for q in (None, case.quant_name)]
+            cached = all(workbench.results.cached(case.model, case.task.name, q) for q in (None, case.quant_name))
         except (ConfigError, DataError, ModelUnavailable, BackendUnavailable, OSError):
             continue
-        if all(has_entry("results", p) for p in parts):
+        if cached:
             spread = workbench.compare(case).extra.get("spread")
             if spread is not None:
                 spreads[case.id] = spread

@@ -1,6 +1,7 @@
 """The report: one flat row per model x method x task x metric, written as JSON and Markdown."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -87,13 +88,41 @@ def describe(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
-    """Report rows of one case, one per metric of its task; a case that cannot run gives skipped rows."""
+def settle_cases(workbench: Workbench, cases: list[Case]) -> dict[str, tuple[Comparison, int] | Exception]:
+    """Each case's headline gate and the items it read, look by look (``Workbench.settle_look``): at each look the
+    variants of a task that runs the baseline beside them are evaluated together on the look's span, then every case
+    still open is judged; a case stops at the look that decides it. A case that cannot run keeps its error."""
+    settled: dict[str, tuple[Comparison, int] | Exception] = {}
+    pending, look = list(cases), 0
+    while pending:
+        log.info("look %d: %d of %d cases open", look + 1, len(pending), len(cases))
+        evaluate_together(workbench, pending, look)
+        still_open = []
+        for case in pending:
+            try:
+                comparison = workbench.settle_look(case, look)
+                if comparison is None:
+                    still_open.append(case)
+                else:
+                    settled[case.id] = (comparison, workbench.looks(case)[look])
+            except Exception as error:  # one broken case must not lose the rest of the report
+                log.error("%s: %s", case.id, error)
+                settled[case.id] = error
+        pending, look = still_open, look + 1
+    return settled
+
+
+def case_rows(workbench: Workbench, case: Case, settled: tuple[Comparison, int] | Exception) -> list[dict[str, Any]]:
+    """Report rows of one case, one per metric of its task, each on the items its headline gate settled on; a case
+    that cannot run gives skipped rows."""
     metrics = task_metrics(case)
     base = {"model": case.model.name, "method": case.quant.method, "config": case.quant.label,
             "quant": case.quant_name, "task": case.task.name}
     try:
-        comparisons = [workbench.compare(case, metric) for metric in metrics]
+        if isinstance(settled, Exception):
+            raise settled
+        headline, n = settled
+        comparisons = [headline, *(workbench.compare(case, metric, n=n) for metric in metrics[1:])]
         baseline_model, _ = workbench.baseline(case.model)
         quantized = workbench.quantized(case.model, case.quant_name, case.quant)
     except Exception as error:  # one broken case must not lose the rest of the report
@@ -111,7 +140,7 @@ def case_rows(workbench: Workbench, case: Case) -> list[dict[str, Any]]:
             "retention": comparison.retention,
             "retention_ci_low": comparison.interval[0] if comparison.interval else None,
             "retention_ci_high": comparison.interval[1] if comparison.interval else None,
-            "n": comparison.baseline.n,
+            "n": comparison.baseline.n, "n_planned": workbench.looks(case)[-1],
             "model_bytes_baseline": bytes_baseline, "model_bytes_quantized": bytes_quantized,
             "memory_reduction": bytes_baseline / bytes_quantized,
             "verdict": comparison.verdict.status, "verdict_reason": comparison.verdict.reason,
@@ -187,7 +216,7 @@ def headline(report: dict[str, Any]) -> list[str]:
             cells += [f"{first['model_bytes_quantized'] / 1e6:.0f} ({first['memory_reduction']:.1f}×)",
                       speedup_cell(speed)]
             lines.append(f"| {quant} | " + " | ".join(cells) + " |")
-        sizes = {task: max(r["n"] for r in rows if r["task"] == task) for task in tasks}
+        sizes = {task: max(r.get("n_planned") or r["n"] for r in rows if r["task"] == task) for task in tasks}
         lines += ["", "Items: " + ", ".join(f"{task} {n}" for task, n in sizes.items()) + "."]
         idle = [task for task in tasks if all(r["verdict"] == "uninformative" for r in rows if r["task"] == task)]
         if idle:
@@ -196,6 +225,9 @@ def headline(report: dict[str, Any]) -> list[str]:
         lines.append("")
     counts = {v: sum(r["verdict"] == v for r in measured) for v in VERDICT_ORDER}
     lines.append(f"Rows: {len(measured)} measured: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".")
+    saved = sequential_line(measured)
+    if saved:
+        lines.append(saved)
     lines += reasons
     skipped: dict[str, list[dict]] = {}
     for row in report["rows"]:
@@ -208,6 +240,24 @@ def headline(report: dict[str, Any]) -> list[str]:
     lines.append(joint_verdict([(f"{r['model']}-{r['quant']}-{r['task']}", r.get("p_at_least_threshold"), r["verdict"])
                                 for r in measured if r.get("headline_metric")]).line() + ".")
     return lines
+
+
+def items_cell(row: dict[str, Any]) -> str:
+    """The items a row read: "16 of 40" where its sequential gate stopped before the profile's n."""
+    planned = row.get("n_planned")
+    return f"{row['n']} of {planned}" if planned and row["n"] < planned else str(row["n"])
+
+
+def sequential_line(rows: list[dict[str, Any]]) -> str | None:
+    """How much the sequential gates saved: cases decided before their last look, and the items each model pair
+    read against the profile's (rows of a case's other metrics read the same items and count once)."""
+    headline_rows = [r for r in rows if r.get("headline_metric") and r.get("n_planned")]
+    early = [r for r in headline_rows if r["n"] < r["n_planned"]]
+    if not early:
+        return None
+    read, planned = sum(r["n"] for r in headline_rows), sum(r["n_planned"] for r in headline_rows)
+    return (f"Sequential gates: {len(early)} of {len(headline_rows)} cases decided before the profile's n; "
+            f"{read} of {planned} items read per model ({1 - read / planned:.0%} fewer).")
 
 
 def kernel_legend(report: dict[str, Any]) -> dict[str, str]:
@@ -234,7 +284,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"({row['memory_reduction']:.2f}×)")
         speed = ("not timed" if row.get("ttft_ms") is None else
                  f"{row['ttft_ms']:.0f} / {row['decode_tokens_per_s']:.1f} [{legend[row['kernel']]}]")
-        cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], str(row["n"]),
+        cells = [row["model"], row["method"], row["config"], row["task"], row["metric"], items_cell(row),
                  _fmt(row["baseline"], 4), _fmt(row["quantized"], 4), _fmt(row["retention"]) + interval,
                  _fmt(row.get("detectable_drop")), flips,
                  _fmt(row["mcnemar_p"]), _fmt(row["chance"] if row["bm25"] is None else row["bm25"], 4),
@@ -388,15 +438,16 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
                    decode_speedup_high=speedup[2], decode_speedup_unmeasurable=reason)
 
 
-def evaluate_together(workbench: Workbench, cases: list[Case]) -> None:
-    """Each model's variants of a task that runs the baseline beside them (WikiText) in one pass, one baseline
-    forward per batch for all (``Workbench.evaluate_together``). A variant that cannot be built is left out here;
-    its case reports the error."""
-    groups: dict[tuple[str, str], list[Case]] = {}
+def evaluate_together(workbench: Workbench, cases: list[Case], look: int) -> None:
+    """Each model's variants of a task that runs the baseline beside them (WikiText) in one pass up to their
+    ``look``, one baseline forward per batch for all (``Workbench.evaluate_together``). A variant that cannot be
+    built, or a task whose items cannot be read, is left out here; its case reports the error."""
+    groups: dict[tuple[str, str, int], list[Case]] = {}
     for case in cases:
         if kind_of(case.task).uses_reference:
-            groups.setdefault((case.model.name, case.task.name), []).append(case)
-    for (_, task_name), group in groups.items():
+            with contextlib.suppress(Exception):
+                groups.setdefault((case.model.name, case.task.name, workbench.looks(case)[look]), []).append(case)
+    for (_, task_name, n), group in groups.items():
         ready = []
         for case in group:
             try:
@@ -404,7 +455,7 @@ def evaluate_together(workbench: Workbench, cases: list[Case]) -> None:
                 ready.append(case.quant_name)
             except Exception as error:
                 log.error("%s: %s", case.id, error)
-        workbench.evaluate_together(group[0].model, task_name, ready)
+        workbench.evaluate_together(group[0].model, task_name, ready, n)
 
 
 def rebuilds(workbench: Workbench, cases: list[Case]) -> dict[tuple[str, str], str]:
@@ -422,11 +473,10 @@ def rebuilds(workbench: Workbench, cases: list[Case]) -> dict[tuple[str, str], s
 def build(workbench: Workbench, cases: list[Case], skipped: list[tuple[Case, str]], command: str,
           reproducible: bool = False) -> dict[str, Any]:
     """The report's rows and timings; with ``reproducible``, every built config is quantized twice."""
-    evaluate_together(workbench, cases)
+    settled = settle_cases(workbench, cases)
     rows = []
-    for number, case in enumerate(cases, start=1):
-        log.info("case %d/%d: %s", number, len(cases), case.id)
-        rows += case_rows(workbench, case)
+    for case in cases:
+        rows += case_rows(workbench, case, settled[case.id])
     checked = rebuilds(workbench, cases) if reproducible else {}
     for row in rows:
         row["rebuild"] = checked.get((row["model"], row.get("quant")))

@@ -261,24 +261,43 @@ class CandidateStore:
                 **({"backend": backend.identity()} if config.backend else {})}
 
 
+FIRST_LOOK = 16  # items (windows) at a sequential gate's first look; each later look doubles them
+
+
+def look_sizes(total: int) -> list[int]:
+    """The item counts at which a sequential gate looks, and at whose boundaries results are cached: 16, 32, 64, ...
+    and the total. A longer run's looks begin with a shorter one's, so its cached spans serve it (all but the
+    shorter run's last)."""
+    sizes, size = [], FIRST_LOOK
+    while size < total:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, total]
+
+
+def spans(sizes: list[int]) -> list[range]:
+    return [range(start, stop) for start, stop in zip([0, *sizes], sizes)]
+
+
 class ResultStore:
-    """Evaluation results: the items each task reads and each model's result on them, cached on disk."""
+    """Evaluation results: the items each task reads and each model's result on them, cached on disk span by span
+    (``look_sizes``), so that a gate can stop at a look and a longer run extends a shorter one."""
 
     def __init__(self, settings: RunSettings, models: ModelStore, candidates: CandidateStore) -> None:
         self.settings, self.models, self.candidates = settings, models, candidates
         self._items: dict[tuple[str, str], list[dict]] = {}
-        self._item_fingerprints: dict[tuple[str, str], str] = {}
+        self._item_fingerprints: dict[tuple[str, str, int, int], str] = {}
 
-    def parts(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> dict[str, Any]:
-        """Everything an evaluation result is made from: the model (baseline, or all a quantized model is made
-        from), the task as this profile runs it, the content of the items it reads, and the device."""
+    def span_parts(self, spec: ModelSpec, task_name: str, quant_name: str | None, span: range) -> dict[str, Any]:
+        """Everything the records of one span are made from: the model (baseline, or all a quantized model is made
+        from), the task as this profile runs it, the span and the content of its items, and the device."""
         settings = self.settings
         config = None if quant_name is None else settings.calibration_config(spec, settings.matrix.quant[quant_name])
         return {"model": spec.fingerprint(),
                 "quantized": None if config is None else self.candidates.parts(spec, config),
                 "task": dataclasses.asdict(self.settings.task(spec, task_name)),
-                "items": self.items_fingerprint(spec, task_name),
-                "limit": self.settings.limits(spec).get(task_name), "device": self.settings.device_for(spec)}
+                "span": [span.start, span.stop], "items": self.items_fingerprint(spec, task_name, span),
+                "device": self.settings.device_for(spec)}
 
     def items(self, spec: ModelSpec, task_name: str) -> list[dict]:
         key = (spec.tier, task_name)
@@ -288,54 +307,81 @@ class ResultStore:
                                             settings.limits(spec).get(task_name), settings.matrix.seed)
         return self._items[key]
 
-    def items_fingerprint(self, spec: ModelSpec, task_name: str) -> str:
-        """The hash of the items' content, once per tier and task (every result key of the task holds it)."""
-        key = (spec.tier, task_name)
+    def items_fingerprint(self, spec: ModelSpec, task_name: str, span: range | None = None) -> str:
+        """The hash of the content of the items at ``span`` (None: all), once per tier, task and span."""
+        items = self.items(spec, task_name)
+        span = span or range(len(items))
+        key = (spec.tier, task_name, span.start, span.stop)
         if key not in self._item_fingerprints:
-            self._item_fingerprints[key] = snapshots.fingerprint(self.items(spec, task_name))
+            chosen = kind_of(self.settings.task(spec, task_name)).span_items(items, span)
+            self._item_fingerprints[key] = snapshots.fingerprint(chosen)
         return self._item_fingerprints[key]
 
-    def evaluate(self, spec: ModelSpec, task_name: str, quant_name: str | None = None) -> TaskResult:
-        """The task's result for the baseline (``quant_name`` None) or a quantized model, cached on disk."""
+    def looks(self, spec: ModelSpec, task_name: str) -> list[int]:
+        """The item counts a sequential gate looks at, the profile's n last."""
+        task, limit = self.settings.task(spec, task_name), self.settings.limits(spec).get(task_name)
+        size = kind_of(task).size(task, self.items(spec, task_name), limit, lambda: self.models.baseline(spec)[1])
+        return look_sizes(size)
+
+    def _spans(self, spec: ModelSpec, task_name: str, n: int | None) -> list[range]:
+        sizes = self.looks(spec, task_name)
+        if n is not None and n not in sizes:
+            raise ValueError(f"{task_name}: results are kept at {sizes} items, not {n}")
+        return spans(sizes[: sizes.index(n) + 1] if n is not None else sizes)
+
+    def cached(self, spec: ModelSpec, task_name: str, quant_name: str | None = None, n: int | None = None) -> bool:
+        """Whether the result on the first ``n`` items (None: the profile's n) is in the cache."""
+        return all(has_entry("results", self.span_parts(spec, task_name, quant_name, span))
+                   for span in self._spans(spec, task_name, n))
+
+    def evaluate(self, spec: ModelSpec, task_name: str, quant_name: str | None = None, n: int | None = None
+                 ) -> TaskResult:
+        """The task's result for the baseline (``quant_name`` None) or a quantized model on its first ``n`` items
+        (one of ``looks``; None: all the profile's), from the cache span by span, evaluating the spans it lacks."""
         task = self.settings.task(spec, task_name)
         items = self.items(spec, task_name)
-        limit = self.settings.limits(spec).get(task_name)
         config = None if quant_name is None else self.settings.calibration_config(spec, self.settings.matrix.quant[quant_name])
-        parts = self.parts(spec, task_name, quant_name)
 
-        def compute() -> dict:
+        def compute(span: range) -> list[dict]:
             _, tokenizer = self.models.baseline(spec)
             model = self.models.baseline(spec)[0] if config is None else self.candidates.get(spec, quant_name, config).model
             reference = self.models.baseline(spec)[0] if config is not None and kind_of(task).uses_reference else None
-            label = f"{task_name} [{spec.name} {quant_name or 'baseline'}]"
+            label = f"{task_name} [{spec.name} {quant_name or 'baseline'}] {span.start}-{span.stop}"
             started = time.perf_counter()
             with dequantized_weights(model):
-                result = evaluate(model, tokenizer, task, items, limit=limit, label=label, reference_model=reference)
+                result = evaluate(model, tokenizer, task, items, span, label=label, reference_model=reference)
             log.info("%s: %s in %.1fs", label, result.metrics, time.perf_counter() - started)
-            return dataclasses.asdict(result)
+            return result.items
 
-        return TaskResult(**cached_json("results", parts, compute))
+        records = [record for span in self._spans(spec, task_name, n)
+                   for record in cached_json("results", self.span_parts(spec, task_name, quant_name, span),
+                                             lambda span=span: compute(span))]
+        return kind_of(task).summarize(task, records)
 
-    def evaluate_together(self, spec: ModelSpec, task_name: str, quant_names: list[str]) -> None:
-        """Cache the task's result for each of ``quant_names`` in one pass where that saves work: WikiText runs
-        the baseline beside each model (KLD), and one baseline forward per batch serves every variant not yet
+    def evaluate_together(self, spec: ModelSpec, task_name: str, quant_names: list[str], n: int | None = None) -> None:
+        """Cache the task's result for each of ``quant_names`` in one pass per span where that saves work: WikiText
+        runs the baseline beside each model (KLD), and one baseline forward per batch serves every variant not yet
         cached, N + 1 forwards per window instead of 2N. Each result is the one ``evaluate`` gives alone (tested)."""
         task = self.settings.task(spec, task_name)
-        missing = [q for q in dict.fromkeys(quant_names)
-                   if not has_entry("results", self.parts(spec, task_name, q))]
         kind = kind_of(task)
-        if not kind.uses_reference or len(missing) < 2:
+        if not kind.uses_reference:
             return
-        baseline, tokenizer = self.models.baseline(spec)
-        models = [self.candidates.get(spec, q, self.settings.matrix.quant[q]).model for q in missing]
-        started = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            for model in models:
-                stack.enter_context(dequantized_weights(model))
-            results = kind.evaluate_models(models, tokenizer, task, self.items(spec, task_name),
-                                           self.settings.limits(spec).get(task_name), f"{task_name} [{spec.name} "
-                                           f"{len(models)} variants]", reference_model=baseline)
-        log.info("%s [%s %s]: in %.1fs", task_name, spec.name, ", ".join(missing), time.perf_counter() - started)
-        # the baseline's own result came from the same forwards: the last of the list
-        for quant_name, result in zip([*missing, None], results):
-            cached_json("results", self.parts(spec, task_name, quant_name), lambda r=result: dataclasses.asdict(r))
+        for span in self._spans(spec, task_name, n):
+            missing = [q for q in dict.fromkeys(quant_names)
+                       if not has_entry("results", self.span_parts(spec, task_name, q, span))]
+            if len(missing) < 2:
+                continue
+            baseline, tokenizer = self.models.baseline(spec)
+            models = [self.candidates.get(spec, q, self.settings.matrix.quant[q]).model for q in missing]
+            started = time.perf_counter()
+            with contextlib.ExitStack() as stack:
+                for model in models:
+                    stack.enter_context(dequantized_weights(model))
+                results = kind.evaluate_models(
+                    models, tokenizer, task, kind.span_items(self.items(spec, task_name), span), span,
+                    f"{task_name} [{spec.name} {len(models)} variants] {span.start}-{span.stop}", reference_model=baseline)
+            log.info("%s [%s %s] %d-%d: in %.1fs", task_name, spec.name, ", ".join(missing), span.start, span.stop,
+                     time.perf_counter() - started)
+            # the baseline's own result came from the same forwards: the last of the list
+            for quant_name, result in zip([*missing, None], results):
+                cached_json("results", self.span_parts(spec, task_name, quant_name, span), lambda r=result: r.items)

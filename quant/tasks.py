@@ -40,10 +40,12 @@ def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed:
     return kind_of(task).select(task, items, limit, seed)
 
 
-def evaluate(model: torch.nn.Module, tokenizer, task: TaskSpec, items: list[dict], limit: int | None = None,
+def evaluate(model: torch.nn.Module, tokenizer, task: TaskSpec, items: list[dict], span: range | None = None,
              label: str = "", reference_model: torch.nn.Module | None = None) -> TaskResult:
-    """Score ``items`` with the task's kind; ``label`` names the run in the progress bar. Kinds that compare
-    distributions (``uses_reference``) run ``reference_model`` (the baseline) beside the model."""
+    """Score the task's items at ``span``'s positions (None: all) with the task's kind; ``label`` names the run in
+    the progress bar. Kinds that compare distributions (``uses_reference``) run ``reference_model`` (the baseline)
+    beside the model."""
     kind = kind_of(task)
-    return kind.evaluate(model, tokenizer, task, items, limit, label or task.name,
+    chosen = kind.span_items(items, span) if span is not None else items
+    return kind.evaluate(model, tokenizer, task, chosen, span, label or task.name,
                          reference_model if kind.uses_reference else None)

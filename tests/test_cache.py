@@ -168,7 +168,8 @@ def test_a_changed_data_file_changes_its_results_key(shared_data, tmp_path):
     shutil.copytree(shared_data, copy)
     matrix = load_matrix()
     spec = matrix.models["smollm2-135m"]
-    parts = lambda folder, task, quant=None: Workbench(matrix, "test", folder).result_parts(spec, task, quant)  # noqa: E731
+    parts = lambda folder, task, quant=None: Workbench(matrix, "test", folder).results.span_parts(  # noqa: E731
+        spec, task, quant, range(16))
     boolq, calibrated = parts(shared_data, "boolq"), parts(shared_data, "boolq", "gptq-w4g128")
     path = copy / "boolq" / "val.jsonl"
     path.write_text(path.read_text().replace(" the ", " The "))

@@ -1,9 +1,13 @@
 """The gate's rule (quant/gate.py): retention intervals against the threshold, the informative rule's fallback,
 strictness, the divergence bounds on top, and the joint verdict over a run (Holm)."""
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from quant import gate, stats
+from quant.kinds import TaskResult
 
 
 def test_retention_of_a_zero_baseline_is_undefined():
@@ -146,3 +150,100 @@ def test_items_to_detect_inverts_the_detectable_drop():
     n = gate.items_to_detect(0.2, 1.5, 0.9)
     assert gate.detectable_drop(1.5, n, 0.9) <= 0.2 < gate.detectable_drop(1.5, n - 1, 0.9)
     assert gate.items_to_detect(0.05, 1.5, 0.9) is None  # within the threshold's own margin: never failed
+
+
+# ---- sequential gates (gate.settle) ---------------------------------------------------------------------------
+
+SIZES = [16, 32, 64, 128, 256, 512]  # ResultStore.looks for a profile of 512 items
+# the simulation's per-item spread of the paired retention at the threshold is 0.50 (``_population_spread``)
+GATE = {"retention_min": 0.9, "strict": False, "kld_max": None, "same_top_min": None, "spread_prior": {"boolq": 0.5}}
+
+
+def _comparison(retention: float, spread: float, n: int, gate_fields: dict | None = None,
+                metrics: dict | None = None, p_value: float | None = 0.5) -> gate.Comparison:
+    """What ``gate.settle`` reads from a judged comparison: the retention, its per-item spread and n."""
+    case = SimpleNamespace(gate={**GATE, **(gate_fields or {})}, task=SimpleNamespace(name="boolq"))
+    baseline = TaskResult("t", {"accuracy": 0.6}, [{}] * n)
+    candidate = TaskResult("t", {"accuracy": 0.6 * retention, **(metrics or {})}, [{}] * n)
+    return gate.Comparison(case, "accuracy", baseline, candidate, retention, None, gate.Verdict("pass", "fixed"),
+                           {"spread": spread}, p_value)
+
+
+def _sequential_runs(retention: float, runs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paired accuracy items (baseline right 60% of the time; a candidate that keeps a right answer with the
+    probability giving ``retention`` and turns 5% of wrong ones right) judged look by look by ``gate.settle``, the
+    retention's standard error from the delta method: (verdict of each run, items it read, whether the fixed test
+    at every item fails it)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((runs, SIZES[-1])) < 0.6
+    keep = (0.6 * retention - 0.4 * 0.05) / 0.6
+    quant = np.where(base, rng.random(base.shape) < keep, rng.random(base.shape) < 0.05)
+    verdicts, items, fixed = [], [], []
+    for b, q in zip(base.astype(float), quant.astype(float)):
+        decided = None
+        for look, n in enumerate(SIZES):
+            value = q[:n].mean() / b[:n].mean()
+            spread = (q[:n] - value * b[:n]).std() / b[:n].mean()
+            settled = None if decided else gate.settle(_comparison(value, spread, n), SIZES, look)
+            decided = decided or (settled and (settled.verdict.status, n))
+        verdicts.append(decided[0])
+        items.append(decided[1])
+        fixed.append((value - 0.9) / (spread / math.sqrt(n)) <= -gate.Z_GATE)
+    return np.array(verdicts), np.array(items), np.array(fixed)
+
+
+def _population_spread(retention: float) -> float:
+    keep = (0.6 * retention - 0.4 * 0.05) / 0.6
+    # per-item variance of q - R b: (1 - R)^2 when right and kept, R^2 when right and lost, 1 on a wrong-to-right
+    variance = 0.6 * (keep * (1 - retention) ** 2 + (1 - keep) * retention**2) + 0.4 * 0.05
+    return math.sqrt(variance - (0.6 * keep + 0.4 * 0.05 - retention * 0.6) ** 2) / 0.6
+
+
+def test_the_sequential_gate_errs_at_its_nominal_rates_on_the_threshold():
+    """At a retention exactly on the threshold, over 6 looks: a fail as often as a one-sided 2.5% test allows, and a
+    pass about as often (3000 simulated runs; 3 Monte Carlo standard errors)."""
+    verdicts, _, _ = _sequential_runs(0.9, 3000, seed=1)
+    tolerance = 3 * math.sqrt(0.025 * 0.975 / 3000)
+    assert abs((verdicts == "fail").mean() - 0.025) <= tolerance
+    assert abs((verdicts == "pass").mean() - 0.025) <= tolerance
+
+
+def test_the_sequential_gate_keeps_its_power_and_stops_early_on_a_clear_drop():
+    """At the fixed test's detectable drop it fails within 3 points as often as the fixed test on every item does
+    (both under the 80% the drop is computed for: the spread grows as answers are lost); at twice that drop it fails
+    every run, at a fraction of the items; a clean model passes early (simulated runs)."""
+    drop = gate.detectable_drop(_population_spread(0.9), SIZES[-1], 0.9)
+    verdicts, _, fixed = _sequential_runs(1 - drop, 2000, seed=2)
+    assert (verdicts == "fail").mean() >= fixed.mean() - 0.03
+    verdicts, items, _ = _sequential_runs(1 - 2 * drop, 500, seed=3)
+    assert (verdicts == "fail").all() and items.mean() <= SIZES[-1] / 2
+    verdicts, items, _ = _sequential_runs(1.0, 500, seed=4)
+    assert (verdicts == "pass").mean() >= 0.95 and items.mean() <= SIZES[-1] * 0.75
+
+
+def test_a_sequential_gate_decides_at_a_boundary_and_says_where():
+    design = stats.GroupSequential([n / 512 for n in SIZES], gate.JOINT_ALPHA)
+    boundary = design.boundaries[2]
+    spread = 0.5
+    just_below = 0.9 - (boundary + 0.01) * spread / math.sqrt(64)
+    failed = gate.settle(_comparison(just_below, spread, 64), SIZES, 2)
+    assert failed.verdict.status == "fail" and "look 3 of 6 (n=64 of 512)" in failed.verdict.reason
+    assert failed.p_value == pytest.approx(design.p_value(2, -boundary - 0.01)) and failed.p_value < 0.025
+    assert gate.settle(_comparison(0.9 - (boundary - 0.01) * spread / math.sqrt(64), spread, 64), SIZES, 2) is None
+    last = gate.settle(_comparison(0.89, spread, 512), SIZES, 5)
+    assert last.verdict.status == "inconclusive" and "within the boundaries" in last.verdict.reason
+    assert gate.settle(_comparison(0.89, spread, 512, {"strict": True}), SIZES, 5).verdict.status == "fail"
+
+
+def test_what_a_sequential_gate_does_not_stop_on():
+    # an uninformative gate (no p-value: its baseline is near chance) reads every item and keeps its fixed verdict
+    assert gate.settle(_comparison(0.5, 0.5, 64, p_value=None), SIZES, 2) is None
+    fixed = _comparison(0.5, 0.5, 512, p_value=None)
+    assert gate.settle(fixed, SIZES, 5) is fixed
+    # a single look is the fixed gate
+    assert gate.settle(fixed, [512], 0) is fixed
+    # a divergence bound over its limit holds back an early pass; it fails the case at the last look
+    over = {"mean_kld": 0.9, "same_top_p": 0.9}
+    assert gate.settle(_comparison(1.0, 0.05, 64, {"kld_max": 0.5}, over), SIZES, 2) is None
+    last = gate.settle(_comparison(1.0, 0.05, 512, {"kld_max": 0.5}, over), SIZES, 5)
+    assert last.verdict.status == "fail" and "mean KLD" in last.verdict.reason

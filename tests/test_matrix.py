@@ -7,7 +7,7 @@ from quant.report import describe
 
 @pytest.mark.regression_gate
 def test_retention(case, workbench, record_gate):
-    comparison = workbench.compare(case)
+    comparison = workbench.settle(case)
     record_gate(case.id, comparison)
     assert not comparison.verdict.failed, describe(comparison)
 

@@ -34,3 +34,9 @@ def test_a_case_with_detect_gets_the_items_that_reach_it():
                                                             43, 0.026)
     within = plan.power_line(_case("smollm2-135m-rtn-w4g128-msmarco", detect=0.05), 43, 0.026)
     assert "no n reaches it (within the threshold's own margin)" in within
+
+
+def test_the_plan_names_a_sequential_gates_looks():
+    assert "sequential: looks at n=16, 32, 43," in plan.power_line(_case("smollm2-135m-rtn-w4g128-msmarco"), 43, 0.026)
+    assert "sequential" not in plan.power_line(_case("smollm2-135m-rtn-w4g128-msmarco", sequential=False), 43, 0.026)
+    assert "sequential" not in plan.power_line(_case("smollm2-135m-rtn-w4g128-msmarco"), 16, 0.026)  # one look

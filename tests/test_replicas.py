@@ -13,7 +13,6 @@ import torch
 import yaml
 from safetensors.torch import save_model
 
-from quant.cache import has_entry
 from quant.cli import main
 from quant.config import REPO_ROOT, QuantConfig
 from quant.kernels import use_fast_kernels
@@ -313,7 +312,7 @@ def test_variants_evaluated_together_share_the_baseline_forward_and_get_what_eac
         handle.remove()
     assert len(forwards) == 2  # 4 windows in batches of 2, once for the three variants
     # the baseline's own result came from the same forwards
-    assert has_entry("results", together.result_parts(spec, "wikitext"))
+    assert together.results.cached(spec, "wikitext")
     joint = {q: together.evaluate(spec, "wikitext", q) for q in [*variants, None]}  # read back from the cache
     monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path / "alone"))
     alone = Workbench(matrix, "replica", shared_data)
@@ -338,7 +337,7 @@ def test_perplexity_and_kld_from_chunked_logits_equal_a_full_forward(replica):
     head.weight.add_(0.02 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
     task = TaskSpec("wikitext", "wikitext", "perplexity", {"window": 100, "batch_size": 2, "metrics": ["perplexity"]})
     text = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 40
-    result = KIND.evaluate(noisy, tokenizer, task, [{"id": "t", "text": text}], limit=3, label="", reference_model=model)
+    result = KIND.evaluate(noisy, tokenizer, task, [{"id": "t", "text": text}], span=range(3), label="", reference_model=model)
     ids = torch.stack(perplexity_windows(tokenizer, text, 100)[:3])
     base, logprobs = (torch.log_softmax(m(ids).logits[:, :-1].float(), -1) for m in (model, noisy))
     nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)

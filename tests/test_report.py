@@ -1,5 +1,6 @@
 """The report's first screen (the headline) and its detailed tables, on a report built by hand."""
 import json
+from types import SimpleNamespace
 
 from quant import report
 from tests.report_rows import KERNEL, decision_report as _decision_report, row as _row
@@ -89,3 +90,34 @@ def test_the_kld_figure_is_drawn_when_rows_have_a_kld(tmp_path):
         row["mean_kld_se"] = None if row["mean_kld"] is None else 0.01
     assert report.kld_chart(built, tmp_path / "kld.png").read_bytes()[:4] == b"\x89PNG"
     assert report.retention_chart(built, tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sequential_stop_shows_its_items_and_what_it_saved():
+    data = _report()
+    stopped = data["rows"][3]  # rtn-w4g128 wikitext, the headline of its case
+    stopped.update(n=16, n_planned=40)
+    data["rows"][6].update(n=40, n_planned=40)
+    assert report.items_cell(stopped) == "16 of 40" and report.items_cell(data["rows"][6]) == "40"
+    assert "| 16 of 40 |" in report.markdown(data)
+    lines = report.headline(data)
+    assert "Sequential gates: 1 of 2 cases decided before the profile's n; 56 of 80 items read per model (30% fewer)." in lines
+    assert not any(line.startswith("Sequential") for line in report.headline(_report()))  # nothing stopped early
+
+
+class _Workbench:
+    """Decides case "a" at its first look, "b" at its second and last; "c" cannot run."""
+
+    def looks(self, case):
+        return [16, 32]
+
+    def settle_look(self, case, look):
+        if case.id == "c":
+            raise OSError("weights not found")
+        return f"{case.id} at {look}" if look == {"a": 0, "b": 1}[case.id] else None
+
+
+def test_cases_are_settled_look_by_look_and_a_broken_one_keeps_its_error():
+    cases = [SimpleNamespace(id=name, task=SimpleNamespace(kind="choice")) for name in "abc"]
+    settled = report.settle_cases(_Workbench(), cases)
+    assert settled["a"] == ("a at 0", 16) and settled["b"] == ("b at 1", 32)
+    assert isinstance(settled["c"], OSError)

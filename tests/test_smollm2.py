@@ -73,7 +73,7 @@ def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug)
     limit = workbench.limits(case.model)["wikitext"]
     baseline_model, tokenizer = workbench.baseline(case.model)
     baseline = workbench.evaluate(case.model, "wikitext")
-    result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), limit=limit,
+    result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), span=range(limit),
                       reference_model=baseline_model)
     comparison = gate.judge(case, baseline, result)
     assert comparison.verdict.failed, comparison.verdict.reason
@@ -108,7 +108,7 @@ def test_quantize_and_evaluate_again_gives_identical_metrics(matrix, workbench):
     task = workbench.task(case.model, "wikitext")
     with dequantized_weights(model):
         again = evaluate(model, tokenizer, task, workbench.items(case.model, "wikitext"),
-                         limit=workbench.limits(case.model)["wikitext"], reference_model=baseline_model)
+                         span=range(workbench.limits(case.model)["wikitext"]), reference_model=baseline_model)
     cached = workbench.evaluate(case.model, "wikitext", case.quant_name)
     assert again.metrics == cached.metrics
     assert again.items == cached.items

@@ -122,3 +122,37 @@ def test_flips_roc_auc_and_pairing_read_every_item():
     stats.same_items(records, records)
     with pytest.raises(ValueError, match="same items in the same order"):
         stats.same_items(records, list(reversed(records)))
+
+
+def test_the_spending_boundaries_are_the_published_obrien_fleming_type_ones():
+    """Lan-DeMets O'Brien-Fleming-type spending, one-sided 0.025, four equally spaced looks: 4.333, 2.963, 2.359,
+    2.014 (Jennison & Turnbull's tables; rpact and gsDesign give the same); one look is the fixed test's 1.960."""
+    design = stats.GroupSequential([0.25, 0.5, 0.75, 1.0], 0.025)
+    assert design.boundaries == pytest.approx([4.333, 2.963, 2.359, 2.014], abs=2e-3)
+    assert stats.GroupSequential([1.0], 0.025).boundaries == pytest.approx([1.95996], abs=1e-4)
+    # each look spends what the function allows up to it: the p-value at a boundary is the alpha spent so far
+    spent = [design.p_value(k, -c) for k, c in enumerate(design.boundaries)]
+    assert spent == pytest.approx([stats.spent_alpha(t, 0.025) for t in design.fractions], abs=2e-4)
+    assert spent[-1] == pytest.approx(0.025, abs=2e-4)
+
+
+def test_the_stagewise_p_value_is_uniform_under_the_null():
+    """Simulated null sequences (standard Brownian motion at the looks) stopped at their first crossing: the
+    stage-wise p-value is below 0.01, 0.025 and 0.1 as often as it should be (5000 sequences, 3 standard errors)."""
+    fractions = [16 / 200, 32 / 200, 64 / 200, 128 / 200, 1.0]
+    design = stats.GroupSequential(fractions, 0.025)
+    rng = np.random.default_rng(7)
+    steps = rng.standard_normal((5000, len(fractions))) * np.sqrt(np.diff([0, *fractions]))
+    z = np.cumsum(steps, axis=1) / np.sqrt(fractions)
+    crossed = z <= -np.array(design.boundaries)
+    stop = np.where(crossed.any(axis=1), crossed.argmax(axis=1), len(fractions) - 1)
+    p = np.empty(len(z))
+    for look in range(len(fractions)):
+        p[stop == look] = design.p_values(look, z[stop == look, look])
+    for level in (0.01, 0.025, 0.1):
+        assert abs((p <= level).mean() - level) <= 3 * np.sqrt(level * (1 - level) / 5000), level
+
+
+def test_looks_must_increase():
+    with pytest.raises(ValueError, match="increase"):
+        stats.GroupSequential([0.5, 0.5, 1.0], 0.025)

@@ -80,11 +80,23 @@ class TaskKind:
         return data.subset(items, limit, seed)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, task: TaskSpec, items: list[dict],
-                 limit: int | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
+                 span: range | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
+        """Score the items; ``span``: the positions of the task's evaluation order they are (only a kind whose items
+        are cut from one text, ``span_items``, reads it)."""
         raise NotImplementedError
 
+    def span_items(self, items: list[dict], span: range) -> list[dict]:
+        """The items at ``span``'s positions of the evaluation order (``select``'s list, whose prefixes are the
+        smaller subsets): a result is cached span by span, so that a longer run extends a shorter one."""
+        return items[span.start : span.stop]
+
+    def size(self, task: TaskSpec, items: list[dict], limit: int | None, tokenizer: Callable[[], Any]) -> int:
+        """How many units (the positions a span counts) the profile evaluates: ``select`` has cut the items to
+        ``limit``; ``tokenizer`` is called only by a kind that must tokenize to count."""
+        return len(items)
+
     def evaluate_models(self, models: list[torch.nn.Module], tokenizer: Any, task: TaskSpec, items: list[dict],
-                        limit: int | None, label: str, reference_model: torch.nn.Module) -> list[TaskResult]:
+                        span: range | None, label: str, reference_model: torch.nn.Module) -> list[TaskResult]:
         """For a kind that ``uses_reference``: each model's result beside one run of the reference, whose own
         result comes last (what each model gets alone, for less than a reference run per model)."""
         raise NotImplementedError
@@ -100,8 +112,12 @@ class TaskKind:
         raise NotImplementedError
 
     def result(self, task: TaskSpec, records: list[Any]) -> TaskResult:
-        """The task's result from its records: every reported metric by its aggregate."""
-        items = [dataclasses.asdict(record) for record in records]
+        """The task's result from its records."""
+        return self.summarize(task, [dataclasses.asdict(record) for record in records])
+
+    def summarize(self, task: TaskSpec, items: list[dict[str, Any]]) -> TaskResult:
+        """The task's result from its records as dicts (fresh, or cached span by span): every reported metric by
+        its aggregate."""
         columns = self.columns(items)
         return TaskResult(task.name, {m: float(self.aggregate(m)(columns)) for m in self.reported(task)}, items)
 

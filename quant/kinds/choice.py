@@ -31,7 +31,7 @@ class Choice(TaskKind):
         return frozenset({"accuracy"})
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, task: TaskSpec, items: list[dict],
-                 limit: int | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
+                 span: range | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
         choices = task["choices"]
         requests = [(task["prompt"].format(**item), choices) for item in items]
         batch_size = task.get("batch_size", self.default_batch_size)

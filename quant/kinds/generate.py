@@ -159,7 +159,7 @@ class Generate(TaskKind):
         return [{**item, "fewshot": prefix} for item in chosen]
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, task: TaskSpec, items: list[dict],
-                 limit: int | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
+                 span: range | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
         outputs = generate(model, tokenizer, task, items, label, task.get("batch_size", self.default_batch_size))
         return self.score(task, items, outputs)
 

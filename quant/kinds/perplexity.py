@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,15 +72,21 @@ class Perplexity(TaskKind):
         return frozenset({"perplexity"})
 
     def select(self, task: TaskSpec, items: list[dict], limit: int | None, seed: int) -> list[dict]:
-        return items  # one text; ``limit`` counts windows, applied by the evaluator
+        return items  # one text; a span counts its windows, cut by the evaluator
+
+    def span_items(self, items: list[dict], span: range) -> list[dict]:
+        return items
+
+    def size(self, task: TaskSpec, items: list[dict], limit: int | None, tokenizer: Callable[[], Any]) -> int:
+        return limit if limit is not None else len(perplexity_windows(tokenizer(), items[0]["text"], task["window"]))
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, task: TaskSpec, items: list[dict],
-                 limit: int | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
-        return self.evaluate_models([model], tokenizer, task, items, limit, label, reference_model)[0]
+                 span: range | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
+        return self.evaluate_models([model], tokenizer, task, items, span, label, reference_model)[0]
 
     @torch.no_grad()
     def evaluate_models(self, models: list[torch.nn.Module], tokenizer: Any, task: TaskSpec, items: list[dict],
-                        limit: int | None, label: str,
+                        span: range | None, label: str,
                         reference_model: torch.nn.Module | None = None) -> list[TaskResult]:
         """Each model's result over the same windows. With ``reference_model`` (the baseline), it runs beside the
         models on each batch, so the divergences are taken per token over the whole vocabulary with nothing
@@ -87,7 +94,9 @@ class Perplexity(TaskKind):
         per window, not 2N, and the reference's own result comes last in the list. Each model's result is the
         one it gets alone."""
         window = task["window"]
-        windows = perplexity_windows(tokenizer, items[0]["text"], window)[:limit]
+        every_window = perplexity_windows(tokenizer, items[0]["text"], window)
+        first = span.start if span is not None else 0
+        windows = every_window[first : span.stop if span is not None else None]
         device = next(models[0].parameters()).device
         compared = [*models, reference_model] if reference_model is not None else list(models)
         nll = [torch.zeros(len(windows), dtype=torch.float64) for _ in compared]
@@ -113,9 +122,9 @@ class Perplexity(TaskKind):
         for m in range(len(compared)):
             against_reference = reference_model is not None and m < len(models)  # the reference itself is last
             records = [
-                ComparedWindowRecord(f"window-{i}", float(nll[m][i]), window - 1, float(nll[-1][i]),
+                ComparedWindowRecord(f"window-{first + i}", float(nll[m][i]), window - 1, float(nll[-1][i]),
                                      [round(v, 6) for v in kld[m][i].tolist()], int(same_top[m][i]))
-                if against_reference else WindowRecord(f"window-{i}", float(nll[m][i]), window - 1)
+                if against_reference else WindowRecord(f"window-{first + i}", float(nll[m][i]), window - 1)
                 for i in range(len(windows))]
             results.append(self.result(task, records))
         return results
@@ -123,18 +132,18 @@ class Perplexity(TaskKind):
     def aggregate(self, metric: str) -> Aggregate:
         return lambda c: np.exp(c["nll"].sum(-1) / c["tokens"].sum(-1))
 
-    def result(self, task: TaskSpec, records: list[Any]) -> TaskResult:
+    def summarize(self, task: TaskSpec, items: list[dict[str, Any]]) -> TaskResult:
         """Perplexity, and with the baseline's windows beside it the divergence statistics over every token."""
-        result = super().result(task, records)
-        if not records or not isinstance(records[0], ComparedWindowRecord):
+        result = super().summarize(task, items)
+        if not items or "kld_tokens" not in items[0]:
             return result
-        total_tokens = sum(r.tokens for r in records)
-        klds = torch.tensor([v for r in records for v in r.kld_tokens], dtype=torch.float64)
+        total_tokens = sum(r["tokens"] for r in items)
+        klds = torch.tensor([v for r in items for v in r["kld_tokens"]], dtype=torch.float64)
         result.metrics.update({
             "mean_kld": float(klds.mean()), "mean_kld_se": float(klds.std() / math.sqrt(len(klds))),
             "median_kld": float(klds.median()), "p99_kld": float(klds.quantile(0.99)),
-            "same_top_p": sum(r.same_top for r in records) / total_tokens,
-            "ln_ppl_ratio": (sum(r.nll for r in records) - sum(r.base_nll for r in records)) / total_tokens,
+            "same_top_p": sum(r["same_top"] for r in items) / total_tokens,
+            "ln_ppl_ratio": (sum(r["nll"] for r in items) - sum(r["base_nll"] for r in items)) / total_tokens,
         })
         return result
 

@@ -46,7 +46,7 @@ class Rerank(TaskKind):
         return [*self.metrics(task), *(f"bm25_{metric}" for metric in self.metrics(task))]
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, task: TaskSpec, items: list[dict],
-                 limit: int | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
+                 span: range | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
         top_k = task["top_k"]
         requests, owners = [], []
         for index, item in enumerate(items):
