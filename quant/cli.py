@@ -14,16 +14,17 @@ import json
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 
-from quant import plan, report
+from quant import noise, plan, report
 from quant.backends import BackendUnavailable
 from quant.backends.checkpoint import CheckpointError
-from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, QuantConfig, data_dir
+from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, QuantConfig, cache_dir, data_dir
 from quant.crosscheck import LM_EVAL_TASKS, crosscheck
 from quant.data import DataError, missing_files
 from quant.data import load as load_data
@@ -313,6 +314,37 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _noise_arguments(command: argparse.ArgumentParser) -> None:
+    _add_inputs(command)
+    command.add_argument("cases", nargs="*", help="case ids (default: the default cadence's CPU-tier cases)")
+    command.add_argument("--profile", default="test", help="the profile whose snapshots are measured (default: "
+                                                           "%(default)s, what pytest compares)")
+    command.add_argument("--write", action="store_true", help="replace matrix.yaml's measured_tolerances section")
+
+
+def noise_command(args: argparse.Namespace) -> int:
+    """Every case rerun under one thread, the AVX2 code path and doubled batches; the tolerances that covers."""
+    matrix = load_matrix(args.matrix)
+    by_id = {case.id: case for case in matrix.cases}
+    unknown = [case_id for case_id in args.cases if case_id not in by_id]
+    if unknown:
+        raise ConfigError(f"no case {unknown[0]!r} in {matrix.path}; ids look like {matrix.cases[0].id}")
+    cases = ([by_id[case_id] for case_id in args.cases] if args.cases else
+             [c for c in matrix.cases if c.cadence == "default" and c.model.tier == "cpu"])
+    started = time.strftime("%Y-%m-%d")
+    reference, runs = noise.measure(matrix, args.profile, cases, data_dir(args.data_dir), cache_dir() / "noise")
+    tolerances = noise.measured_tolerances(cases, reference, runs)
+    print(noise.table(cases, reference, runs, tolerances))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "noise.json").write_text(json.dumps({"unchanged": reference, **runs}, indent=1) + "\n")
+    print(f"wrote every run's values to {args.out / 'noise.json'}")
+    if args.write:
+        source = f"python -m quant noise --profile {args.profile} --write, {started}, {noise.this_machine()}"
+        noise.write_section(matrix.path, noise.section_text(tolerances, source))
+        print(f"wrote {len(tolerances)} cases' measured tolerances to {matrix.path}")
+    return 0
+
+
 def history_command(args: argparse.Namespace) -> int:
     _saved_runs(args.storage)
     print(f"wrote {plot_history(args.storage, args.out)}")
@@ -561,6 +593,8 @@ COMMANDS: dict[str, Command] = {
                        save_replica_command),
     "show": Command("print one case as it runs: defaults, case entry, quant config, task and profile resolved",
                     _show_arguments, show_command),
+    "noise": Command("rerun cases under changes that must not change quality (threads, CPU code path, batch) and "
+                     "derive snapshot tolerances from what moved", _noise_arguments, noise_command),
     "history": Command("plot saved benchmark runs (.benchmarks/) to a PNG", _history_arguments, history_command),
     "bench-compare": Command("the newest saved benchmark run against the one before it: a regression only when the "
                              "time ratio's interval lies beyond the threshold", _bench_compare_arguments,

@@ -129,6 +129,7 @@ def load_matrix(path: Path | None = None) -> Matrix:
         gate = {**defaults, **{k: v for k, v in entry.items() if k in GATE_FIELDS}}
         # a case's snapshot tolerances refine the defaults metric by metric
         gate["snapshot_tolerance"] = {**defaults.get("snapshot_tolerance", {}), **entry.get("snapshot_tolerance", {})}
+        measured = raw.get("measured_tolerances", {}).get("cases", {})
         for model_name in entry["models"]:
             for quant_name in entry["quant"]:
                 for task_name in entry["tasks"]:
@@ -136,10 +137,17 @@ def load_matrix(path: Path | None = None) -> Matrix:
                                               ("task", task_name, tasks)):
                         if name not in known:
                             raise ConfigError(f"{where}: unknown {kind} {name!r}; known: {sorted(known)}")
+                    case_id = f"{model_name}-{quant_name}-{task_name}"
+                    own_gate = gate if case_id not in measured else {
+                        **gate, "snapshot_tolerance": {**gate["snapshot_tolerance"], **measured[case_id]}}
                     case = Case(models[model_name], quant_name, quant[quant_name], tasks[task_name],
-                                entry.get("cadence", "default"), gate, entry.get("expected_failure"))
+                                entry.get("cadence", "default"), own_gate, entry.get("expected_failure"))
                     if case.id in cases:
                         raise ConfigError(f"{where}: case {case.id} is already defined by an earlier entry")
                     cases[case.id] = case
+    stale = sorted(set(raw.get("measured_tolerances", {}).get("cases", {})) - set(cases))
+    if stale:
+        raise ConfigError(f"{path}: measured_tolerances.cases names no case of the matrix: {stale}; rerun "
+                          "python -m quant noise --write")
     return Matrix(path, raw.get("seed", 0), raw.get("profiles", {}), models, quant, tasks, list(cases.values()),
                   raw.get("costs", {}))
