@@ -189,7 +189,8 @@ def joint_verdict(gates: list[tuple[str, float | None, str]], alpha: float = JOI
 
 
 @functools.lru_cache(maxsize=64)
-def _design(sizes: tuple[int, ...]) -> stats.GroupSequential:
+def sequential_design(sizes: tuple[int, ...]) -> stats.GroupSequential:
+    """The group sequential test of a gate that looks at ``sizes`` items."""
     return stats.GroupSequential([size / sizes[-1] for size in sizes], JOINT_ALPHA)
 
 
@@ -222,7 +223,7 @@ def settle(comparison: Comparison, sizes: list[int], look: int) -> Comparison | 
     threshold = threshold_of(gate, comparison.metric)
     distance, standard_error = comparison.retention - threshold, spread / math.sqrt(comparison.baseline.n)
     z = distance / standard_error if standard_error > 0 else math.copysign(math.inf, distance)
-    design = _design(tuple(sizes))
+    design = sequential_design(tuple(sizes))
     boundary = design.boundaries[look]
     where = f"look {look + 1} of {len(sizes)} (n={sizes[look]} of {sizes[-1]})"
     measured = f"retention {comparison.retention:.3f}, {z:+.2f} standard errors from {threshold:.3f}"

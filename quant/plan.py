@@ -6,12 +6,13 @@ was measured."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from quant.config import ConfigError, QuantConfig
 from quant.data import DataError
-from quant.gate import detectable_drop, headline_metric, items_to_detect, threshold_of
+from quant.gate import detectable_drop, headline_metric, items_to_detect, sequential_design, threshold_of
 from quant.kernels import INT8_KERNELS, KERNEL_GROUP_SIZES, KERNELS
 from quant.kinds import kind_of
 from quant.matrix import Case, Matrix
@@ -67,8 +68,11 @@ def power_line(case: Case, items: int, measured: float | None) -> str:
                  else f"needs n={needed}" + (", more than the profile runs" if needed > items else ""))
         line += f"; detect {case.gate['detect']}: {reach}"
     looks = look_sizes(items)
-    if case.gate["sequential"] and len(looks) > 1:
-        line += f"; sequential: looks at n={', '.join(map(str, looks))}, stops at the first that decides"
+    if case.gate["sequential"] and len(looks) > 1 and spread > 0:
+        design = sequential_design(tuple(looks))
+        unchanged = design.expected_fraction((1 - threshold) / (spread / math.sqrt(items))) * items
+        line += (f"; sequential: looks at n={', '.join(map(str, looks))}, about n={unchanged:.0f} expected when "
+                 "nothing is lost")
     return line
 
 

@@ -202,3 +202,14 @@ class GroupSequential:
         """``p_value`` for each of the statistics ``z`` at one look."""
         earlier = spent_alpha(self.fractions[look - 1], self.alpha) if look else 0.0  # what the looks before spent
         return np.minimum(1.0, earlier + self._mass_below(look, z))
+
+    def expected_fraction(self, drift: float, runs: int = 20000, seed: int = 0) -> float:
+        """The mean information fraction at which sequences stop (either boundary, else the last look) when Z at the
+        last look has mean ``drift`` (the true distance to the threshold in final standard errors): simulated
+        paths of the same Brownian motion, for the plan's expected items."""
+        fractions = np.array(self.fractions)
+        steps = np.random.default_rng(seed).standard_normal((runs, len(fractions))) * np.sqrt(np.diff([0, *fractions]))
+        z = (np.cumsum(steps, axis=1) + drift * fractions) / np.sqrt(fractions)
+        crossed = np.abs(z) >= np.array(self.boundaries)
+        stop = np.where(crossed.any(axis=1), crossed.argmax(axis=1), len(fractions) - 1)
+        return float(fractions[stop].mean())

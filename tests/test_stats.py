@@ -156,3 +156,10 @@ def test_the_stagewise_p_value_is_uniform_under_the_null():
 def test_looks_must_increase():
     with pytest.raises(ValueError, match="increase"):
         stats.GroupSequential([0.5, 0.5, 1.0], 0.025)
+
+
+def test_the_expected_stop_is_early_for_a_clear_effect_and_late_under_the_null():
+    design = stats.GroupSequential([0.25, 0.5, 0.75, 1.0], 0.025)
+    assert design.expected_fraction(20.0) == 0.25  # far beyond every boundary: the first look
+    assert design.expected_fraction(0.0) > 0.97  # under the null almost every sequence reaches the end
+    assert 0.5 < design.expected_fraction(4.0) < 0.9
