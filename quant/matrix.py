@@ -147,7 +147,7 @@ def load_matrix(path: Path | None = None) -> Matrix:
                     cases[case.id] = case
     stale = sorted(set(raw.get("measured_tolerances", {}).get("cases", {})) - set(cases))
     if stale:
-        raise ConfigError(f"{path}: measured_tolerances.cases names no case of the matrix: {stale}; rerun "
-                          "python -m quant noise --write")
+        raise ConfigError(f"{path}: measured_tolerances.cases names no case of the matrix: {stale}; remove those "
+                          "entries or rerun python -m quant noise --write")
     return Matrix(path, raw.get("seed", 0), raw.get("profiles", {}), models, quant, tasks, list(cases.values()),
                   raw.get("costs", {}))
