@@ -325,16 +325,12 @@ def _noise_arguments(command: argparse.ArgumentParser) -> None:
 def noise_command(args: argparse.Namespace) -> int:
     """Every case rerun under one thread, the AVX2 code path and doubled batches; the tolerances that covers."""
     matrix = load_matrix(args.matrix)
-    by_id = {case.id: case for case in matrix.cases}
-    unknown = [case_id for case_id in args.cases if case_id not in by_id]
-    if unknown:
-        raise ConfigError(f"no case {unknown[0]!r} in {matrix.path}; ids look like {matrix.cases[0].id}")
-    cases = ([by_id[case_id] for case_id in args.cases] if args.cases else
-             [c for c in matrix.cases if c.cadence == "default" and c.model.tier == "cpu"])
+    cases = noise.cases_named(matrix, args.cases)
     started = time.strftime("%Y-%m-%d")
     reference, runs = noise.measure(matrix, args.profile, cases, data_dir(args.data_dir), cache_dir() / "noise")
-    tolerances = noise.measured_tolerances(cases, reference, runs)
-    print(noise.table(cases, reference, runs, tolerances))
+    found = noise.deviations(reference, runs)
+    tolerances = noise.measured_tolerances(cases, reference, found)
+    print(noise.table(cases, found, tolerances))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "noise.json").write_text(json.dumps({"unchanged": reference, **runs}, indent=1) + "\n")
     print(f"wrote every run's values to {args.out / 'noise.json'}")

@@ -123,13 +123,13 @@ def load_matrix(path: Path | None = None) -> Matrix:
             get_backend(config.backend, f"{path} quant.{name}").check(config, f"{path} quant.{name}")
     tasks = load_tasks()
     defaults = raw.get("defaults", {})
+    measured = raw.get("measured_tolerances", {}).get("cases", {})  # by case id, over each case's own tolerances
     cases: dict[str, Case] = {}
     for number, entry in enumerate(raw.get("cases", [])):
         where = f"{path} cases[{number}]"
         gate = {**defaults, **{k: v for k, v in entry.items() if k in GATE_FIELDS}}
         # a case's snapshot tolerances refine the defaults metric by metric
         gate["snapshot_tolerance"] = {**defaults.get("snapshot_tolerance", {}), **entry.get("snapshot_tolerance", {})}
-        measured = raw.get("measured_tolerances", {}).get("cases", {})
         for model_name in entry["models"]:
             for quant_name in entry["quant"]:
                 for task_name in entry["tasks"]:
@@ -145,7 +145,7 @@ def load_matrix(path: Path | None = None) -> Matrix:
                     if case.id in cases:
                         raise ConfigError(f"{where}: case {case.id} is already defined by an earlier entry")
                     cases[case.id] = case
-    stale = sorted(set(raw.get("measured_tolerances", {}).get("cases", {})) - set(cases))
+    stale = sorted(set(measured) - set(cases))
     if stale:
         raise ConfigError(f"{path}: measured_tolerances.cases names no case of the matrix: {stale}; remove those "
                           "entries or rerun python -m quant noise --write")

@@ -1,8 +1,9 @@
 """Snapshot tolerances from measured noise: every case rerun under changes that must not change a model's quality
 (another thread count, another CPU code path, another evaluation batch size), each rebuilding its quantized models
 where the change reaches the build, beside the committed snapshot (recorded on another machine), and each snapshot
-metric's largest deviation from the unchanged run turned into a tolerance: ``MULTIPLE`` times it, never finer than ``RESOLUTION``. ``quant noise --write`` replaces the
-``measured_tolerances`` section of matrix.yaml with what it found and the run that found it (``source``)."""
+metric's largest deviation from the unchanged run turned into a tolerance: ``MULTIPLE`` times it, never finer than
+``RESOLUTION``. ``quant noise --write`` replaces the ``measured_tolerances`` section of matrix.yaml with what it
+found and the run that found it (``source``)."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,17 @@ def this_machine() -> str:
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
              if line.startswith("model name")]
     return f"{names[0] if names else platform.processor()} x{os.cpu_count()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def cases_named(matrix: Matrix, case_ids: list[str]) -> list[Case]:
+    """The cases ``case_ids`` name (none: the default cadence's CPU-tier cases); an unknown id is a ConfigError."""
+    by_id = {case.id: case for case in matrix.cases}
+    unknown = [case_id for case_id in case_ids if case_id not in by_id]
+    if unknown:
+        raise ConfigError(f"no case {unknown[0]!r} in {matrix.path}; ids look like {matrix.cases[0].id}")
+    if case_ids:
+        return [by_id[case_id] for case_id in case_ids]
+    return [case for case in matrix.cases if case.cadence == "default" and case.model.tier == "cpu"]
 
 
 def scaled_batches(matrix: Matrix, profile: str, tier: str, scale: int) -> Matrix:
@@ -128,10 +140,11 @@ def measure(matrix: Matrix, profile: str, cases: list[Case], data_dir: Path | No
     return reference, runs
 
 
-def table(cases: list[Case], reference: dict[str, dict], runs: dict[str, dict[str, dict]],
-          tolerances: dict[str, dict[str, dict[str, float]]]) -> str:
-    """What each metric moved by, under which change, and the tolerance before and after."""
-    found = deviations(reference, runs)
+Deviations = dict[str, dict[str, tuple[float, str]]]  # case id -> metric -> (largest deviation, the run that gave it)
+
+
+def table(cases: list[Case], found: Deviations, tolerances: dict[str, dict[str, dict[str, float]]]) -> str:
+    """What each metric moved by (``deviations``), under which change, and the tolerance before and after."""
     lines = ["| case | metric | largest deviation | under | tolerance before | measured tolerance |", "|---|---|---|---|---|---|"]
     for case in cases:
         for metric, tolerance in tolerances[case.id].items():
@@ -142,10 +155,10 @@ def table(cases: list[Case], reference: dict[str, dict], runs: dict[str, dict[st
     return "\n".join(lines)
 
 
-def deviations(reference: dict[str, dict], runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, tuple[float, str]]]:
+def deviations(reference: dict[str, dict], runs: dict[str, dict[str, dict]]) -> Deviations:
     """For each case and metric (baseline and quantized sides together), the largest absolute deviation of any
     perturbed run from the reference, and the perturbation that gave it."""
-    found: dict[str, dict[str, tuple[float, str]]] = {}
+    found: Deviations = {}
     for case_id, own in reference.items():
         for name, value in own["metrics"].items():
             metric = name.split(".", 1)[1]
@@ -166,11 +179,10 @@ def tolerance_from(deviation: float, kind: str, value: float, n: int) -> float:
     return max(RESOLUTION[kind], float(f"{scaled:.2g}"))
 
 
-def measured_tolerances(cases: list[Case], reference: dict[str, dict], runs: dict[str, dict[str, dict]]
+def measured_tolerances(cases: list[Case], reference: dict[str, dict], found: Deviations
                         ) -> dict[str, dict[str, dict[str, float]]]:
     """Per case, each metric that has a tolerance in the matrix, or that moved: its tolerance in the matrix's unit
-    (absolute where it has none) from the measured deviation."""
-    found = deviations(reference, runs)
+    (absolute where it has none) from the measured deviation (``deviations``)."""
     tolerances = {}
     for case in cases:
         own = {}
@@ -215,12 +227,7 @@ def _worker(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     matrix = load_matrix(matrix_path(args.matrix))
-    by_id = {case.id: case for case in matrix.cases}
-    try:
-        cases = [by_id[case_id] for case_id in args.cases]
-    except KeyError as error:
-        raise ConfigError(f"{args.matrix}: no case {error.args[0]!r}") from None
-    print(json.dumps(snapshot_values(matrix, args.profile, cases, args.data_dir)))
+    print(json.dumps(snapshot_values(matrix, args.profile, cases_named(matrix, args.cases), args.data_dir)))
     return 0
 
 
