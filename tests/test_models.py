@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from quant.config import ConfigError
 from quant.matrix import load_matrix
@@ -48,3 +49,30 @@ def test_an_unknown_method_is_named_with_its_matrix_entry(tmp_path):
                     "cases: [{models: [m], quant: [fancy-w4], tasks: [wikitext]}]\n")
     with pytest.raises(ConfigError, match=r"quant.fancy-w4: unknown method 'fancy'; known: \['gptq', 'gsq', 'rtn'\]"):
         load_matrix(path)
+
+
+def test_a_gguf_model_loads_from_its_cached_conversion_with_the_same_weights_tokenizer_and_outputs(workbench, matrix):
+    """The baseline comes from the cached Hugging Face folder; a fresh conversion of the GGUF file gives the same
+    tensors, config and tokenizer, so every number computed on either is the same."""
+    from quant.config import cache_dir
+    from quant.models import _from_pretrained
+
+    spec = matrix.models["smollm2-135m"]
+    cached, cached_tokenizer = workbench.baseline(spec)
+    assert list((cache_dir() / "converted").glob("*/model.safetensors"))
+    fresh, fresh_tokenizer = _from_pretrained(spec, *spec.source())
+    fresh.eval()
+    fresh_state, cached_state = fresh.state_dict(), cached.state_dict()
+    assert fresh_state.keys() == cached_state.keys()
+    assert all(torch.equal(fresh_state[name], cached_state[name]) for name in fresh_state)
+    # what saving adds or drops: the GGUF marker, the source path and version, the class name it was saved from
+    ignored = {"quantization_config", "_name_or_path", "transformers_version", "architectures"}
+    assert ({k: v for k, v in fresh.config.to_dict().items() if k not in ignored}
+            == {k: v for k, v in cached.config.to_dict().items() if k not in ignored})
+    texts = ["Q: Is the sky blue?\nA:", " Robert Boulter is an English film ,  television and theatre actor .\n",
+             "  ünïcödé  12,345.6 <|im_start|>user\nhi<|im_end|>"]
+    assert [fresh_tokenizer(t).input_ids for t in texts] == [cached_tokenizer(t).input_ids for t in texts]
+    assert fresh_tokenizer.all_special_tokens == cached_tokenizer.all_special_tokens
+    ids = torch.tensor([cached_tokenizer(texts[1]).input_ids])
+    with torch.no_grad():  # the same weights through the same operations in one process
+        assert torch.equal(fresh(ids).logits, cached(ids).logits)
