@@ -12,6 +12,7 @@ from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
 from quant.snapshots import BASELINES, regressions
 from quant.kinds.lm import text_prefix
+from quant.kinds import kind_of
 from quant.tasks import evaluate
 
 MODEL = "smollm2-135m"
@@ -56,26 +57,41 @@ def _permutation_not_undone(layer: QuantLinear) -> None:
     layer.qweight.copy_(pack_bits(layer.codes()[:, permutation], layer.bits))
 
 
-@pytest.mark.parametrize("quant,bug", [
-    ("rtn-w4g128", _double_scales), ("rtn-w4g128", _round_down), ("rtn-w4g128", _transpose_groups),
-    ("rtn-w4g32-asym", _zero_point_off_by_one), ("rtn-w4g128", _permutation_not_undone),
-], ids=["doubled-scales", "wrong-rounding", "transposed-groups", "zero-point-off-by-one", "permutation-not-undone"])
+INJECTED_BUGS = {"doubled-scales": ("rtn-w4g128", _double_scales), "wrong-rounding": ("rtn-w4g128", _round_down),
+                 "transposed-groups": ("rtn-w4g128", _transpose_groups),
+                 "zero-point-off-by-one": ("rtn-w4g32-asym", _zero_point_off_by_one),
+                 "permutation-not-undone": ("rtn-w4g128", _permutation_not_undone)}
+
+
+@pytest.fixture(scope="module")
 @torch.no_grad()
-def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, quant, bug):
+def broken_wikitext_results(matrix, workbench) -> dict:
+    """Each injected bug's packed model evaluated on the test profile's WikiText windows, all of them beside one
+    baseline forward per window (``evaluate_models``: each result is the one the model gets alone)."""
+    spec = matrix.models[MODEL]
+    broken = {}
+    for name, (quant, bug) in INJECTED_BUGS.items():
+        broken[name] = copy.deepcopy(workbench.quantized(spec, quant, matrix.quant[quant]).model)
+        for module in broken[name].modules():
+            if isinstance(module, QuantLinear):
+                bug(module)
+    task = workbench.task(spec, "wikitext")
+    span = range(workbench.limits(spec)["wikitext"])
+    baseline_model, tokenizer = workbench.baseline(spec)
+    kind = kind_of(task)
+    results = kind.evaluate_models(list(broken.values()), tokenizer, task,
+                                   kind.span_items(workbench.items(spec, "wikitext"), span), span, "wikitext [bugs]",
+                                   reference_model=baseline_model)
+    return dict(zip(broken, results))
+
+
+@pytest.mark.parametrize("bug", sorted(INJECTED_BUGS))
+def test_an_injected_quantizer_bug_fails_the_gate(matrix, workbench, broken_wikitext_results, bug):
     """Known quantizer bugs injected into the packed model: the suite's own WikiText gate must catch each, and so
     must the committed snapshot of the case, with the old and new perplexity and the tolerance in its message."""
-    case = _case(matrix, quant, "wikitext")
-    broken = copy.deepcopy(workbench.quantized(case.model, case.quant_name, case.quant).model)
-    for module in broken.modules():
-        if isinstance(module, QuantLinear):
-            bug(module)
-    task = workbench.task(case.model, "wikitext")
-    limit = workbench.limits(case.model)["wikitext"]
-    baseline_model, tokenizer = workbench.baseline(case.model)
-    baseline = workbench.evaluate(case.model, "wikitext")
-    result = evaluate(broken, tokenizer, task, workbench.items(case.model, "wikitext"), span=range(limit),
-                      reference_model=baseline_model)
-    comparison = gate.judge(case, baseline, result)
+    case = _case(matrix, INJECTED_BUGS[bug][0], "wikitext")
+    result = broken_wikitext_results[bug]
+    comparison = gate.judge(case, workbench.evaluate(case.model, "wikitext"), result)
     assert comparison.verdict.failed, comparison.verdict.reason
     stored_file = BASELINES / "cpu" / workbench.settings.profile / "test_matrix.json"
     stored = json.loads(stored_file.read_text())[f"test_snapshot[{case.id}]"]
