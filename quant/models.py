@@ -168,8 +168,16 @@ def _from_pretrained(spec: ModelSpec, location: str, gguf_file: str | None) -> t
     return model, tokenizer
 
 
+# what saving adds to or drops from a config: the GGUF marker, the source path and version, the saving class's name
+CONFIG_KEYS_SAVING_CHANGES = frozenset({"quantization_config", "_name_or_path", "transformers_version", "architectures"})
+# texts whose token ids the converted tokenizer must reproduce: prose, a prompt, odd spacing, digits, non-ASCII
+TOKENIZER_PROBES = ("Q: Is the sky blue?\nA:", " Robert Boulter is an English film ,  television and theatre actor .\n",
+                    "  ünïcödé  12,345.6 \t end")
+
+
 def _converter(spec: ModelSpec) -> Callable[[Path], None]:
-    """Writes the GGUF model's float weights, config and tokenizer as a Hugging Face folder."""
+    """Writes the GGUF model's float weights, config and tokenizer as a Hugging Face folder, and refuses a folder
+    that does not load back as the same model (``conversion_differences``)."""
     def convert(folder: Path) -> None:
         location, gguf_file = spec.source()
         log.info("converting %s/%s into float weights (once per GGUF file and library versions)", location, gguf_file)
@@ -180,5 +188,28 @@ def _converter(spec: ModelSpec) -> Callable[[Path], None]:
             del model.config.quantization_config
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        differences = conversion_differences((model, tokenizer), _from_pretrained(spec, str(folder), None))
+        if differences:
+            raise RuntimeError(f"model {spec.name!r}: the converted copy of {gguf_file} does not load back as the "
+                               f"same model ({'; '.join(differences)}); nothing was cached")
 
     return convert
+
+
+def conversion_differences(source: tuple[torch.nn.Module, Any], converted: tuple[torch.nn.Module, Any]) -> list[str]:
+    """How a converted (model, tokenizer) differs from its source: tensors not bit-identical, config fields, special
+    tokens, token ids of ``TOKENIZER_PROBES``. Empty when every number computed on either is the same."""
+    (model, tokenizer), (other, other_tokenizer) = source, converted
+    state, other_state = model.state_dict(), other.state_dict()
+    differences = [f"tensor {name} differs" for name in state
+                   if name not in other_state or not torch.equal(state[name], other_state[name])]
+    differences += [f"tensor {name} is new" for name in other_state.keys() - state.keys()]
+    config, other_config = model.config.to_dict(), other.config.to_dict()
+    differences += [f"config {key}: {config.get(key)!r} -> {other_config.get(key)!r}"
+                    for key in sorted((config.keys() | other_config.keys()) - CONFIG_KEYS_SAVING_CHANGES)
+                    if config.get(key) != other_config.get(key)]
+    if tokenizer.all_special_tokens != other_tokenizer.all_special_tokens:
+        differences.append("special tokens differ")
+    differences += [f"token ids of {text!r} differ" for text in TOKENIZER_PROBES
+                    if tokenizer(text).input_ids != other_tokenizer(text).input_ids]
+    return differences

@@ -3,6 +3,7 @@ import torch
 
 from quant.config import ConfigError
 from quant.matrix import load_matrix
+from quant import models
 from quant.models import ModelSpec, ModelUnavailable, load_model, parse_models
 
 
@@ -51,28 +52,49 @@ def test_an_unknown_method_is_named_with_its_matrix_entry(tmp_path):
         load_matrix(path)
 
 
-def test_a_gguf_model_loads_from_its_cached_conversion_with_the_same_weights_tokenizer_and_outputs(workbench, matrix):
-    """The baseline comes from the cached Hugging Face folder; a fresh conversion of the GGUF file gives the same
-    tensors, config and tokenizer, so every number computed on either is the same."""
-    from quant.config import cache_dir
-    from quant.models import _from_pretrained
+def _source_as(monkeypatch, source) -> list[str]:
+    """Let the GGUF file load as ``source`` (model, tokenizer), everything else as it is; returns the log of loads."""
+    real = models._from_pretrained
+    loads = []
 
-    spec = matrix.models["smollm2-135m"]
-    cached, cached_tokenizer = workbench.baseline(spec)
-    assert list((cache_dir() / "converted").glob("*/model.safetensors"))
-    fresh, fresh_tokenizer = _from_pretrained(spec, *spec.source())
-    fresh.eval()
-    fresh_state, cached_state = fresh.state_dict(), cached.state_dict()
-    assert fresh_state.keys() == cached_state.keys()
-    assert all(torch.equal(fresh_state[name], cached_state[name]) for name in fresh_state)
-    # what saving adds or drops: the GGUF marker, the source path and version, the class name it was saved from
-    ignored = {"quantization_config", "_name_or_path", "transformers_version", "architectures"}
-    assert ({k: v for k, v in fresh.config.to_dict().items() if k not in ignored}
-            == {k: v for k, v in cached.config.to_dict().items() if k not in ignored})
-    texts = ["Q: Is the sky blue?\nA:", " Robert Boulter is an English film ,  television and theatre actor .\n",
-             "  ünïcödé  12,345.6 <|im_start|>user\nhi<|im_end|>"]
-    assert [fresh_tokenizer(t).input_ids for t in texts] == [cached_tokenizer(t).input_ids for t in texts]
-    assert fresh_tokenizer.all_special_tokens == cached_tokenizer.all_special_tokens
-    ids = torch.tensor([cached_tokenizer(texts[1]).input_ids])
-    with torch.no_grad():  # the same weights through the same operations in one process
-        assert torch.equal(fresh(ids).logits, cached(ids).logits)
+    def from_pretrained(spec, location, gguf_file):
+        loads.append(gguf_file or "converted folder")
+        return source if gguf_file else real(spec, location, gguf_file)
+
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    return loads
+
+
+def test_a_gguf_model_is_converted_once_into_the_cache_and_then_loads_from_it(
+        monkeypatch, tmp_path, tiny_llama, small_tokenizer):
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path))
+    loads = _source_as(monkeypatch, (tiny_llama, small_tokenizer))
+    spec = load_matrix().models["smollm2-135m"]
+    first, _ = load_model(spec)
+    second, tokenizer = load_model(spec)
+    # one conversion (its own check reloads the folder once), then the folder alone
+    assert loads == [spec.gguf_file, "converted folder", "converted folder", "converted folder"]
+    assert list(tmp_path.glob("converted/*/model.safetensors"))
+    assert not models.conversion_differences((tiny_llama, small_tokenizer), (second, tokenizer))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), tiny_llama.state_dict().values()))
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda model, tokenizer: model.model.norm.weight.data.add_(1e-3), "tensor model.norm.weight differs"),
+    (lambda model, tokenizer: setattr(model.config, "rope_theta", 1.0), "config rope_theta"),
+    (lambda model, tokenizer: tokenizer.add_special_tokens({"pad_token": "<pad>"}), "special tokens differ"),
+], ids=["tensor", "config", "tokenizer"])
+def test_a_conversion_that_does_not_load_back_as_the_same_model_is_refused_and_not_cached(
+        monkeypatch, tmp_path, tiny_llama, small_tokenizer, change, named):
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path))
+    _source_as(monkeypatch, (tiny_llama, small_tokenizer))
+    real_check = models.conversion_differences
+
+    def check_after_change(source, converted):
+        change(*converted)
+        return real_check(source, converted)
+
+    monkeypatch.setattr(models, "conversion_differences", check_after_change)
+    with pytest.raises(RuntimeError, match=f"does not load back as the same model .*{named}"):
+        load_model(load_matrix().models["smollm2-135m"])
+    assert not list(tmp_path.glob("converted/*/model.safetensors"))
