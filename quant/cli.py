@@ -130,6 +130,10 @@ def _perf_arguments(command: argparse.ArgumentParser) -> None:
                          help="torch.compile backend of the static-cache decode, or 'none' (default: %(default)s)")
     command.add_argument("--cpp-wrapper", action="store_true",
                          help="inductor's C++ wrapper around the compiled step (faster steps, minutes of compiling)")
+    command.add_argument("--compiled-prefill", action="store_true",
+                         help="compile the prompt's forward too, with frozen weights and autotuned GEMM templates "
+                              "(AMX int4/int8 kernels), and time it: the compiled TTFT (minutes of compiling per "
+                              "variant the first time)")
     command.add_argument("--profile", default="report", help="profile whose perf settings apply")
     _add_inputs(command)
 
@@ -395,6 +399,8 @@ def crosscheck_command(args: argparse.Namespace) -> int:
 def perf_command(args: argparse.Namespace) -> int:
     if args.cpp_wrapper and args.compiled != "inductor":
         raise ConfigError(f"--cpp-wrapper is inductor's; it cannot go with --compiled {args.compiled}")
+    if args.compiled_prefill and args.compiled == "none":
+        raise ConfigError("--compiled-prefill compiles with the --compiled backend; it cannot go with --compiled none")
     matrix = load_matrix(args.matrix)
     _check_names(matrix, args.model, args.quant or [])
     workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), _device())
@@ -405,7 +411,8 @@ def perf_command(args: argparse.Namespace) -> int:
     device = workbench.device_for(spec)
     profile_settings = workbench.perf_settings(spec)
     settings = dataclasses.replace(profile_settings, compiled=None if args.compiled == "none" else args.compiled,
-                                   cpp_wrapper=args.cpp_wrapper or profile_settings.cpp_wrapper)
+                                   cpp_wrapper=args.cpp_wrapper or profile_settings.cpp_wrapper,
+                                   compiled_prefill=args.compiled_prefill or profile_settings.compiled_prefill)
     bandwidth = memory_bandwidth(device)
     print(f"memory bandwidth of {device}: {bandwidth / 1e9:.1f} GB/s (copy of a 256 MiB buffer, best of 5)",
           flush=True)

@@ -15,7 +15,8 @@ per group, so a zero-point ``z`` becomes the float offset ``(8 - z) * scale`` (0
 - Prefill: the weight-only kernels are built for a few rows (decode). A call with many rows (a prompt, a batch of
   scored sequences) can be faster as the layer's weight dequantized once per call and a dense GEMM; whether, from
   how many rows and in which dtype is measured once per process on this machine (``prefill_route``), because the
-  fastest dense dtype depends on the CPU (bf16 GEMMs on AMX, fp32 elsewhere).
+  fastest dense dtype depends on the CPU (bf16 GEMMs on AMX, fp32 elsewhere). A compiled forward skips the route:
+  inductor, autotuning, has weight-only GEMM templates of its own (on AMX as fast as bf16 at 512 rows).
 """
 from __future__ import annotations
 
@@ -209,7 +210,9 @@ class WeightOnlyLinear(nn.Module):
         x = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
-        if self.route is not None and x.shape[0] >= self.route.min_rows:
+        # under torch.compile the weight-only op itself goes to the compiler, which lowers it to its own kernels
+        # (autotuned, inductor's weight-only GEMM templates); the route was measured against the eager kernel
+        if self.route is not None and x.shape[0] >= self.route.min_rows and not torch.compiler.is_compiling():
             out = nn.functional.linear(x.to(self.route.dtype), self.dequantized(self.route.dtype))
         else:
             out = self._matmul(x.to(ACTIVATION_DTYPE).contiguous())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -52,6 +53,9 @@ class PerfSettings:
     # a torch.compile backend ("inductor"): also time batch-1 decode on a static KV cache through a compiled step
     # (CompiledDecoder); its first calls compile, so the warm-up runs must carry that cost, not the timed ones
     compiled: str | None = None
+    # with ``compiled``: compile the prompt's forward too, for its fixed shape, with frozen weights and inductor's
+    # autotuned GEMM templates (CompiledDecoder), and time it as the compiled time to first token
+    compiled_prefill: bool = False
     # inductor's C++ wrapper around the compiled step's kernels instead of Python (torch._inductor.config.cpp_wrapper):
     # on this CPU 10.2 against 12.0 ms per token for smollm2 rtn-w4g128-head8, at about 3 minutes of compiling per
     # variant against 10 s
@@ -162,6 +166,13 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         model.config._attn_implementation = previous
 
 
+# The prompt's compile: inductor's C++ GEMM templates beside ATen's kernels, each GEMM shape timed once (the
+# autotuning is cached on disk). They include weight-only int4 and int8 micro-kernels on AMX, which run a 4-bit
+# prefill as fast as a bf16 one where ATen's int4 kernel is several times slower (docs/measurements.md). No
+# captured graph: a prompt runs once per request, and the next replay would overwrite its output.
+PREFILL_INDUCTOR_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "triton.cudagraphs": False}
+
+
 class CompiledDecoder:
     """Greedy batch-1 decode on a preallocated (static) KV cache through a ``torch.compile``d step. The eager loop
     pays a kernel launch per op per token, which bounds a small model's decode far above its bandwidth floor;
@@ -173,10 +184,11 @@ class CompiledDecoder:
     parameter before each step cost about 1 ms per token on this CPU), and its compiled entries are its own
     (``isolate_recompiles``), so another decoder's model never runs through them. On the CPU the step attends
     on the shared key/value heads (``sdpa_on_kv_heads``); on CUDA it stays on transformers' SDPA path, whose
-    masked GQA would fall back to the math kernel there."""
+    masked GQA would fall back to the math kernel there. ``compile_prefill`` compiles the prompt's forward as well
+    (``PREFILL_INDUCTOR_OPTIONS``, weights frozen into its graph), for the fixed prompt shape it is first called with."""
 
-    def __init__(self, model: torch.nn.Module, device: str, backend: str = "inductor", cpp_wrapper: bool = False
-                 ) -> None:
+    def __init__(self, model: torch.nn.Module, device: str, backend: str = "inductor", cpp_wrapper: bool = False,
+                 compile_prefill: bool = False) -> None:
         self.model = model
         self.attention = KV_HEAD_ATTENTION if device == "cpu" else model.config._attn_implementation
         options: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -186,17 +198,31 @@ class CompiledDecoder:
             raise ValueError(f"cpp_wrapper is an inductor option; the {backend!r} backend has no wrapper to replace")
         self.step = torch.compile(self._step, backend=backend, options=options, fullgraph=True, dynamic=False,
                                   isolate_recompiles=True)
+        self.prompt = self._prompt
+        self.frozen = contextlib.nullcontext
+        if compile_prefill:
+            self.prompt = torch.compile(self._prompt, backend=backend, options={**options, **(
+                PREFILL_INDUCTOR_OPTIONS if backend == "inductor" else {})}, fullgraph=True, dynamic=False,
+                isolate_recompiles=True)
+            if backend == "inductor":
+                # inductor reads freezing before a call's own options apply; the weights become constants of the
+                # prompt's graph, which the GEMM templates require of the weight they take
+                self.frozen = functools.partial(torch._inductor.config.patch, freezing=True)
 
     def _step(self, token: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
         # the cache counts its own length (positions and the slots to write follow from it)
         return self.model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
 
+    def _prompt(self, ids: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
+        return self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, new_tokens: int) -> tuple[transformers.StaticCache, torch.Tensor]:
-        """The prompt, eager, into a static cache with room for ``new_tokens`` more: (cache, first token)."""
+        """The prompt into a static cache with room for ``new_tokens`` more: (cache, first token). Eager unless the
+        decoder was made with ``compile_prefill``."""
         cache = transformers.StaticCache(config=self.model.config, max_cache_len=ids.shape[1] + new_tokens)
-        out = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[:, -1:].argmax(-1)
+        with self.frozen():
+            return cache, self.prompt(ids, cache)
 
     @torch.no_grad()
     def decode(self, cache: transformers.StaticCache, token: torch.Tensor, steps: int) -> torch.Tensor:
@@ -439,11 +465,14 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
     working, weights = above_held.read(), model_bytes(model)
     compiled = {}
     if settings.compiled:
-        decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper)
+        decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper, settings.compiled_prefill)
         seconds = _median(timer, settings, lambda: decoder.prefill(ids, settings.new_tokens),
                           lambda state: decoder.decode(*state, settings.new_tokens))
         compiled = {"compiled_decode_ms_per_token": seconds / settings.new_tokens * 1000,
                     "compiled_decode_tokens_per_s": settings.new_tokens / seconds}
+        if settings.compiled_prefill:
+            compiled["compiled_ttft_ms"] = 1000 * _median(timer, settings, lambda: None,
+                                                          lambda _: decoder.prefill(ids, settings.new_tokens))
     return {
         **(latency_figures(ttft, decode_seconds, settings.new_tokens) if latency else {}),
         "batch": settings.batch,

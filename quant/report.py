@@ -313,7 +313,7 @@ def performance_table(report: dict[str, Any]) -> str:
     header = ["model", "variant", "dtype", "kernel", "TTFT ms (prefill)", "decode ms/token", "decode tok/s",
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
               "peak memory MB (weights + working)", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token",
-              "compiled decode ms/token (share)"]
+              "compiled decode ms/token (share)", "compiled TTFT ms"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
     for row in report.get("performance", []):
@@ -330,7 +330,7 @@ def performance_table(report: dict[str, Any]) -> str:
                      f"{row['achieved_gb_per_s']:.1f} ({row['bandwidth_share']:.0%})",
                      _fmt(row["roofline_ms_per_token"], 2),
                      f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
-                     if "compiled_decode_ms_per_token" in row else "–"]
+                     if "compiled_decode_ms_per_token" in row else "–", _fmt(row.get("compiled_ttft_ms"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

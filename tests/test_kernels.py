@@ -144,6 +144,23 @@ def test_the_int8_dense_route_matches_the_reference():
         _assert_agrees(fast(x).float(), layer(x).float())
 
 
+@pytest.mark.parametrize("fast_layer", [Int4Linear, Int8Linear])
+@torch.no_grad()
+def test_a_compiled_forward_hands_the_weight_only_op_to_the_compiler(fast_layer):
+    """Eager, many rows take the dense route; traced by torch.compile, the same call is the weight-only op, which
+    inductor lowers to its own kernels (the AMX int4 and int8 templates when autotuning)."""
+    layer = _layer(64, 256, 64, True) if fast_layer is Int4Linear else _layer(64, 256, 256, True, bits=8)
+    fast = fast_layer(layer, route=kernels.PrefillRoute(torch.bfloat16, 4))
+    graphs = []
+    compiled = torch.compile(fast, backend=lambda graph, inputs: graphs.append(graph) or graph.forward, dynamic=False)
+    x = torch.randn(1, 9, 256, generator=torch.Generator().manual_seed(1))
+    _assert_agrees(compiled(x).float(), fast(x).float())
+    targets = {str(node.target) for node in graphs[0].graph.nodes}
+    op = "_weight_int4pack_mm_for_cpu" if fast_layer is Int4Linear else "_weight_int8pack_mm"
+    assert any(op in target for target in targets), targets
+    assert not any("linear" in target for target in targets), targets
+
+
 def test_the_route_starts_where_the_dense_path_wins_at_every_larger_count(monkeypatch):
     """Scripted timings (ms) per row count: fp32 dense wins from 128 rows on (at 32 it loses), bf16 is slower."""
     script = {32: [1.0, 2.0, 3.0], 128: [4.0, 3.0, 9.0], 512: [16.0, 10.0, 30.0]}  # kernel, fp32, bf16

@@ -67,17 +67,18 @@ def varied(model):
 
 
 @pytest.mark.float_sensitive
-@pytest.mark.parametrize("quantized,backend,cpp_wrapper", [
-    (False, "eager", False), (True, "eager", False), (True, "inductor", False),
-    (True, "inductor", True)])
-def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quantized, backend, cpp_wrapper):
+@pytest.mark.parametrize("quantized,backend,cpp_wrapper,compile_prefill", [
+    (False, "eager", False, False), (True, "eager", False, True), (True, "inductor", False, True),
+    (True, "inductor", True, False)])
+def test_static_cache_decode_generates_the_eager_loops_tokens(tiny_llama, quantized, backend, cpp_wrapper,
+                                                               compile_prefill):
     model = varied(tiny_llama)
     if quantized:  # the int4 kernel inside the compiled graph
         get_method("rtn").quantize(model, QuantConfig(method="rtn", bits=4, group_size=32))
         use_fast_kernels(model)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     assert len(set(eager_greedy(model, ids, 10)[0].tolist())) > 3
-    decoder = CompiledDecoder(model, "cpu", backend, cpp_wrapper)
+    decoder = CompiledDecoder(model, "cpu", backend, cpp_wrapper, compile_prefill)
     for _ in range(2):  # a second prefill starts a fresh cache: the same tokens again
         assert_greedy_choices(model, ids, decoded(decoder, ids, 10))
 
@@ -131,6 +132,22 @@ def test_what_the_decoder_asks_torch_compile_for_on_each_device(tiny_llama, monk
     assert decoder.attention == tiny_llama.config._attn_implementation
     CompiledDecoder(tiny_llama, "cpu", cpp_wrapper=True)
     assert asked["options"]["cpp_wrapper"] and not asked["options"]["triton.cudagraphs"]
+    assert "max_autotune" not in asked["options"]  # the decode step: no GEMM autotuning
+
+
+def test_a_compiled_prefill_is_autotuned_on_frozen_weights(tiny_llama, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append((fn, kwargs)) or fn)
+    decoder = CompiledDecoder(tiny_llama, "cuda:0", compile_prefill=True)
+    (_, step), (prompt, options) = compiled
+    assert prompt == decoder._prompt and options["options"]["max_autotune"] and options["dynamic"] is False
+    assert "max_autotune" not in step["options"]
+    # decode steps replay a captured graph; the prompt, once per request, does not
+    assert step["options"]["triton.cudagraphs"] and not options["options"]["triton.cudagraphs"]
+    frozen = []  # inductor takes freezing from its global config, not from a call's options: set around the call
+    monkeypatch.setattr(decoder, "prompt", lambda *args: frozen.append(torch._inductor.config.freezing) or args[0][:, -1:])
+    decoder.prefill(torch.arange(6)[None], 3)
+    assert frozen == [True] and not torch._inductor.config.freezing
 
 
 def test_inductor_takes_what_the_decoder_asks_for_on_cuda(tiny_llama):
@@ -160,6 +177,10 @@ def test_measure_times_the_compiled_decode_when_asked(tiny_llama, calibration_id
     result = measure(tiny_llama, calibration_ids[:1], "cpu", dataclasses.replace(SHORT, compiled="eager"))
     assert result["compiled_decode_tokens_per_s"] == pytest.approx(1000 / result["compiled_decode_ms_per_token"])
     assert "compiled_decode_ms_per_token" not in measure(tiny_llama, calibration_ids[:1], "cpu", SHORT)
+    assert "compiled_ttft_ms" not in result
+    with_prefill = measure(tiny_llama, calibration_ids[:1], "cpu",
+                           dataclasses.replace(SHORT, compiled="eager", compiled_prefill=True))
+    assert with_prefill["compiled_ttft_ms"] > 0
 
 
 def test_a_decode_step_reads_one_row_of_an_embedding_matrix_the_output_does_not_share(tiny_llama):

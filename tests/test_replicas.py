@@ -242,6 +242,8 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_llama, tmp
 def test_the_perf_command_refuses_a_cpp_wrapper_without_inductor(small_llama, capsys):
     assert main(["perf", "llama-3.2-1b", "--compiled", "eager", "--cpp-wrapper", *small_llama]) == 2
     assert "--cpp-wrapper is inductor's" in capsys.readouterr().err
+    assert main(["perf", "llama-3.2-1b", "--compiled", "none", "--compiled-prefill", *small_llama]) == 2
+    assert "--compiled-prefill compiles with the --compiled backend" in capsys.readouterr().err
 
 
 def test_the_sensitivity_command_ranks_every_linear_and_proposes_a_mixed_config(small_llama, tmp_path, capsys):
