@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from quant.config import ConfigError
 from quant.qlinear import model_bytes
 
 __all__ = ["BUSY_CPU_SHARE", "BUSY_PROBE_SPREAD", "KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Rounds", "Timer",
@@ -54,12 +55,18 @@ class PerfSettings:
     # (CompiledDecoder); its first calls compile, so the warm-up runs must carry that cost, not the timed ones
     compiled: str | None = None
     # with ``compiled``: compile the prompt's forward too, for its fixed shape, with frozen weights and inductor's
-    # autotuned GEMM templates (CompiledDecoder), and time it as the compiled time to first token
+    # autotuned GEMM templates (CompiledDecoder), and time it in the interleaved rounds as the compiled time to
+    # first token
     compiled_prefill: bool = False
     # inductor's C++ wrapper around the compiled step's kernels instead of Python (torch._inductor.config.cpp_wrapper):
     # on this CPU 10.2 against 12.0 ms per token for smollm2 rtn-w4g128-head8, at about 3 minutes of compiling per
     # variant against 10 s
     cpp_wrapper: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compiled_prefill and not self.compiled:
+            raise ConfigError("perf setting compiled_prefill compiles with the `compiled` backend: set compiled "
+                              "(e.g. inductor) beside it")
 
     @classmethod
     def from_dict(cls, raw: dict[str, int] | None) -> PerfSettings:
@@ -378,6 +385,7 @@ class Rounds:
     decode: dict[str, list[float]]
     probe_bytes_per_s: list[float]
     others_cpu_share: list[float | None]  # per round: what other processes (and steal) took of the CPUs
+    compiled_ttft: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with ``compiled_prefill``
 
     def busy_reason(self) -> str | None:
         """Why this pass's timings measure the machine's load, or None when the machine stayed quiet. Where the
@@ -406,10 +414,16 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
     landing on whichever model happened to be timed at that moment."""
     timer, ids = Timer(device), prompt[:, : settings.prompt_tokens].to(device)
     names = list(models)
+    # the compiled prompts (``compiled_prefill``), compiled in the warm-up and timed in the same rounds
+    prompts = {name: CompiledDecoder(models[name], device, settings.compiled, settings.cpp_wrapper,
+                                     compile_prefill=True) for name in names} if settings.compiled_prefill else {}
     for name in names:  # warm-up: allocator, kernels' first calls
         for _ in range(settings.warmup):
             decode(models[name], *prefill(models[name], ids), settings.new_tokens)
-    result = Rounds({name: [] for name in names}, {name: [] for name in names}, [], [])
+        if prompts:  # compiles: never inside a timed round
+            prompts[name].prefill(ids, settings.new_tokens)
+    result = Rounds({name: [] for name in names}, {name: [] for name in names}, [], [],
+                    {name: [] for name in prompts})
     for number in range(rounds):
         started = cpu_seconds()
         result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))
@@ -418,6 +432,8 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
             result.ttft[name].append(timer(lambda: prefill(model, ids)))
             state = prefill(model, ids)
             result.decode[name].append(timer(lambda: decode(model, *state, settings.new_tokens)))
+            if prompts:
+                result.compiled_ttft[name].append(timer(lambda: prompts[name].prefill(ids, settings.new_tokens)))
         result.others_cpu_share.append(others_share(started, cpu_seconds()))
     return result
 
@@ -465,14 +481,11 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
     working, weights = above_held.read(), model_bytes(model)
     compiled = {}
     if settings.compiled:
-        decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper, settings.compiled_prefill)
+        decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper)
         seconds = _median(timer, settings, lambda: decoder.prefill(ids, settings.new_tokens),
                           lambda state: decoder.decode(*state, settings.new_tokens))
         compiled = {"compiled_decode_ms_per_token": seconds / settings.new_tokens * 1000,
                     "compiled_decode_tokens_per_s": settings.new_tokens / seconds}
-        if settings.compiled_prefill:
-            compiled["compiled_ttft_ms"] = 1000 * _median(timer, settings, lambda: None,
-                                                          lambda _: decoder.prefill(ids, settings.new_tokens))
     return {
         **(latency_figures(ttft, decode_seconds, settings.new_tokens) if latency else {}),
         "batch": settings.batch,

@@ -422,6 +422,10 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
                    ttft_ms_rounds=[t * 1000 for t in ttft],
                    decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in decode_seconds],
                    probe_spread=rounds.probe_spread, others_cpu_share_rounds=rounds.others_cpu_share)
+        if rounds.compiled_ttft:
+            compiled_ttft = rounds.compiled_ttft[row["quant"]]
+            row.update(compiled_ttft_ms=statistics.median(compiled_ttft) * 1000,
+                       compiled_ttft_ms_rounds=[t * 1000 for t in compiled_ttft])
         row.update(roofline(row, bandwidth))
         log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
                  row["quant"], row["decode_ms_per_token"],

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from quant.config import QuantConfig
+from quant.config import ConfigError, QuantConfig
 from quant.kernels import use_fast_kernels
 from quant.methods import get_method
 from quant.methods.base import quantize_lm_head
@@ -177,10 +177,7 @@ def test_measure_times_the_compiled_decode_when_asked(tiny_llama, calibration_id
     result = measure(tiny_llama, calibration_ids[:1], "cpu", dataclasses.replace(SHORT, compiled="eager"))
     assert result["compiled_decode_tokens_per_s"] == pytest.approx(1000 / result["compiled_decode_ms_per_token"])
     assert "compiled_decode_ms_per_token" not in measure(tiny_llama, calibration_ids[:1], "cpu", SHORT)
-    assert "compiled_ttft_ms" not in result
-    with_prefill = measure(tiny_llama, calibration_ids[:1], "cpu",
-                           dataclasses.replace(SHORT, compiled="eager", compiled_prefill=True))
-    assert with_prefill["compiled_ttft_ms"] > 0
+    assert "compiled_ttft_ms" not in result  # timed in the interleaved rounds
 
 
 def test_a_decode_step_reads_one_row_of_an_embedding_matrix_the_output_does_not_share(tiny_llama):
@@ -250,6 +247,25 @@ def test_interleaved_rounds_time_every_model_once_per_round_in_a_rotating_order(
     assert all(len(rounds.ttft[n]) == len(rounds.decode[n]) == 3 for n in models) and len(rounds.probe_bytes_per_s) == 3
     firsts = order[::2][::3]  # two prefills per model per round (one timed, one building the decode's cache)
     assert firsts == ["a", "b", "c"]
+    assert not rounds.compiled_ttft
+
+
+def test_compiled_prompts_are_compiled_before_the_rounds_and_timed_in_them(tiny_llama, calibration_ids):
+    models = {"a": tiny_llama, "b": copy.deepcopy(tiny_llama)}
+    prompts = []
+    for name, model in models.items():
+        model.model.layers[0].register_forward_pre_hook(
+            lambda _m, args, name=name: prompts.append(name) if args[0].shape[1] == SHORT.prompt_tokens else None)
+    settings = dataclasses.replace(SHORT, warmup=0, compiled="eager", compiled_prefill=True)
+    rounds = interleaved_latency(models, calibration_ids[:1], "cpu", settings, 2)
+    assert {n: len(t) for n, t in rounds.compiled_ttft.items()} == {"a": 2, "b": 2}
+    assert prompts[:2] == ["a", "b"]  # with no warm-up asked, each compiled prompt still runs once before round 1
+    assert len(prompts) == 2 + 2 * 2 * 3  # then per round and model: two eager prefills and the compiled one
+
+
+def test_a_compiled_prefill_needs_a_compile_backend():
+    with pytest.raises(ConfigError, match="compiled_prefill compiles with the `compiled` backend"):
+        PerfSettings(compiled_prefill=True)
 
 
 def test_a_speed_up_is_the_median_of_paired_round_ratios_with_their_range():

@@ -221,9 +221,9 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_llama, tmp
     """``quant perf`` on a small replica: the baseline and an int4 config side by side, eager and on the static-cache
     path (the eager backend: the same path without compiling), each against the measured bandwidth."""
     assert main(["perf", "llama-3.2-1b", "--quant", "rtn-w4g128", "--quant", "rtn-w4g128-head8", "--compiled", "eager",
-                 *small_llama]) == 0
+                 "--compiled-prefill", *small_llama]) == 0
     out = capsys.readouterr().out
-    assert "compiled decode ms/token" in out and "aten._weight_int4pack_mm_for_cpu" in out
+    assert "compiled decode ms/token" in out and "compiled TTFT ms" in out and "aten._weight_int4pack_mm_for_cpu" in out
     assert "aten._weight_int8pack_mm" in out  # the 8-bit output projection
     written = json.loads((tmp_path / "perf-llama-3.2-1b.json").read_text())
     rows = {row["quant"]: row for row in written["performance"]}
@@ -235,7 +235,8 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_llama, tmp
         assert row["settings"]["compiled"] == "eager"
     assert rows["rtn-w4g128"]["memory_reduction"] > 2 and written["machine"]["memory_bandwidth_gb_per_s"] > 0
     for row in rows.values():  # timed interleaved: every variant once per round, a speed-up or why there is none
-        assert len(row["decode_ms_per_token_rounds"]) == len(row["ttft_ms_rounds"]) == 2
+        assert len(row["decode_ms_per_token_rounds"]) == len(row["ttft_ms_rounds"]) == len(row["compiled_ttft_ms_rounds"]) == 2
+        assert row["compiled_ttft_ms"] > 0
         assert (row["decode_speedup"] is None) == bool(row["decode_speedup_unmeasurable"])
 
 
