@@ -133,7 +133,7 @@ def _perf_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--compiled-prefill", action="store_true",
                          help="compile the prompt's forward too, with frozen weights and autotuned GEMM templates "
                               "(AMX int4/int8 kernels), and time it: the compiled TTFT (minutes of compiling per "
-                              "variant the first time)")
+                              "variant, every run)")
     command.add_argument("--profile", default="report", help="profile whose perf settings apply")
     _add_inputs(command)
 

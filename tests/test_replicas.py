@@ -240,7 +240,7 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_llama, tmp
         assert (row["decode_speedup"] is None) == bool(row["decode_speedup_unmeasurable"])
 
 
-def test_the_perf_command_refuses_a_cpp_wrapper_without_inductor(small_llama, capsys):
+def test_the_perf_command_refuses_compile_options_without_their_backend(small_llama, capsys):
     assert main(["perf", "llama-3.2-1b", "--compiled", "eager", "--cpp-wrapper", *small_llama]) == 2
     assert "--cpp-wrapper is inductor's" in capsys.readouterr().err
     assert main(["perf", "llama-3.2-1b", "--compiled", "none", "--compiled-prefill", *small_llama]) == 2
