@@ -10,7 +10,10 @@ export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?= -m "not slow" --benchmark-skip --durations=15
 # Then the tests that compare different float-operation orders run again on a second CPU code path (AVX2 kernels,
 # one thread): an assumption of bit-identity that holds on one CPU's kernels fails here, not on a user's runner.
-SECOND_PATH_ENV ?= ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1
+# Its own inductor cache: torch 2.13's cache key leaves out ATEN_CPU_CAPABILITY, and code compiled for the default
+# ISA, served to an avx2 process, generated wrong tokens (tests/test_perf.py, 2026-12-03).
+SECOND_PATH_ENV ?= ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 \
+	TORCHINDUCTOR_CACHE_DIR=$(abspath .cache/inductor-second-path)
 SECOND_PATH_ARGS ?= -m "float_sensitive and not slow and not gpu" --benchmark-skip -p no:cacheprovider -q
 # Benchmark history: saved runs under .benchmarks/. bench-compare saves a new run and compares it with the one
 # before it: a regression only when the time ratio's interval (over both runs' rounds) lies above 1 + BENCH_THRESHOLD.
