@@ -97,10 +97,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 def lm_eval_samples(lm: Any, task: TaskSpec, items: list[dict], exemplars: list[dict]) -> list[dict]:
     """lm-eval's per-sample log of ``task`` on ``items`` with the LM ``lm`` (one per item and filter)."""
     lm_eval = require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
     with tempfile.TemporaryDirectory(prefix="quant-lm-eval-") as folder:
         harness_task = lm_eval_task(task, items, exemplars, Path(folder))
-        # No seeds: lm-eval would reseed the global RNGs, a side effect on the caller (first_n needs none).
+        # The task is passed built: a manager without lm-eval's own index, whose scan of its 14,000 task YAMLs took
+        # 15 s per call. No seeds: lm-eval would reseed the global RNGs, a side effect on the caller (first_n needs
+        # none).
         output = lm_eval.simple_evaluate(model=lm, tasks=[harness_task], log_samples=True, bootstrap_iters=0,
+                                         task_manager=TaskManager(include_path=folder, include_defaults=False),
                                          random_seed=None, numpy_random_seed=None, torch_random_seed=None,
                                          fewshot_random_seed=None,
                                          num_fewshot=task.get("num_fewshot"))
