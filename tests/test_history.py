@@ -20,6 +20,8 @@ def test_autosave_compare_and_history(pytester, tmp_path, monkeypatch, capsys):
     storage = tmp_path / "benchmarks"
     pytester.makepyfile(test_toy=TOY_BENCHMARK)
     run = ["-p", "no:cacheprovider", f"--benchmark-storage=file://{storage}"]
+    # under pytest -n, an inner run that inherits the variable counts as an xdist worker: pytest-benchmark saves nothing
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     monkeypatch.setenv("TOY_SECONDS", "0.001")
     pytester.runpytest_subprocess(*run, "--benchmark-autosave").assert_outcomes(passed=1)
     pytester.runpytest_subprocess(*run, "--benchmark-autosave").assert_outcomes(passed=1)
