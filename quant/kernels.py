@@ -26,6 +26,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -173,6 +174,15 @@ def prefill_route(kind: str, device_type: str) -> PrefillRoute | None:
     return measure_route(layer)
 
 
+# What a fast layer is given for its calls of many rows: this machine's measured route, a route, or none (always the
+# weight-only kernel).
+RouteChoice = PrefillRoute | None | Literal["measured"]
+
+
+def chosen_route(kind: str, device_type: str, route: RouteChoice) -> PrefillRoute | None:
+    return prefill_route(kind, device_type) if route == "measured" else route
+
+
 class WeightOnlyLinear(nn.Module):
     """What the fast layers share: the QuantLinear's bias and input scale kept as they are, bf16 activations into
     the kernel (``_matmul``, [tokens, in] -> [tokens, out]) and back to the caller's dtype; and for calls of many
@@ -227,7 +237,7 @@ class Int4Linear(WeightOnlyLinear):
 
     bits = 4
 
-    def __init__(self, layer: QuantLinear, route: PrefillRoute | None | str = "measured") -> None:
+    def __init__(self, layer: QuantLinear, route: RouteChoice = "measured") -> None:
         super().__init__(layer)
         device = layer.qweight.device
         self.group_size = layer.group_size
@@ -238,7 +248,7 @@ class Int4Linear(WeightOnlyLinear):
                              torch.stack([scales, offsets], -1).transpose(0, 1).contiguous().to(ACTIVATION_DTYPE))
         self.register_buffer("packed", self._pack(layer.codes().to(torch.int32)))
         blocked = device.type == "cpu" and _cpu_pack_block(self.out_features, self.in_features) is not None
-        self.route = (prefill_route("int4", device.type) if route == "measured" else route) if blocked else None
+        self.route = chosen_route("int4", device.type, route) if blocked else None
 
     @property
     def device(self) -> torch.device:
@@ -308,12 +318,12 @@ class Int8Linear(WeightOnlyLinear):
 
     bits = 8
 
-    def __init__(self, layer: QuantLinear, route: PrefillRoute | None | str = "measured") -> None:
+    def __init__(self, layer: QuantLinear, route: RouteChoice = "measured") -> None:
         super().__init__(layer)
         self.register_buffer("weight", (layer.codes().to(torch.int16) - 128).to(torch.int8))
         self.register_buffer("scales", layer.scales.reshape(-1).to(ACTIVATION_DTYPE))
         device = self.weight.device.type
-        self.route = (prefill_route("int8", device) if route == "measured" else route) if device == "cpu" else None
+        self.route = chosen_route("int8", device, route) if device == "cpu" else None
 
     @property
     def device(self) -> torch.device:
