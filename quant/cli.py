@@ -34,7 +34,7 @@ from quant.history import plot as plot_history
 from quant.kinds.generate import fewshot_exemplars
 from quant.matrix import Case, Matrix, load_matrix
 from quant.models import DTYPES, ModelSpec, ModelUnavailable
-from quant.perf import memory_bandwidth
+from quant.perf import memory_bandwidth, use_compile_cache
 from quant.pipeline import CALIBRATION_SOURCE, Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
@@ -228,6 +228,7 @@ def report_command(args: argparse.Namespace) -> int:
     skipped += [(c, f"cadence {c.cadence}: not run in this report (--cadence {c.cadence} or all runs it)")
                 for c in selected if c.model.tier == tier and c not in cases]
     workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
+    use_compile_cache(cache_dir() / "inductor")
     if args.dry_run:
         spreads = plan.cached_spreads(workbench, cases)
         print(plan.describe(matrix, cases, args.profile, tier, args.hardware, spreads))
@@ -409,6 +410,7 @@ def perf_command(args: argparse.Namespace) -> int:
                 if args.quant is None or v[1] is None]
     variants += [(spec, quant_name, None) for quant_name in args.quant or []]
     device = workbench.device_for(spec)
+    use_compile_cache(cache_dir() / "inductor")
     profile_settings = workbench.perf_settings(spec)
     settings = dataclasses.replace(profile_settings, compiled=None if args.compiled == "none" else args.compiled,
                                    cpp_wrapper=args.cpp_wrapper or profile_settings.cpp_wrapper,

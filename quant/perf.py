@@ -31,7 +31,7 @@ from quant.qlinear import model_bytes
 __all__ = ["BUSY_CPU_SHARE", "BUSY_PROBE_SPREAD", "KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Rounds", "Timer",
            "attention_implementation", "cpu_seconds", "decode", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
            "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes", "others_share", "paired_speedup", "peak_memory",
-           "prefill", "relative_spread", "roofline", "sdpa_on_kv_heads", "unmeasurable_reason", "variant_label",
+           "prefill", "relative_spread", "roofline", "sdpa_on_kv_heads", "unmeasurable_reason", "use_compile_cache", "variant_label",
            "weight_bytes_per_token"]
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -243,6 +243,15 @@ class CompiledDecoder:
         return torch.cat(tokens, dim=1)
 
 
+def use_compile_cache(root: Path) -> Path:
+    """Keep inductor's compiled code under ``root``, in a folder per ATen CPU capability, unless the environment
+    already names one (TORCHINDUCTOR_CACHE_DIR): compiled steps then live as long as the result cache, not /tmp,
+    and code built for one ISA never serves another (torch 2.13's cache key leaves the capability out; under
+    ATEN_CPU_CAPABILITY=avx2 a warm shared cache decoded wrong tokens). Returns the folder in use."""
+    folder = root / torch.backends.cpu.get_cpu_capability().lower()
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder.absolute())))
+
+
 def peak_memory(device: str, reset: bool = False) -> int | None:
     """Peak bytes since the last reset: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS
     (VmHWM, reset through /proc/self/clear_refs) on Linux CPUs; None where neither exists."""
@@ -385,6 +394,7 @@ class Rounds:
     decode: dict[str, list[float]]
     probe_bytes_per_s: list[float]
     others_cpu_share: list[float | None]  # per round: what other processes (and steal) took of the CPUs
+    compiled_decode: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with ``compiled``
     compiled_ttft: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with ``compiled_prefill``
 
     def busy_reason(self) -> str | None:
@@ -411,19 +421,21 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
     """Time to first token and batch-1 decode of every model, round-robin: each round probes the machine (a memory
     copy) and then times each model once, starting one model later than the round before. Load that comes and goes
     during the pass then hits every model alike, and shows in the probe and in the baseline's rounds, instead of
-    landing on whichever model happened to be timed at that moment."""
+    landing on whichever model happened to be timed at that moment. With ``settings.compiled`` each round also
+    times the compiled decode (and with ``compiled_prefill`` the compiled prompt), so that its speed-up over the
+    eager baseline is a ratio of timings taken moments apart."""
     timer, ids = Timer(device), prompt[:, : settings.prompt_tokens].to(device)
     names = list(models)
-    # the compiled prompts (``compiled_prefill``), compiled in the warm-up and timed in the same rounds
-    prompts = {name: CompiledDecoder(models[name], device, settings.compiled, settings.cpp_wrapper,
-                                     compile_prefill=True) for name in names} if settings.compiled_prefill else {}
+    decoders = {name: CompiledDecoder(models[name], device, settings.compiled, settings.cpp_wrapper,
+                                      compile_prefill=settings.compiled_prefill)
+                for name in names} if settings.compiled else {}
     for name in names:  # warm-up: allocator, kernels' first calls
         for _ in range(settings.warmup):
             decode(models[name], *prefill(models[name], ids), settings.new_tokens)
-        if prompts:  # compiles: never inside a timed round
-            prompts[name].prefill(ids, settings.new_tokens)
+        if decoders:  # compiles: never inside a timed round
+            decoders[name].decode(*decoders[name].prefill(ids, settings.new_tokens), settings.new_tokens)
     result = Rounds({name: [] for name in names}, {name: [] for name in names}, [], [],
-                    {name: [] for name in prompts})
+                    {name: [] for name in decoders}, {name: [] for name in decoders if settings.compiled_prefill})
     for number in range(rounds):
         started = cpu_seconds()
         result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))
@@ -432,8 +444,12 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
             result.ttft[name].append(timer(lambda: prefill(model, ids)))
             state = prefill(model, ids)
             result.decode[name].append(timer(lambda: decode(model, *state, settings.new_tokens)))
-            if prompts:
-                result.compiled_ttft[name].append(timer(lambda: prompts[name].prefill(ids, settings.new_tokens)))
+            if decoders:
+                decoder = decoders[name]
+                if settings.compiled_prefill:
+                    result.compiled_ttft[name].append(timer(lambda: decoder.prefill(ids, settings.new_tokens)))
+                state = decoder.prefill(ids, settings.new_tokens)
+                result.compiled_decode[name].append(timer(lambda: decoder.decode(*state, settings.new_tokens)))
         result.others_cpu_share.append(others_share(started, cpu_seconds()))
     return result
 
@@ -465,8 +481,8 @@ def unmeasurable_reason(speedup: tuple[float, float, float], busy: str | None) -
 def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings: PerfSettings,
             latency: bool = True) -> dict[str, Any]:
     """Latency, throughput and memory of ``model`` on ``prompt`` (token ids, at least ``prompt_tokens`` long).
-    ``latency`` False leaves out time to first token and batch-1 decode, for a caller that times them interleaved
-    with other models (``interleaved_latency``)."""
+    ``latency`` False leaves out time to first token and batch-1 decode, eager and compiled, for a caller that
+    times them interleaved with other models (``interleaved_latency``)."""
     timer = Timer(device)
     ids = prompt[:, : settings.prompt_tokens].to(device)
     batch_ids = prompt[:, : settings.batch_prompt_tokens].repeat(settings.batch, 1).to(device)
@@ -480,7 +496,7 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
     # read before the compiled decode: compiling is not serving
     working, weights = above_held.read(), model_bytes(model)
     compiled = {}
-    if settings.compiled:
+    if settings.compiled and latency:  # without ``latency``, the interleaved rounds time it
         decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper)
         seconds = _median(timer, settings, lambda: decoder.prefill(ids, settings.new_tokens),
                           lambda state: decoder.decode(*state, settings.new_tokens))

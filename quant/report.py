@@ -64,7 +64,9 @@ PERF_NOTE = (
     "of the machine; figures are medians over the rounds. A decode speed-up is the median per-round ratio to the "
     "baseline [lowest, highest round]; it reads 'not measurable on this run' when the machine was busy (other "
     "processes took over 20% of the CPUs in a round, or the memory probe moved by over 35%), or when the rounds' "
-    "range of ratios reaches 1. Roofline: a "
+    "range of ratios reaches 1. Compiled decode (profiles that set perf.compiled): the same greedy steps on a static "
+    "KV cache through a torch.compile'd step, what a deployment would serve, timed in the same rounds; its speed-up "
+    "is against the eager baseline's decode of the same round. Roofline: a "
     "decode step at batch 1 reads every weight and the KV cache once (MB read / token); achieved GB/s is that over "
     "decode ms/token, its share is of this machine's memory bandwidth (machine line: a copy of a 256 MiB buffer, "
     "best of 5, read + written bytes), and roofline ms/token is the fastest the bytes allow. Model MB "
@@ -166,13 +168,14 @@ def skipped_rows(case: Case, reason: str) -> list[dict[str, Any]]:
             for metric in task_metrics(case)]
 
 
-def speedup_cell(row: dict[str, Any]) -> str:
-    """A decode speed-up with its range over the paired rounds, or why this run cannot say."""
-    if row.get("decode_speedup_unmeasurable"):
-        return row["decode_speedup_unmeasurable"]
-    if row.get("decode_speedup") is None:
+def speedup_cell(row: dict[str, Any], name: str = "decode_speedup") -> str:
+    """A speed-up (``decode_speedup``, ``compiled_decode_speedup``) with its range over the paired rounds, or why
+    this run cannot say."""
+    if row.get(f"{name}_unmeasurable"):
+        return row[f"{name}_unmeasurable"]
+    if row.get(name) is None:
         return "–"
-    return f"{row['decode_speedup']:.2f}× [{row['decode_speedup_low']:.2f}, {row['decode_speedup_high']:.2f}]"
+    return f"{row[name]:.2f}× [{row[f'{name}_low']:.2f}, {row[f'{name}_high']:.2f}]"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -313,7 +316,7 @@ def performance_table(report: dict[str, Any]) -> str:
     header = ["model", "variant", "dtype", "kernel", "TTFT ms (prefill)", "decode ms/token", "decode tok/s",
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
               "peak memory MB (weights + working)", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token",
-              "compiled decode ms/token (share)", "compiled TTFT ms"]
+              "compiled decode ms/token (share)", "compiled decode speed-up vs baseline eager", "compiled TTFT ms"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
     for row in report.get("performance", []):
@@ -330,7 +333,8 @@ def performance_table(report: dict[str, Any]) -> str:
                      f"{row['achieved_gb_per_s']:.1f} ({row['bandwidth_share']:.0%})",
                      _fmt(row["roofline_ms_per_token"], 2),
                      f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
-                     if "compiled_decode_ms_per_token" in row else "–", _fmt(row.get("compiled_ttft_ms"), 0)]
+                     if "compiled_decode_ms_per_token" in row else "–", speedup_cell(row, "compiled_decode_speedup"),
+                     _fmt(row.get("compiled_ttft_ms"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -422,6 +426,11 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
                    ttft_ms_rounds=[t * 1000 for t in ttft],
                    decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in decode_seconds],
                    probe_spread=rounds.probe_spread, others_cpu_share_rounds=rounds.others_cpu_share)
+        if rounds.compiled_decode:
+            compiled = rounds.compiled_decode[row["quant"]]
+            row.update(compiled_decode_ms_per_token=statistics.median(compiled) / settings.new_tokens * 1000,
+                       compiled_decode_tokens_per_s=settings.new_tokens / statistics.median(compiled),
+                       compiled_decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in compiled])
         if rounds.compiled_ttft:
             compiled_ttft = rounds.compiled_ttft[row["quant"]]
             row.update(compiled_ttft_ms=statistics.median(compiled_ttft) * 1000,
@@ -436,10 +445,21 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
         return
     for row in rows:
         row["memory_reduction"] = baseline["model_bytes"] / row["model_bytes"]
-        speedup = paired_speedup(rounds.decode["baseline"], rounds.decode[row["quant"]])
-        reason = unmeasurable_reason(speedup, busy) if row is not baseline else None
-        row.update(decode_speedup=None if reason else speedup[0], decode_speedup_low=speedup[1],
-                   decode_speedup_high=speedup[2], decode_speedup_unmeasurable=reason)
+        row.update(_speedup_fields("decode_speedup", rounds.decode["baseline"], rounds.decode[row["quant"]], busy,
+                                   judged=row is not baseline))
+        if rounds.compiled_decode:  # against the eager baseline: what compiling the served model buys
+            row.update(_speedup_fields("compiled_decode_speedup", rounds.decode["baseline"],
+                                       rounds.compiled_decode[row["quant"]], busy))
+
+
+def _speedup_fields(name: str, baseline_seconds: list[float], seconds: list[float], busy: str | None,
+                    judged: bool = True) -> dict[str, Any]:
+    """A row's ``name`` (median of the paired rounds' ratios), its range, and why it is not measurable, if it is not
+    (``judged`` False: a ratio of the baseline to itself, reported as its range only)."""
+    speedup = paired_speedup(baseline_seconds, seconds)
+    reason = unmeasurable_reason(speedup, busy) if judged else None
+    return {name: None if reason else speedup[0], f"{name}_low": speedup[1], f"{name}_high": speedup[2],
+            f"{name}_unmeasurable": reason}
 
 
 def evaluate_together(workbench: Workbench, cases: list[Case], look: int) -> None:

@@ -18,7 +18,7 @@ from tests.rounding import assert_greedy_choices, eager_greedy
 from quant.perf import (KV_HEAD_ATTENTION, CompiledDecoder, PerfSettings, Rounds, cpu_seconds, interleaved_latency,
                         kv_cache_bytes, machine_facts, measure, others_share, paired_speedup, unmeasurable_reason,
                         memory_bandwidth, memory_in_use, model_bytes, peak_memory, roofline, sdpa_on_kv_heads,
-                        weight_bytes_per_token)
+                        use_compile_cache, weight_bytes_per_token)
 
 SHORT = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
                      warmup=0, repeats=1)
@@ -247,10 +247,10 @@ def test_interleaved_rounds_time_every_model_once_per_round_in_a_rotating_order(
     assert all(len(rounds.ttft[n]) == len(rounds.decode[n]) == 3 for n in models) and len(rounds.probe_bytes_per_s) == 3
     firsts = order[::2][::3]  # two prefills per model per round (one timed, one building the decode's cache)
     assert firsts == ["a", "b", "c"]
-    assert not rounds.compiled_ttft
+    assert not rounds.compiled_ttft and not rounds.compiled_decode
 
 
-def test_compiled_prompts_are_compiled_before_the_rounds_and_timed_in_them(tiny_llama, calibration_ids):
+def test_compiled_prompts_and_steps_are_compiled_before_the_rounds_and_timed_in_them(tiny_llama, calibration_ids):
     models = {"a": tiny_llama, "b": copy.deepcopy(tiny_llama)}
     prompts = []
     for name, model in models.items():
@@ -259,8 +259,10 @@ def test_compiled_prompts_are_compiled_before_the_rounds_and_timed_in_them(tiny_
     settings = dataclasses.replace(SHORT, warmup=0, compiled="eager", compiled_prefill=True)
     rounds = interleaved_latency(models, calibration_ids[:1], "cpu", settings, 2)
     assert {n: len(t) for n, t in rounds.compiled_ttft.items()} == {"a": 2, "b": 2}
+    assert {n: len(t) for n, t in rounds.compiled_decode.items()} == {"a": 2, "b": 2}
     assert prompts[:2] == ["a", "b"]  # with no warm-up asked, each compiled prompt still runs once before round 1
-    assert len(prompts) == 2 + 2 * 2 * 3  # then per round and model: two eager prefills and the compiled one
+    # then per round and model: two eager prefills (one timed, one for the decode's cache), two compiled ones
+    assert len(prompts) == 2 + 2 * 2 * 4
 
 
 def test_a_compiled_prefill_needs_a_compile_backend():
@@ -306,3 +308,14 @@ def test_other_processes_cpu_time_is_read_apart_from_this_ones():
     after = cpu_seconds()
     assert (after[0] - before[0]) - (after[2] - before[2]) >= 0.4  # the child's 0.5 s, less the clock's ticks
     assert others_share(before, after) > 0
+
+
+def test_compiled_code_is_cached_beside_the_results_in_a_folder_per_cpu_capability(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    folder = use_compile_cache(tmp_path)
+    assert folder == tmp_path / torch.backends.cpu.get_cpu_capability().lower()  # e.g. .../avx512
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    # a folder the environment names stands (make test's second code path compiles into its own)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
+    assert use_compile_cache(tmp_path) == tmp_path / "chosen"

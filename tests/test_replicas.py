@@ -236,8 +236,9 @@ def test_the_perf_command_times_each_variant_eager_and_compiled(small_llama, tmp
     assert rows["rtn-w4g128"]["memory_reduction"] > 2 and written["machine"]["memory_bandwidth_gb_per_s"] > 0
     for row in rows.values():  # timed interleaved: every variant once per round, a speed-up or why there is none
         assert len(row["decode_ms_per_token_rounds"]) == len(row["ttft_ms_rounds"]) == len(row["compiled_ttft_ms_rounds"]) == 2
-        assert row["compiled_ttft_ms"] > 0
-        assert (row["decode_speedup"] is None) == bool(row["decode_speedup_unmeasurable"])
+        assert len(row["compiled_decode_ms_per_token_rounds"]) == 2 and row["compiled_ttft_ms"] > 0
+        for speedup in ("decode_speedup", "compiled_decode_speedup"):
+            assert (row[speedup] is None) == bool(row[f"{speedup}_unmeasurable"])
 
 
 def test_the_perf_command_refuses_compile_options_without_their_backend(small_llama, capsys):

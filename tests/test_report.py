@@ -57,6 +57,19 @@ def test_the_headline_gives_each_config_its_verdict_per_task_then_the_reasons_an
     assert not any(line.startswith("Uninformative") for line in lines)  # each task gates at least one config
 
 
+def test_the_performance_table_gives_the_compiled_decode_its_speed_up_over_the_eager_baseline():
+    built = _report()
+    built["performance"][1].update(compiled_decode_ms_per_token=8.0, compiled_bandwidth_share=0.6,
+                                   compiled_decode_speedup=3.1, compiled_decode_speedup_low=2.9,
+                                   compiled_decode_speedup_high=3.3)
+    header, _, *lines = report.performance_table(built).splitlines()
+    column = header.split(" | ").index("compiled decode speed-up vs baseline eager")
+    cells = {line.split(" | ")[1]: line.split(" | ") for line in lines}
+    assert cells["rtn-w4g128"][column] == "3.10× [2.90, 3.30]"
+    assert cells["rtn-w4g128"][column - 1] == "8.00 (60%)"
+    assert cells["baseline"][column] == "–"  # not compiled in this run
+
+
 def test_the_headline_names_the_tasks_uninformative_for_a_model_in_every_config():
     built = _report()
     for row in built["rows"]:
