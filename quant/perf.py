@@ -245,11 +245,17 @@ class CompiledDecoder:
 
 def use_compile_cache(root: Path) -> Path:
     """Keep inductor's compiled code under ``root``, in a folder per ATen CPU capability, unless the environment
-    already names one (TORCHINDUCTOR_CACHE_DIR): compiled steps then live as long as the result cache, not /tmp,
-    and code built for one ISA never serves another (torch 2.13's cache key leaves the capability out; under
-    ATEN_CPU_CAPABILITY=avx2 a warm shared cache decoded wrong tokens). Returns the folder in use."""
-    folder = root / torch.backends.cpu.get_cpu_capability().lower()
-    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder.absolute())))
+    names another folder than torch's default (TORCHINDUCTOR_CACHE_DIR, which importing torch's compiler sets to
+    that default): compiled steps then live as long as the result cache, not /tmp, and code built for one ISA never
+    serves another (torch 2.13's cache key leaves the capability out; under ATEN_CPU_CAPABILITY=avx2 a warm shared
+    cache decoded wrong tokens). Returns the folder in use."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # a second of importing: only here
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or Path(chosen) == Path(default_cache_dir()):
+        chosen = os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+            (root / torch.backends.cpu.get_cpu_capability().lower()).absolute())
+    return Path(chosen)
 
 
 def peak_memory(device: str, reset: bool = False) -> int | None:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from transformers import AttentionInterface
 
 from quant.config import ConfigError, QuantConfig
@@ -312,10 +313,13 @@ def test_other_processes_cpu_time_is_read_apart_from_this_ones():
 
 def test_compiled_code_is_cached_beside_the_results_in_a_folder_per_cpu_capability(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    folder = use_compile_cache(tmp_path)
-    assert folder == tmp_path / torch.backends.cpu.get_cpu_capability().lower()  # e.g. .../avx512
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    for unset in (None, default_cache_dir()):  # importing torch's compiler sets its default
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+        if unset:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", unset)
+        folder = use_compile_cache(tmp_path)
+        assert folder == tmp_path / torch.backends.cpu.get_cpu_capability().lower()  # e.g. .../avx512
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
     # a folder the environment names stands (make test's second code path compiles into its own)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
     assert use_compile_cache(tmp_path) == tmp_path / "chosen"

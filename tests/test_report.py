@@ -3,7 +3,7 @@ import json
 from types import SimpleNamespace
 
 from quant import report
-from tests.report_rows import KERNEL, decision_report as _decision_report, row as _row
+from tests.report_rows import KERNEL, row as _row
 
 
 def _report():
@@ -95,14 +95,6 @@ def test_the_detailed_table_keeps_measured_rows_and_names_kernels_by_a_key(tmp_p
     assert "| 560 | 22.4 (50%) | 12.50 |" in text  # the roofline columns of the performance table
     assert "![retention per task and config](retention.png)" in text  # no KLD figure: no row has a KLD
     assert (tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "kld.png").exists()
-
-
-def test_the_kld_figure_is_drawn_when_rows_have_a_kld(tmp_path):
-    built = _decision_report()
-    for row in built["rows"]:
-        row["mean_kld_se"] = None if row["mean_kld"] is None else 0.01
-    assert report.kld_chart(built, tmp_path / "kld.png").read_bytes()[:4] == b"\x89PNG"
-    assert report.retention_chart(built, tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_sequential_stop_shows_its_items_and_what_it_saved():
