@@ -131,6 +131,7 @@ def case_rows(workbench: Workbench, case: Case, settled: tuple[Comparison, int] 
         log.error("%s: %s", case.id, error)
         return [{**base, "metric": metric, "skipped_reason": f"{type(error).__name__}: {error}"} for metric in metrics]
     bytes_baseline, bytes_quantized = model_bytes(baseline_model), model_bytes(quantized.model)
+    planned = workbench.looks(case)[-1]
     rows = []
     for comparison in comparisons:
         extra = comparison.extra
@@ -142,7 +143,7 @@ def case_rows(workbench: Workbench, case: Case, settled: tuple[Comparison, int] 
             "retention": comparison.retention,
             "retention_ci_low": comparison.interval[0] if comparison.interval else None,
             "retention_ci_high": comparison.interval[1] if comparison.interval else None,
-            "n": comparison.baseline.n, "n_planned": workbench.looks(case)[-1],
+            "n": comparison.baseline.n, "n_planned": planned,
             "model_bytes_baseline": bytes_baseline, "model_bytes_quantized": bytes_quantized,
             "memory_reduction": bytes_baseline / bytes_quantized,
             "verdict": comparison.verdict.status, "verdict_reason": comparison.verdict.reason,
