@@ -29,7 +29,7 @@ from quant.config import ConfigError
 from quant.qlinear import model_bytes
 
 __all__ = ["BUSY_CPU_SHARE", "BUSY_PROBE_SPREAD", "KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Rounds", "Timer",
-           "attention_implementation", "cpu_seconds", "decode", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
+           "attention_implementation", "compiled_decoders", "cpu_seconds", "decode", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
            "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes", "others_share", "paired_speedup", "peak_memory",
            "prefill", "relative_spread", "roofline", "sdpa_on_kv_heads", "unmeasurable_reason", "use_compile_cache", "variant_label",
            "weight_bytes_per_token"]
@@ -402,6 +402,7 @@ class Rounds:
     others_cpu_share: list[float | None]  # per round: what other processes (and steal) took of the CPUs
     compiled_decode: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with ``compiled``
     compiled_ttft: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with ``compiled_prefill``
+    compile_failures: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> why it did not compile
 
     def busy_reason(self) -> str | None:
         """Why this pass's timings measure the machine's load, or None when the machine stayed quiet. Where the
@@ -432,16 +433,13 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
     eager baseline is a ratio of timings taken moments apart."""
     timer, ids = Timer(device), prompt[:, : settings.prompt_tokens].to(device)
     names = list(models)
-    decoders = {name: CompiledDecoder(models[name], device, settings.compiled, settings.cpp_wrapper,
-                                      compile_prefill=settings.compiled_prefill)
-                for name in names} if settings.compiled else {}
     for name in names:  # warm-up: allocator, kernels' first calls
         for _ in range(settings.warmup):
             decode(models[name], *prefill(models[name], ids), settings.new_tokens)
-        if decoders:  # compiles: never inside a timed round
-            decoders[name].decode(*decoders[name].prefill(ids, settings.new_tokens), settings.new_tokens)
+    decoders, failures = compiled_decoders(models, ids, device, settings) if settings.compiled else ({}, {})
     result = Rounds({name: [] for name in names}, {name: [] for name in names}, [], [],
-                    {name: [] for name in decoders}, {name: [] for name in decoders if settings.compiled_prefill})
+                    {name: [] for name in decoders}, {name: [] for name in decoders if settings.compiled_prefill},
+                    failures)
     for number in range(rounds):
         started = cpu_seconds()
         result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))
@@ -458,6 +456,24 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
                 result.compiled_decode[name].append(timer(lambda: decoder.decode(*state, settings.new_tokens)))
         result.others_cpu_share.append(others_share(started, cpu_seconds()))
     return result
+
+
+def compiled_decoders(models: dict[str, torch.nn.Module], ids: torch.Tensor, device: str,
+                      settings: PerfSettings) -> tuple[dict[str, CompiledDecoder], dict[str, str]]:
+    """Each model's ``CompiledDecoder``, compiled by one prefill and decode (never inside a timed round), and why
+    each model that did not compile failed: a machine without a C++ compiler, or a graph the compiler refuses,
+    costs that model its compiled figures, not the eager ones or the other models'."""
+    decoders, failures = {}, {}
+    for name, model in models.items():
+        try:
+            decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper,
+                                      compile_prefill=settings.compiled_prefill)
+            decoder.decode(*decoder.prefill(ids, settings.new_tokens), settings.new_tokens)
+            decoders[name] = decoder
+        except Exception as error:  # what the compiler raised is the reason shown, its first line
+            cause = getattr(error, "inner_exception", error)  # torch.compile wraps what its backend raised
+            failures[name] = f"{type(cause).__name__}: {next(iter(str(cause).strip().splitlines()), '')}"
+    return decoders, failures
 
 
 def relative_spread(values: list[float]) -> float:

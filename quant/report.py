@@ -334,7 +334,8 @@ def performance_table(report: dict[str, Any]) -> str:
                      f"{row['achieved_gb_per_s']:.1f} ({row['bandwidth_share']:.0%})",
                      _fmt(row["roofline_ms_per_token"], 2),
                      f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
-                     if "compiled_decode_ms_per_token" in row else "–", speedup_cell(row, "compiled_decode_speedup"),
+                     if "compiled_decode_ms_per_token" in row else row.get("compiled_decode_unavailable", "–"),
+                     speedup_cell(row, "compiled_decode_speedup"),
                      _fmt(row.get("compiled_ttft_ms"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -427,12 +428,14 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
                    ttft_ms_rounds=[t * 1000 for t in ttft],
                    decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in decode_seconds],
                    probe_spread=rounds.probe_spread, others_cpu_share_rounds=rounds.others_cpu_share)
-        if rounds.compiled_decode:
+        if row["quant"] in rounds.compile_failures:
+            row["compiled_decode_unavailable"] = f"not compiled: {rounds.compile_failures[row['quant']]}"
+        if row["quant"] in rounds.compiled_decode:
             compiled = rounds.compiled_decode[row["quant"]]
             row.update(compiled_decode_ms_per_token=statistics.median(compiled) / settings.new_tokens * 1000,
                        compiled_decode_tokens_per_s=settings.new_tokens / statistics.median(compiled),
                        compiled_decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in compiled])
-        if rounds.compiled_ttft:
+        if row["quant"] in rounds.compiled_ttft:
             compiled_ttft = rounds.compiled_ttft[row["quant"]]
             row.update(compiled_ttft_ms=statistics.median(compiled_ttft) * 1000,
                        compiled_ttft_ms_rounds=[t * 1000 for t in compiled_ttft])
@@ -448,7 +451,7 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
         row["memory_reduction"] = baseline["model_bytes"] / row["model_bytes"]
         row.update(_speedup_fields("decode_speedup", rounds.decode["baseline"], rounds.decode[row["quant"]], busy,
                                    judged=row is not baseline))
-        if rounds.compiled_decode:  # against the eager baseline: what compiling the served model buys
+        if row["quant"] in rounds.compiled_decode:  # against the eager baseline: what compiling the model buys
             row.update(_speedup_fields("compiled_decode_speedup", rounds.decode["baseline"],
                                        rounds.compiled_decode[row["quant"]], busy))
 

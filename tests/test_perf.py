@@ -266,6 +266,17 @@ def test_compiled_prompts_and_steps_are_compiled_before_the_rounds_and_timed_in_
     assert len(prompts) == 2 + 2 * 2 * 4
 
 
+def test_a_model_that_does_not_compile_keeps_its_eager_timings_and_says_why(tiny_llama, calibration_ids):
+    """A runner without a C++ compiler (inductor's CPU backend needs one) loses the compiled figures, not the pass."""
+    def no_compiler(graph, inputs, **options):
+        raise RuntimeError("no working C++ compiler found\n(the compiler's own output)")
+
+    models = {"a": tiny_llama, "b": copy.deepcopy(tiny_llama)}
+    rounds = interleaved_latency(models, calibration_ids[:1], "cpu", dataclasses.replace(SHORT, compiled=no_compiler), 2)
+    assert {n: len(t) for n, t in rounds.decode.items()} == {"a": 2, "b": 2} and not rounds.compiled_decode
+    assert rounds.compile_failures == {name: "RuntimeError: no working C++ compiler found" for name in models}
+
+
 def test_a_compiled_prefill_needs_a_compile_backend():
     with pytest.raises(ConfigError, match="compiled_prefill compiles with the `compiled` backend"):
         PerfSettings(compiled_prefill=True)

@@ -1,8 +1,11 @@
 """The report's first screen (the headline) and its detailed tables, on a report built by hand."""
+import copy
 import json
+from collections import namedtuple
 from types import SimpleNamespace
 
 from quant import report
+from quant.perf import PerfSettings
 from tests.report_rows import KERNEL, row as _row
 
 
@@ -68,6 +71,25 @@ def test_the_performance_table_gives_the_compiled_decode_its_speed_up_over_the_e
     assert cells["rtn-w4g128"][column] == "3.10× [2.90, 3.30]"
     assert cells["rtn-w4g128"][column - 1] == "8.00 (60%)"
     assert cells["baseline"][column] == "–"  # not compiled in this run
+
+
+def test_a_variant_that_does_not_compile_is_timed_eager_and_its_compiled_cells_say_why(tiny_llama, calibration_ids):
+    models = {None: tiny_llama, "rtn-w4g32": copy.deepcopy(tiny_llama)}
+    workbench = SimpleNamespace(runnable=lambda spec, quant, dtype: (models[quant], "dense fp32"),
+                                wikitext_ids=lambda spec: calibration_ids[0], device_for=lambda spec: "cpu")
+
+    def no_compiler(graph, inputs, **options):
+        raise RuntimeError("no working C++ compiler found")
+
+    settings = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
+                            warmup=0, repeats=1, rounds=2, compiled=no_compiler)
+    spec = namedtuple("Spec", "name")("tiny")  # hashable, as a ModelSpec is
+    rows = report.performance_rows(workbench, [(spec, None, None), (spec, "rtn-w4g32", None)], 20e9, settings)
+    assert [row["quant"] for row in rows] == ["baseline", "rtn-w4g32"]
+    assert all(len(row["decode_ms_per_token_rounds"]) == 2 and "compiled_decode_ms_per_token" not in row for row in rows)
+    header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
+    column = header.split(" | ").index("compiled decode ms/token (share)")
+    assert {line.split(" | ")[column] for line in lines} == {"not compiled: RuntimeError: no working C++ compiler found"}
 
 
 def test_the_headline_names_the_tasks_uninformative_for_a_model_in_every_config():
