@@ -228,11 +228,11 @@ def report_command(args: argparse.Namespace) -> int:
     skipped += [(c, f"cadence {c.cadence}: not run in this report (--cadence {c.cadence} or all runs it)")
                 for c in selected if c.model.tier == tier and c not in cases]
     workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
-    use_compile_cache(cache_dir() / "inductor")
     if args.dry_run:
         spreads = plan.cached_spreads(workbench, cases)
         print(plan.describe(matrix, cases, args.profile, tier, args.hardware, spreads))
         return dry_run_inputs(cases, args.data_dir, runs_here=tier == ("gpu" if device == "cuda" else "cpu"))
+    use_compile_cache()
     result = report.build(workbench, cases, skipped, args.command_line, args.reproducible)
     json_path, md_path = report.write(result, args.out)
     print("\n".join(report.headline(result)))
@@ -410,7 +410,7 @@ def perf_command(args: argparse.Namespace) -> int:
                 if args.quant is None or v[1] is None]
     variants += [(spec, quant_name, None) for quant_name in args.quant or []]
     device = workbench.device_for(spec)
-    use_compile_cache(cache_dir() / "inductor")
+    use_compile_cache()
     profile_settings = workbench.perf_settings(spec)
     settings = dataclasses.replace(profile_settings, compiled=None if args.compiled == "none" else args.compiled,
                                    cpp_wrapper=args.cpp_wrapper or profile_settings.cpp_wrapper,

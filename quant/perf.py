@@ -25,11 +25,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from quant.config import ConfigError
+from quant.config import ConfigError, cache_dir
 from quant.qlinear import model_bytes
 
 __all__ = ["BUSY_CPU_SHARE", "BUSY_PROBE_SPREAD", "KV_HEAD_ATTENTION", "CompiledDecoder", "PeakAboveHeld", "PerfSettings", "Rounds", "Timer",
-           "attention_implementation", "compiled_decoders", "cpu_seconds", "decode", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
+           "attention_implementation", "compiled_decoders", "cpu_seconds", "decode", "decode_figures", "dtype_name", "interleaved_latency", "kv_cache_bytes", "latency_figures",
            "machine_facts", "measure", "memory_bandwidth", "memory_in_use", "model_bytes", "others_share", "paired_speedup", "peak_memory",
            "prefill", "relative_spread", "roofline", "sdpa_on_kv_heads", "unmeasurable_reason", "use_compile_cache", "variant_label",
            "weight_bytes_per_token"]
@@ -243,8 +243,9 @@ class CompiledDecoder:
         return torch.cat(tokens, dim=1)
 
 
-def use_compile_cache(root: Path) -> Path:
-    """Keep inductor's compiled code under ``root``, in a folder per ATen CPU capability, unless the environment
+def use_compile_cache(root: Path | None = None) -> Path:
+    """Keep inductor's compiled code under ``root`` (default: the result cache's ``inductor`` folder), in a folder per
+    ATen CPU capability, unless the environment
     names another folder than torch's default (TORCHINDUCTOR_CACHE_DIR, which importing torch's compiler sets to
     that default): compiled steps then live as long as the result cache, not /tmp, and code built for one ISA never
     serves another (torch 2.13's cache key leaves the capability out; under ATEN_CPU_CAPABILITY=avx2 a warm shared
@@ -253,6 +254,7 @@ def use_compile_cache(root: Path) -> Path:
 
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen is None or Path(chosen) == Path(default_cache_dir()):
+        root = root or cache_dir() / "inductor"
         chosen = os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
             (root / torch.backends.cpu.get_cpu_capability().lower()).absolute())
     return Path(chosen)
@@ -352,12 +354,18 @@ def roofline(row: dict[str, Any], bandwidth: float) -> dict[str, float]:
     return figures
 
 
+def decode_figures(decode_seconds: float, new_tokens: int, prefix: str = "") -> dict[str, float]:
+    """Batch-1 decode of ``new_tokens`` tokens in ``decode_seconds``, as the report names it (``prefix``
+    "compiled_" for the compiled decode)."""
+    return {f"{prefix}decode_ms_per_token": decode_seconds / new_tokens * 1000,
+            f"{prefix}decode_tokens_per_s": new_tokens / decode_seconds}
+
+
 def latency_figures(ttft_seconds: float, decode_seconds: float, new_tokens: int) -> dict[str, float]:
     """Time to first token and batch-1 decode, as the report names them."""
     return {
         "ttft_ms": ttft_seconds * 1000,
-        "decode_ms_per_token": decode_seconds / new_tokens * 1000,
-        "decode_tokens_per_s": new_tokens / decode_seconds,
+        **decode_figures(decode_seconds, new_tokens),
         # the reference study's throughput: output tokens over the whole request, prefill included
         "output_tokens_per_s": new_tokens / (ttft_seconds + decode_seconds),
     }
@@ -522,8 +530,7 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, device: str, settings:
         decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper)
         seconds = _median(timer, settings, lambda: decoder.prefill(ids, settings.new_tokens),
                           lambda state: decoder.decode(*state, settings.new_tokens))
-        compiled = {"compiled_decode_ms_per_token": seconds / settings.new_tokens * 1000,
-                    "compiled_decode_tokens_per_s": settings.new_tokens / seconds}
+        compiled = decode_figures(seconds, settings.new_tokens, prefix="compiled_")
     return {
         **(latency_figures(ttft, decode_seconds, settings.new_tokens) if latency else {}),
         "batch": settings.batch,

@@ -17,7 +17,7 @@ from quant.gate import Comparison, joint_verdict, task_metrics
 from quant.kinds import kind_of
 from quant.kinds.perplexity import DIVERGENCE_METRICS
 from quant.pipeline import Workbench
-from quant.perf import (PerfSettings, dtype_name, interleaved_latency, latency_figures, machine_facts, measure,
+from quant.perf import (PerfSettings, decode_figures, dtype_name, interleaved_latency, latency_figures, machine_facts, measure,
                         memory_bandwidth, model_bytes, paired_speedup, roofline, unmeasurable_reason,
                         variant_label)
 
@@ -432,8 +432,7 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
             row["compiled_decode_unavailable"] = f"not compiled: {rounds.compile_failures[row['quant']]}"
         if row["quant"] in rounds.compiled_decode:
             compiled = rounds.compiled_decode[row["quant"]]
-            row.update(compiled_decode_ms_per_token=statistics.median(compiled) / settings.new_tokens * 1000,
-                       compiled_decode_tokens_per_s=settings.new_tokens / statistics.median(compiled),
+            row.update(decode_figures(statistics.median(compiled), settings.new_tokens, prefix="compiled_"),
                        compiled_decode_ms_per_token_rounds=[t / settings.new_tokens * 1000 for t in compiled])
         if row["quant"] in rounds.compiled_ttft:
             compiled_ttft = rounds.compiled_ttft[row["quant"]]

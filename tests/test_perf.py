@@ -333,6 +333,9 @@ def test_compiled_code_is_cached_beside_the_results_in_a_folder_per_cpu_capabili
         folder = use_compile_cache(tmp_path)
         assert folder == tmp_path / torch.backends.cpu.get_cpu_capability().lower()  # e.g. .../avx512
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path / "results"))
+    assert use_compile_cache().parent == tmp_path / "results" / "inductor"  # by default, beside the results
     # a folder the environment names stands (make test's second code path compiles into its own)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
     assert use_compile_cache(tmp_path) == tmp_path / "chosen"
