@@ -27,11 +27,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 # The modules whose code decides what a quantized model or an evaluation result contains: quantization (methods,
 # and the backends that run them or a library), the loaders, tasks and task kinds, the metrics they compute
-# (metrics), and the stores that select items and calibration windows and run the evaluations (stores). The wiring
-# (pipeline), the gate (gate, stats), snapshots and reporting are left out: changing how a verdict is reached or
-# shown must not throw away hours of cached work.
+# (metrics), the stores that select items and calibration windows and run the evaluations (stores), and the memory
+# reading a build records (memory). The wiring (pipeline), the gate (gate, stats), timing (perf, compiled, kernels),
+# snapshots and reporting are left out: changing how a verdict is reached or shown must not throw away hours of
+# cached work.
 RESULT_MODULES = ("config.py", "models.py", "qlinear.py", "data.py", "tasks.py", "tasks.yaml", "kinds", "metrics.py",
-                  "stores.py", "methods", "backends")
+                  "stores.py", "memory.py", "methods", "backends")
 # The libraries whose versions can change a number: kernels, tokenizers, GGUF dequantization, file formats.
 RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "numpy")
 MANIFEST = "key.json"  # written last: its presence marks a complete entry, and it holds each payload file's hash

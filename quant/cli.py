@@ -34,7 +34,8 @@ from quant.history import plot as plot_history
 from quant.kinds.generate import fewshot_exemplars
 from quant.matrix import Case, Matrix, load_matrix
 from quant.models import DTYPES, ModelSpec, ModelUnavailable
-from quant.perf import memory_bandwidth, use_compile_cache
+from quant.compiled import use_compile_cache
+from quant.perf import memory_bandwidth
 from quant.pipeline import CALIBRATION_SOURCE, Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica

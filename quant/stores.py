@@ -27,7 +27,8 @@ from quant.data import LOCAL_FILES, calibration_windows
 from quant.matrix import Matrix
 from quant.methods import LayerRecord
 from quant.models import ModelSpec, folder_sha256, load_model
-from quant.perf import PeakAboveHeld, PerfSettings
+from quant.memory import PeakAboveHeld
+from quant.perf import PerfSettings
 from quant.qlinear import dequantized_weights
 from quant.kinds import kind_of
 from quant.kinds.lm import text_ids

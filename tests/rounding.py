@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from quant.compiled import CompiledDecoder
 from quant.methods.gptq import GPTQ
 from quant.qlinear import QuantLinear
 
@@ -113,3 +114,19 @@ def assert_greedy_choices(model: torch.nn.Module, ids: torch.Tensor, tokens: tor
     lead = logits.amax(-1) - logits.gather(-1, tokens[..., None])[..., 0]
     allowed = GREEDY_TIE * logits.abs().amax(-1)
     assert (lead <= allowed).all(), f"steps {(lead > allowed).nonzero()[:, 1].tolist()} chose a token that is not greedy"
+
+
+def decoded(decoder: CompiledDecoder, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """The decoder's greedy continuation: the prefill's token, then ``steps`` decoded ones."""
+    cache, first = decoder.prefill(ids, steps)
+    return torch.cat([first, decoder.decode(cache, first, steps)], dim=1)
+
+
+def varied(model):
+    """A tiny random model whose greedy continuation changes from token to token (at initialisation it repeats one
+    token, which would hide a wrong cache position)."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3) if param.dim() > 1 else None
+    return model

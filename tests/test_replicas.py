@@ -20,16 +20,15 @@ from quant.matrix import load_matrix
 from quant.methods import METHODS, get_method
 from quant.methods.gsq import SCALING_GROUPS, foldable, scale_group
 from quant.models import load_model
-from quant.perf import CompiledDecoder
 from quant.backends.inhouse import restore_quantized
+from quant.compiled import CompiledDecoder
 from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear
 from tests.meta_device import META, KernelCalls, devices
-from tests.rounding import (assert_greedy_choices, assert_same_hessians, assert_same_up_to_rounding, eager_greedy,
-                            gptq_hessians)
+from tests.rounding import (assert_greedy_choices, assert_same_hessians, assert_same_up_to_rounding, decoded,
+                            eager_greedy, gptq_hessians, varied)
 from tests.test_kernels import RELATIVE_TOLERANCE
 from tests.test_methods import CALIBRATED
-from tests.test_perf import decoded, varied
 
 # The small replicas' input widths are 192 and 512: g64 divides both, g128 only 512 (192 falls back to g64).
 GROUP_SIZES = {64: set(), 128: {192}}
@@ -357,7 +356,7 @@ def test_a_build_records_its_peak_memory_above_what_the_process_held(replica, sh
     before the build and read after it (here a counter that the build itself raises by 64 MB, since a real
     allocation may reuse freed pages and not move the resident set); a backend that builds in a subprocess records
     nothing rather than this process's figure."""
-    from quant import perf
+    from quant import memory
     from quant.backends.inhouse import InHouse
 
     spec, _, _ = replica
@@ -371,8 +370,8 @@ def test_a_build_records_its_peak_memory_above_what_the_process_held(replica, sh
             counter["peak"] = counter["held"]
         return int(counter["peak"])
 
-    monkeypatch.setattr(perf, "memory_in_use", lambda device: int(counter["held"]))
-    monkeypatch.setattr(perf, "peak_memory", peak_memory)
+    monkeypatch.setattr(memory, "memory_in_use", lambda device: int(counter["held"]))
+    monkeypatch.setattr(memory, "peak_memory", peak_memory)
     original = InHouse.quantize
 
     def heavier(self, *args):
