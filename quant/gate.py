@@ -133,7 +133,7 @@ def judge(case: Case, baseline: TaskResult, quantized: TaskResult, metric: str |
     if "correct" in base_columns:
         extra["flips"] = stats.flips(base_columns["correct"], quant_columns["correct"])
         extra["mcnemar_p"] = stats.mcnemar_exact(extra["flips"]["correct_to_wrong"], extra["flips"]["wrong_to_correct"])
-    informativeness = kind.informativeness(case.task, case.gate, baseline, quantized, metric)
+    informativeness = kind.informativeness(case.task, case.gate, metric, baseline.metrics, base_columns, quant_columns)
     extra.update(informativeness.signals)
     gate = case.gate
     threshold = threshold_of(gate, metric)

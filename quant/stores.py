@@ -187,10 +187,10 @@ class CandidateStore:
         config = self.settings.calibration_config(spec, config)
         key = (spec.name, quant_name)
         if key not in self._quantized:
-            self._quantized[key] = self._build(spec, config)
+            self._quantized[key] = self._candidate(spec, config)
         return self._quantized[key]
 
-    def _build(self, spec: ModelSpec, config: QuantConfig) -> Quantized:
+    def _candidate(self, spec: ModelSpec, config: QuantConfig) -> Quantized:
         """The candidate a config names: built by its backend from the baseline (cached on disk) and loaded back,
         or a checkpoint folder loaded as it is."""
         if config.checkpoint:
@@ -204,7 +204,7 @@ class CandidateStore:
                        + ("" if config.backend else f", forward in {config.calib_dtype}"
                           f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}")
                        ) if calibrated else None
-        folder = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config))
+        folder = cached_dir("quantized", self.parts(spec, config), self._folder_writer(spec, config))
         return self._load(spec, config, folder, calibration)
 
     def _load(self, spec: ModelSpec, config: QuantConfig, folder: Path, calibration: str | None) -> Quantized:
@@ -222,14 +222,14 @@ class CandidateStore:
         config = self.settings.calibration_config(spec, config)
         if config.checkpoint:
             raise ConfigError(f"{config.checkpoint}: a checkpoint is not built here, so it cannot be rebuilt")
-        first = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config))
+        first = cached_dir("quantized", self.parts(spec, config), self._folder_writer(spec, config))
         with tempfile.TemporaryDirectory(prefix="quant-rebuild-") as root:
-            second = cached_dir("quantized", self.parts(spec, config), self._builder(spec, config), root=Path(root))
+            second = cached_dir("quantized", self.parts(spec, config), self._folder_writer(spec, config), root=Path(root))
             rebuild = compare_builds(first, second)
             differs = load_if_different and not rebuild.identical
             return rebuild, self._load(spec, config, second, None) if differs else None
 
-    def _builder(self, spec: ModelSpec, config: QuantConfig) -> Callable[[Path], None]:
+    def _folder_writer(self, spec: ModelSpec, config: QuantConfig) -> Callable[[Path], None]:
         """What writes the config's candidate into a cache folder: its backend run on the baseline."""
         device = self.settings.device_for(spec)
         baseline, tokenizer = self.models.baseline(spec)

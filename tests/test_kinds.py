@@ -95,13 +95,19 @@ def _result(task: TaskSpec, records: list[dict]) -> TaskResult:
     return TaskResult(task.name, {m: float(kind.aggregate(m)(columns)) for m in kind.reported(task)}, records)
 
 
+def _informativeness(task, base: list[dict], quant: list[dict], metric: str):
+    """The kind's informative rule on two sets of records, given as the gate gives it: as columns."""
+    kind = kind_of(task)
+    return kind.informativeness(task, GATE, metric, _result(task, base).metrics, kind.columns(base), kind.columns(quant))
+
+
 def test_choice_near_chance_is_gated_on_the_score_correlation():
     task = _task_of("choice")
     labels = [1, 0, 1, 0]
     base = [{**CHOICE[0], "id": str(i), "label": y, "correct": i < 2, "logodds": float(i)}
             for i, y in enumerate(labels)]
     quant = [{**r, "logodds": -r["logodds"]} for r in base]
-    decided = kind_of(task).informativeness(task, GATE, _result(task, base), _result(task, quant), "accuracy")
+    decided = _informativeness(task, base, quant, "accuracy")
     assert not decided.informative  # 0.5 against chance 0.5 + margin
     assert decided.fallback == ("score correlation with the baseline", pytest.approx(-1.0), 0.5)
     assert decided.signals["chance"] == 0.5 and decided.signals["roc_auc_baseline"] is not None
@@ -110,7 +116,7 @@ def test_choice_near_chance_is_gated_on_the_score_correlation():
 def test_a_reranker_that_does_not_beat_bm25_is_gated_on_its_per_query_correlation():
     task = _task_of("rerank")
     base = [{**RERANK[0], "id": "q1", "ndcg": 0.4}, {**RERANK[0], "id": "q2", "ndcg": 0.5}]
-    decided = kind_of(task).informativeness(task, GATE, _result(task, base), _result(task, base), "ndcg@10")
+    decided = _informativeness(task, base, base, "ndcg@10")
     assert not decided.informative and decided.signals["bm25"] == 0.5
     assert decided.fallback == ("per-query ndcg@10 correlation with the baseline", pytest.approx(1.0), 0.5)
 
@@ -118,7 +124,7 @@ def test_a_reranker_that_does_not_beat_bm25_is_gated_on_its_per_query_correlatio
 def test_a_generator_that_solves_too_little_is_gated_on_keeping_the_answer_format():
     task = _task_of("generate")
     base = [{**GENERATE[0], "id": str(i)} for i in range(2)] + [{**GENERATE[1], "id": str(i)} for i in range(2, 10)]
-    decided = kind_of(task).informativeness(task, GATE, _result(task, base), _result(task, base), "strict-match")
+    decided = _informativeness(task, base, base, "strict-match")
     assert not decided.informative  # 2 solved < min_correct 3
     assert decided.fallback[0] == "answer-format retention, 95% CI upper bound" and decided.fallback[1] == 1.0
     assert decided.signals["answered_baseline"] == decided.signals["answered_quantized"] == 0.2

@@ -129,9 +129,10 @@ class TaskKind:
         """What two models agree on when they give the same answer (None: the kind has no answer)."""
         return None
 
-    def informativeness(self, task: TaskSpec, gate: dict[str, Any], baseline: TaskResult, candidate: TaskResult,
-                        metric: str) -> Informativeness:
-        """Whether ``baseline`` says anything a retention can hold (by default: always)."""
+    def informativeness(self, task: TaskSpec, gate: dict[str, Any], metric: str, baseline_metrics: dict[str, float],
+                        baseline: Columns, candidate: Columns) -> Informativeness:
+        """Whether the baseline says anything a retention can hold (by default: always), from both results'
+        per-item columns (the gate's own, computed once) and the baseline's metrics."""
         return Informativeness(True, None, {})
 
     def forwards_per_item(self, task: TaskSpec) -> int:
