@@ -132,9 +132,9 @@ def _perf_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--cpp-wrapper", action="store_true",
                          help="inductor's C++ wrapper around the compiled step (faster steps, minutes of compiling)")
     command.add_argument("--compiled-prefill", action="store_true",
-                         help="compile the prompt's forward too, with frozen weights and autotuned GEMM templates "
-                              "(AMX int4/int8 kernels), and time it: the compiled TTFT (minutes of compiling per "
-                              "variant, every run)")
+                         help="compile the prompt's forward too, ahead of time, with frozen weights and autotuned "
+                              "GEMM templates (AMX int4/int8 kernels), and time it: the compiled TTFT (minutes of "
+                              "compiling per variant the first time; the package is kept in the result cache)")
     command.add_argument("--profile", default="report", help="profile whose perf settings apply")
     _add_inputs(command)
 

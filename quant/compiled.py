@@ -4,9 +4,10 @@ CPU, and where inductor keeps what it compiled."""
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import os
-from collections.abc import Iterator
+import platform
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from quant.config import cache_dir
+from quant.cache import cached_dir
+from quant.config import cache_dir, file_sha256
 
 
 KV_HEAD_ATTENTION = "quant_sdpa_on_kv_heads"
@@ -50,11 +52,70 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         model.config._attn_implementation = previous
 
 
-# The prompt's compile: inductor's C++ GEMM templates beside ATen's kernels, each GEMM shape timed once (the
-# autotuning is cached on disk). They include weight-only int4 and int8 micro-kernels on AMX, which run a 4-bit
-# prefill as fast as a bf16 one where ATen's int4 kernel is several times slower (docs/measurements.md). No
-# captured graph: a prompt runs once per request, and the next replay would overwrite its output.
-PREFILL_INDUCTOR_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "triton.cudagraphs": False}
+# The prompt's compile: inductor's C++ GEMM templates beside ATen's kernels, each GEMM shape timed once, on weights
+# frozen into the graph (the templates take only a constant weight). They include weight-only int4 and int8
+# micro-kernels on AMX, which run a 4-bit prefill as fast as a bf16 one where ATen's int4 kernel is several times
+# slower (docs/measurements.md). No captured graph: a prompt runs once per request, and the next replay would
+# overwrite its output.
+PREFILL_INDUCTOR_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "triton.cudagraphs": False,
+                            "freezing": True}
+PROMPT_PACKAGE = "prompt.pt2"
+# The code a packaged prompt is compiled from besides the model's own tensors and classes: this module (what is
+# exported) and the fast layers' forward (kernels), whose sources are in its key.
+PROMPT_SOURCES = ("compiled.py", "kernels.py")
+
+
+class PromptForward(torch.nn.Module):
+    """The prompt's forward as it is exported: the first greedy token and every layer's keys and values, the cache a
+    decode continues from, as plain tensors (what an exported program returns)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(ids, use_cache=True, logits_to_keep=1)
+        states = [tensor for layer in out.past_key_values.layers for tensor in (layer.keys, layer.values)]
+        return out.logits[:, -1:].argmax(-1), *states
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model as it runs: its modules (classes, shapes, options, as printed), its config, and every
+    parameter's and buffer's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(repr(model).encode())
+    digest.update(model.config.to_json_string().encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def cpu_fingerprint() -> str:
+    """The CPU's model and instruction-set flags (/proc/cpuinfo; the platform elsewhere) and the code paths torch is
+    held to (ATen's CPU capability, oneDNN's ISA limit): code compiled and autotuned for one CPU's kernels is not
+    reused on another, nor served to a process held to another code path."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else [platform.processor()]
+    facts = [line for line in lines if line.startswith(("model name", "flags"))][:2] or lines[:1]
+    facts += [torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "")]
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
+
+
+def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The model's prompt forward (``PromptForward``) for ``ids``' shape, exported and compiled ahead of time by
+    inductor (``PREFILL_INDUCTOR_OPTIONS``) into a package kept in the result cache (``prompts/``), and loaded
+    from there: compiling takes minutes, loading a fraction of a second. The key holds the model's fingerprint,
+    the prompt's shape and device, the CPU, and the code it is compiled from."""
+    parts = {"model": model_fingerprint(model), "prompt": list(ids.shape), "device": str(ids.device),
+             "cpu": cpu_fingerprint(), "options": PREFILL_INDUCTOR_OPTIONS,
+             "sources": {name: file_sha256(Path(__file__).parent / name)[:16] for name in PROMPT_SOURCES}}
+
+    def build(folder: Path) -> None:
+        exported = torch.export.export(PromptForward(model), (ids,), strict=False)
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / PROMPT_PACKAGE),
+                                                 inductor_configs=PREFILL_INDUCTOR_OPTIONS)
+
+    return torch._inductor.aoti_load_package(str(cached_dir("prompts", parts, build) / PROMPT_PACKAGE))
 
 
 class CompiledDecoder:
@@ -68,12 +129,16 @@ class CompiledDecoder:
     parameter before each step cost about 1 ms per token on this CPU), and its compiled entries are its own
     (``isolate_recompiles``), so another decoder's model never runs through them. On the CPU the step attends
     on the shared key/value heads (``sdpa_on_kv_heads``); on CUDA it stays on transformers' SDPA path, whose
-    masked GQA would fall back to the math kernel there. ``compile_prefill`` compiles the prompt's forward as well
-    (``PREFILL_INDUCTOR_OPTIONS``, weights frozen into its graph), for the fixed prompt shape it is first called with."""
+    masked GQA would fall back to the math kernel there.
+
+    ``compile_prefill`` runs the prompt through an exported program of its forward, for the fixed prompt shape it is
+    first called with: with inductor, compiled ahead of time and cached (``packaged_prompt``; torch.compile does not
+    cache a graph with frozen weights, so a run would recompile it for minutes); with another backend, the exported
+    graph run as it is (tests)."""
 
     def __init__(self, model: torch.nn.Module, device: str, backend: str = "inductor", cpp_wrapper: bool = False,
                  compile_prefill: bool = False) -> None:
-        self.model = model
+        self.model, self.backend, self.compile_prefill = model, backend, compile_prefill
         self.attention = KV_HEAD_ATTENTION if device == "cpu" else model.config._attn_implementation
         options: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if backend == "inductor":
@@ -82,31 +147,32 @@ class CompiledDecoder:
             raise ValueError(f"cpp_wrapper is an inductor option; the {backend!r} backend has no wrapper to replace")
         self.step = torch.compile(self._step, backend=backend, options=options, fullgraph=True, dynamic=False,
                                   isolate_recompiles=True)
-        self.prompt = self._prompt
-        self.frozen = contextlib.nullcontext
-        if compile_prefill:
-            self.prompt = torch.compile(self._prompt, backend=backend, options={**options, **(
-                PREFILL_INDUCTOR_OPTIONS if backend == "inductor" else {})}, fullgraph=True, dynamic=False,
-                isolate_recompiles=True)
-            if backend == "inductor":
-                # inductor reads freezing before a call's own options apply; the weights become constants of the
-                # prompt's graph, which the GEMM templates require of the weight they take
-                self.frozen = functools.partial(torch._inductor.config.patch, freezing=True)
+        self.prompts: dict[tuple[int, ...], Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
 
     def _step(self, token: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
         # the cache counts its own length (positions and the slots to write follow from it)
         return self.model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
 
-    def _prompt(self, ids: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
-        return self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    def _prompt(self, ids: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The exported prompt forward for ``ids``' shape, made once per shape."""
+        shape = tuple(ids.shape)
+        if shape not in self.prompts:
+            self.prompts[shape] = (packaged_prompt(self.model, ids) if self.backend == "inductor" else
+                                   torch.export.export(PromptForward(self.model), (ids,), strict=False).module())
+        return self.prompts[shape]
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, new_tokens: int) -> tuple[transformers.StaticCache, torch.Tensor]:
         """The prompt into a static cache with room for ``new_tokens`` more: (cache, first token). Eager unless the
-        decoder was made with ``compile_prefill``."""
+        decoder was made with ``compile_prefill``; then the exported prompt's keys and values are written into it."""
         cache = transformers.StaticCache(config=self.model.config, max_cache_len=ids.shape[1] + new_tokens)
-        with self.frozen():
-            return cache, self.prompt(ids, cache)
+        if not self.compile_prefill:
+            out = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return cache, out.logits[:, -1:].argmax(-1)
+        token, *states = self._prompt(ids)(ids)
+        for layer, (keys, values) in enumerate(zip(states[::2], states[1::2])):
+            cache.update(keys, values, layer)
+        return cache, token
 
     @torch.no_grad()
     def decode(self, cache: transformers.StaticCache, token: torch.Tensor, steps: int) -> torch.Tensor:

@@ -66,7 +66,10 @@ PERF_NOTE = (
     "processes took over 20% of the CPUs in a round, or the memory probe moved by over 35%), or when the rounds' "
     "range of ratios reaches 1. Compiled decode (profiles that set perf.compiled): the same greedy steps on a static "
     "KV cache through a torch.compile'd step, what a deployment would serve, timed in the same rounds; its speed-up "
-    "is against the eager baseline's decode of the same round. Roofline: a "
+    "is against the eager baseline's decode of the same round. Compiled TTFT (profiles that also set "
+    "perf.compiled_prefill): the prompt's forward exported and compiled ahead of time by inductor on frozen weights "
+    "with its autotuned GEMM templates, cached in the result cache (compiled once per model, prompt length and "
+    "CPU); its speed-up is against the faster of the baseline's dtypes, eager, in the same round. Roofline: a "
     "decode step at batch 1 reads every weight and the KV cache once (MB read / token); achieved GB/s is that over "
     "decode ms/token, its share is of this machine's memory bandwidth (machine line: a copy of a 256 MiB buffer, "
     "best of 5, read + written bytes), and roofline ms/token is the fastest the bytes allow. Model MB "
@@ -170,7 +173,8 @@ def skipped_rows(case: Case, reason: str) -> list[dict[str, Any]]:
 
 
 def speedup_cell(row: dict[str, Any], name: str = "decode_speedup") -> str:
-    """A speed-up (``decode_speedup``, ``compiled_decode_speedup``) with its range over the paired rounds, or why
+    """A speed-up (``decode_speedup``, ``compiled_decode_speedup``, ``compiled_ttft_speedup``) with its range over the
+    paired rounds, or why
     this run cannot say."""
     if row.get(f"{name}_unmeasurable"):
         return row[f"{name}_unmeasurable"]
@@ -317,7 +321,8 @@ def performance_table(report: dict[str, Any]) -> str:
     header = ["model", "variant", "dtype", "kernel", "TTFT ms (prefill)", "decode ms/token", "decode tok/s",
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
               "peak memory MB (weights + working)", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token",
-              "compiled decode ms/token (share)", "compiled decode speed-up vs baseline eager", "compiled TTFT ms"]
+              "compiled decode ms/token (share)", "compiled decode speed-up vs baseline eager", "compiled TTFT ms",
+              "compiled TTFT speed-up vs the faster baseline eager"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
     for row in report.get("performance", []):
@@ -336,7 +341,7 @@ def performance_table(report: dict[str, Any]) -> str:
                      f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
                      if "compiled_decode_ms_per_token" in row else row.get("compiled_decode_unavailable", "–"),
                      speedup_cell(row, "compiled_decode_speedup"),
-                     _fmt(row.get("compiled_ttft_ms"), 0)]
+                     _fmt(row.get("compiled_ttft_ms"), 0), speedup_cell(row, "compiled_ttft_speedup")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -453,6 +458,15 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
         if row["quant"] in rounds.compiled_decode:  # against the eager baseline: what compiling the model buys
             row.update(_speedup_fields("compiled_decode_speedup", rounds.decode["baseline"],
                                        rounds.compiled_decode[row["quant"]], busy))
+        if row["quant"] in rounds.compiled_ttft:  # against the faster baseline dtype in each round: a user's choice
+            row.update(_speedup_fields("compiled_ttft_speedup", _fastest_baseline(rounds.ttft),
+                                       rounds.compiled_ttft[row["quant"]], busy))
+
+
+def _fastest_baseline(seconds: dict[str, list[float]]) -> list[float]:
+    """Per round, the fastest of the baseline's dtypes (``baseline``, ``baseline-bfloat16``, ...)."""
+    baselines = [times for name, times in seconds.items() if name.split("-")[0] == "baseline"]
+    return [min(times) for times in zip(*baselines)]
 
 
 def _speedup_fields(name: str, baseline_seconds: list[float], seconds: list[float], busy: str | None,

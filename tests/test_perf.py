@@ -15,6 +15,7 @@ from quant.kernels import use_fast_kernels
 from quant.memory import memory_in_use, peak_memory
 from quant.methods import get_method
 from quant.methods.base import quantize_lm_head
+from quant.compiled import CompiledDecoder
 from quant.perf import (PerfSettings, Rounds, cpu_seconds, interleaved_latency, kv_cache_bytes, machine_facts, measure,
                         memory_bandwidth, others_share, paired_speedup, roofline, unmeasurable_reason,
                         weight_bytes_per_token)
@@ -107,19 +108,29 @@ def test_interleaved_rounds_time_every_model_once_per_round_in_a_rotating_order(
     assert not rounds.compiled_ttft and not rounds.compiled_decode
 
 
-def test_compiled_prompts_and_steps_are_compiled_before_the_rounds_and_timed_in_them(tiny_llama, calibration_ids):
+def test_compiled_prompts_and_steps_are_compiled_before_the_rounds_and_timed_in_them(tiny_llama, calibration_ids,
+                                                                                     monkeypatch):
     models = {"a": tiny_llama, "b": copy.deepcopy(tiny_llama)}
     prompts = []
-    for name, model in models.items():
+    for name, model in models.items():  # the eager prompts (not the tracing of one for export)
         model.model.layers[0].register_forward_pre_hook(
-            lambda _m, args, name=name: prompts.append(name) if args[0].shape[1] == SHORT.prompt_tokens else None)
+            lambda _m, args, name=name: prompts.append(("eager", name))
+            if args[0].shape[1] == SHORT.prompt_tokens and not torch.compiler.is_compiling() else None)
+    exported = CompiledDecoder._prompt
+
+    def counted(decoder, ids):
+        program, name = exported(decoder, ids), next(n for n, m in models.items() if m is decoder.model)
+        return lambda x: prompts.append(("compiled", name)) or program(x)
+
+    monkeypatch.setattr(CompiledDecoder, "_prompt", counted)
     settings = dataclasses.replace(SHORT, warmup=0, compiled="eager", compiled_prefill=True)
     rounds = interleaved_latency(models, calibration_ids[:1], "cpu", settings, 2)
     assert {n: len(t) for n, t in rounds.compiled_ttft.items()} == {"a": 2, "b": 2}
     assert {n: len(t) for n, t in rounds.compiled_decode.items()} == {"a": 2, "b": 2}
-    assert prompts[:2] == ["a", "b"]  # with no warm-up asked, each compiled prompt still runs once before round 1
+    # with no warm-up asked, each compiled prompt still runs once before round 1
+    assert prompts[:2] == [("compiled", "a"), ("compiled", "b")]
     # then per round and model: two eager prefills (one timed, one for the decode's cache), two compiled ones
-    assert len(prompts) == 2 + 2 * 2 * 4
+    assert sorted(prompts[2:]) == sorted([(way, name) for way in ("eager", "compiled") for name in models] * 2 * 2)
 
 
 def test_a_model_that_does_not_compile_keeps_its_eager_timings_and_says_why(tiny_llama, calibration_ids):

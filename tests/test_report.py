@@ -4,6 +4,8 @@ import json
 from collections import namedtuple
 from types import SimpleNamespace
 
+import pytest
+
 from quant import report
 from quant.perf import PerfSettings
 from tests.report_rows import KERNEL, row as _row
@@ -90,6 +92,28 @@ def test_a_variant_that_does_not_compile_is_timed_eager_and_its_compiled_cells_s
     header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
     column = header.split(" | ").index("compiled decode ms/token (share)")
     assert {line.split(" | ")[column] for line in lines} == {"not compiled: RuntimeError: no working C++ compiler found"}
+
+
+def test_a_compiled_prompt_is_timed_against_the_faster_baseline_dtype_of_each_round(tiny_llama, calibration_ids):
+    assert report._fastest_baseline({"baseline": [1.0, 2.0, 1.0], "baseline-bfloat16": [0.5, 3.0, 0.4],
+                                     "rtn-w4g32": [0.1, 0.1, 0.1]}) == [0.5, 2.0, 0.4]
+    models = {None: tiny_llama, "rtn-w4g32": copy.deepcopy(tiny_llama)}
+    workbench = SimpleNamespace(runnable=lambda spec, quant, dtype: (models[quant], "dense fp32"),
+                                wikitext_ids=lambda spec: calibration_ids[0], device_for=lambda spec: "cpu")
+    settings = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
+                            warmup=0, repeats=1, rounds=3, compiled="eager", compiled_prefill=True)
+    spec = namedtuple("Spec", "name")("tiny")
+    rows = report.performance_rows(workbench, [(spec, None, None), (spec, "rtn-w4g32", None)], 20e9, settings)
+    for row in rows:
+        assert len(row["compiled_ttft_ms_rounds"]) == 3
+        assert row["compiled_ttft_speedup_low"] <= row["compiled_ttft_speedup_high"]
+        fastest = row["ttft_ms_rounds"] if row["quant"] == "baseline" else rows[0]["ttft_ms_rounds"]
+        ratios = sorted(f / c for f, c in zip(fastest, row["compiled_ttft_ms_rounds"]))
+        assert row["compiled_ttft_speedup_low"] == pytest.approx(ratios[0])
+    header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
+    cells = [[cell.strip(" |") for cell in line.split(" | ")] for line in [header, *lines]]
+    column = cells[0].index("compiled TTFT speed-up vs the faster baseline eager")
+    assert all(row[column] not in ("", "–") for row in cells[1:])
 
 
 def test_the_headline_names_the_tasks_uninformative_for_a_model_in_every_config():
