@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import platform
 from collections.abc import Callable, Iterator
@@ -60,9 +61,6 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
 PREFILL_INDUCTOR_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "triton.cudagraphs": False,
                             "freezing": True}
 PROMPT_PACKAGE = "prompt.pt2"
-# The code a packaged prompt is compiled from besides the model's own tensors and classes: this module (what is
-# exported) and the fast layers' forward (kernels), whose sources are in its key.
-PROMPT_SOURCES = ("compiled.py", "kernels.py")
 
 
 class PromptForward(torch.nn.Module):
@@ -77,6 +75,14 @@ class PromptForward(torch.nn.Module):
         out = self.model(ids, use_cache=True, logits_to_keep=1)
         states = [tensor for layer in out.past_key_values.layers for tensor in (layer.keys, layer.values)]
         return out.logits[:, -1:].argmax(-1), *states
+
+
+def prompt_sources() -> dict[str, str]:
+    """Hashes of the code a packaged prompt is compiled from besides the model's tensors and classes: what is
+    exported (``PromptForward``) and the fast layers' forwards (kernels.py). The rest of this module is not in it:
+    editing the decoder must not throw away minutes of compiling per variant."""
+    exported = hashlib.sha256(inspect.getsource(PromptForward).encode()).hexdigest()[:16]
+    return {"PromptForward": exported, "kernels.py": file_sha256(Path(__file__).parent / "kernels.py")[:16]}
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -108,7 +114,7 @@ def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[torc
     the prompt's shape and device, the CPU, and the code it is compiled from."""
     parts = {"model": model_fingerprint(model), "prompt": list(ids.shape), "device": str(ids.device),
              "cpu": cpu_fingerprint(), "options": PREFILL_INDUCTOR_OPTIONS,
-             "sources": {name: file_sha256(Path(__file__).parent / name)[:16] for name in PROMPT_SOURCES}}
+             "sources": prompt_sources()}
 
     def build(folder: Path) -> None:
         exported = torch.export.export(PromptForward(model), (ids,), strict=False)
@@ -152,6 +158,12 @@ class CompiledDecoder:
     def _step(self, token: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
         # the cache counts its own length (positions and the slots to write follow from it)
         return self.model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
+
+    def compile_prompt(self, ids: torch.Tensor) -> None:
+        """Export (and with inductor, compile or load) the prompt's forward for ``ids``' shape now, and prefill
+        through it from then on; a prompt that cannot be exported or compiled raises here and changes nothing."""
+        self._prompt(ids)
+        self.compile_prefill = True
 
     def _prompt(self, ids: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
         """The exported prompt forward for ``ids``' shape, made once per shape."""

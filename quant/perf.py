@@ -241,6 +241,8 @@ class Rounds:
     compiled_decode: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with ``compiled``
     compiled_ttft: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # with ``compiled_prefill``
     compile_failures: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> why it did not compile
+    # model -> why its prompt did not compile (with ``compiled_prefill``; its decode may have)
+    prompt_failures: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def busy_reason(self) -> str | None:
         """Why this pass's timings measure the machine's load, or None when the machine stayed quiet. Where the
@@ -274,10 +276,12 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
     for name in names:  # warm-up: allocator, kernels' first calls
         for _ in range(settings.warmup):
             decode(models[name], *prefill(models[name], ids), settings.new_tokens)
-    decoders, failures = compiled_decoders(models, ids, device, settings) if settings.compiled else ({}, {})
+    decoders, failures, prompt_failures = (compiled_decoders(models, ids, device, settings) if settings.compiled
+                                           else ({}, {}, {}))
     result = Rounds({name: [] for name in names}, {name: [] for name in names}, [], [],
-                    {name: [] for name in decoders}, {name: [] for name in decoders if settings.compiled_prefill},
-                    failures)
+                    {name: [] for name in decoders},
+                    {name: [] for name, decoder in decoders.items() if decoder.compile_prefill}, failures,
+                    prompt_failures)
     for number in range(rounds):
         started = cpu_seconds()
         result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))
@@ -288,7 +292,7 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
             result.decode[name].append(timer(lambda: decode(model, *state, settings.new_tokens)))
             if decoders:
                 decoder = decoders[name]
-                if settings.compiled_prefill:
+                if decoder.compile_prefill:
                     result.compiled_ttft[name].append(timer(lambda: decoder.prefill(ids, settings.new_tokens)))
                 state = decoder.prefill(ids, settings.new_tokens)
                 result.compiled_decode[name].append(timer(lambda: decoder.decode(*state, settings.new_tokens)))
@@ -296,22 +300,33 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
     return result
 
 
-def compiled_decoders(models: dict[str, torch.nn.Module], ids: torch.Tensor, device: str,
-                      settings: PerfSettings) -> tuple[dict[str, CompiledDecoder], dict[str, str]]:
-    """Each model's ``CompiledDecoder``, compiled by one prefill and decode (never inside a timed round), and why
-    each model that did not compile failed: a machine without a C++ compiler, or a graph the compiler refuses,
-    costs that model its compiled figures, not the eager ones or the other models'."""
-    decoders, failures = {}, {}
+def compiled_decoders(models: dict[str, torch.nn.Module], ids: torch.Tensor, device: str, settings: PerfSettings
+                      ) -> tuple[dict[str, CompiledDecoder], dict[str, str], dict[str, str]]:
+    """Each model's ``CompiledDecoder``, compiled by one prefill and decode (never inside a timed round), with its
+    prompt compiled first under ``compiled_prefill``; and why each model that did not compile failed, and each
+    prompt. A machine without a C++ compiler, or a graph the compiler or the exporter refuses, costs that model its
+    compiled figures (a prompt's failure: only its compiled TTFT), not the eager ones or the other models'."""
+    decoders, failures, prompt_failures = {}, {}, {}
     for name, model in models.items():
         try:
-            decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper,
-                                      compile_prefill=settings.compiled_prefill)
+            decoder = CompiledDecoder(model, device, settings.compiled, settings.cpp_wrapper)
+            if settings.compiled_prefill:
+                try:
+                    decoder.compile_prompt(ids)
+                except Exception as error:
+                    prompt_failures[name] = failure_reason(error)
             decoder.decode(*decoder.prefill(ids, settings.new_tokens), settings.new_tokens)
             decoders[name] = decoder
-        except Exception as error:  # what the compiler raised is the reason shown, its first line
-            cause = getattr(error, "inner_exception", error)  # torch.compile wraps what its backend raised
-            failures[name] = f"{type(cause).__name__}: {next(iter(str(cause).strip().splitlines()), '')}"
-    return decoders, failures
+        except Exception as error:
+            failures[name] = failure_reason(error)
+    return decoders, failures, prompt_failures
+
+
+def failure_reason(error: Exception) -> str:
+    """What a compiler raised, as a report cell: its type and first line (torch.compile wraps what its backend
+    raised: that is the one shown)."""
+    cause = getattr(error, "inner_exception", error)
+    return f"{type(cause).__name__}: {next(iter(str(cause).strip().splitlines()), '')}"
 
 
 def relative_spread(values: list[float]) -> float:

@@ -341,7 +341,8 @@ def performance_table(report: dict[str, Any]) -> str:
                      f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
                      if "compiled_decode_ms_per_token" in row else row.get("compiled_decode_unavailable", "–"),
                      speedup_cell(row, "compiled_decode_speedup"),
-                     _fmt(row.get("compiled_ttft_ms"), 0), speedup_cell(row, "compiled_ttft_speedup")]
+                     _fmt(row["compiled_ttft_ms"], 0) if "compiled_ttft_ms" in row
+                     else row.get("compiled_ttft_unavailable", "–"), speedup_cell(row, "compiled_ttft_speedup")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -435,6 +436,8 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
                    probe_spread=rounds.probe_spread, others_cpu_share_rounds=rounds.others_cpu_share)
         if row["quant"] in rounds.compile_failures:
             row["compiled_decode_unavailable"] = f"not compiled: {rounds.compile_failures[row['quant']]}"
+        if row["quant"] in rounds.prompt_failures:
+            row["compiled_ttft_unavailable"] = f"not compiled: {rounds.prompt_failures[row['quant']]}"
         if row["quant"] in rounds.compiled_decode:
             compiled = rounds.compiled_decode[row["quant"]]
             row.update(decode_figures(statistics.median(compiled), settings.new_tokens, prefix="compiled_"),

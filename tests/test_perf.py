@@ -144,6 +144,25 @@ def test_a_model_that_does_not_compile_keeps_its_eager_timings_and_says_why(tiny
     assert rounds.compile_failures == {name: "RuntimeError: no working C++ compiler found" for name in models}
 
 
+def test_a_model_whose_prompt_does_not_export_keeps_its_compiled_decode_and_says_why(tiny_llama, calibration_ids,
+                                                                                      monkeypatch):
+    """A library's layer that torch.export refuses costs that model its compiled TTFT, nothing else."""
+    models = {"a": tiny_llama, "b": copy.deepcopy(tiny_llama)}
+    exported = CompiledDecoder._prompt
+
+    def refusing(decoder, ids):
+        if decoder.model is models["b"]:
+            raise RuntimeError("cannot export this layer\n(the exporter's own output)")
+        return exported(decoder, ids)
+
+    monkeypatch.setattr(CompiledDecoder, "_prompt", refusing)
+    settings = dataclasses.replace(SHORT, compiled="eager", compiled_prefill=True)
+    rounds = interleaved_latency(models, calibration_ids[:1], "cpu", settings, 2)
+    assert {n: len(t) for n, t in rounds.compiled_decode.items()} == {"a": 2, "b": 2}
+    assert {n: len(t) for n, t in rounds.compiled_ttft.items()} == {"a": 2}
+    assert rounds.prompt_failures == {"b": "RuntimeError: cannot export this layer"} and not rounds.compile_failures
+
+
 def test_a_compiled_prefill_needs_a_compile_backend():
     with pytest.raises(ConfigError, match="compiled_prefill compiles with the `compiled` backend"):
         PerfSettings(compiled_prefill=True)
