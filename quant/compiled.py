@@ -118,8 +118,9 @@ def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[torc
 
     def build(folder: Path) -> None:
         exported = torch.export.export(PromptForward(model), (ids,), strict=False)
+        # a copy: AOTInductor adds its own entries to the options it is given, which would change the next key
         torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / PROMPT_PACKAGE),
-                                                 inductor_configs=PREFILL_INDUCTOR_OPTIONS)
+                                                 inductor_configs=dict(PREFILL_INDUCTOR_OPTIONS))
 
     return torch._inductor.aoti_load_package(str(cached_dir("prompts", parts, build) / PROMPT_PACKAGE))
 

@@ -103,7 +103,8 @@ def test_a_compiled_prefill_is_compiled_once_frozen_and_autotuned_then_loaded_fr
     compiled, loaded = [], []
 
     def compile_package(exported, package_path, inductor_configs):
-        compiled.append(inductor_configs)
+        compiled.append(dict(inductor_configs))
+        inductor_configs["aot_inductor.package"] = True  # as AOTInductor does to the options it is given
         Path(package_path).write_bytes(b"what inductor compiled")
         return package_path
 
