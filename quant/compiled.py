@@ -201,11 +201,10 @@ class CompiledDecoder:
 
 def use_compile_cache(root: Path | None = None) -> Path:
     """Keep inductor's compiled code under ``root`` (default: the result cache's ``inductor`` folder), in a folder per
-    ATen CPU capability, unless the environment
-    names another folder than torch's default (TORCHINDUCTOR_CACHE_DIR, which importing torch's compiler sets to
-    that default): compiled steps then live as long as the result cache, not /tmp, and code built for one ISA never
-    serves another (torch 2.13's cache key leaves the capability out; under ATEN_CPU_CAPABILITY=avx2 a warm shared
-    cache decoded wrong tokens). Returns the folder in use."""
+    ATen CPU capability, unless the environment names another folder than torch's default (TORCHINDUCTOR_CACHE_DIR,
+    which importing torch's compiler sets to that default): compiled steps then live as long as the result cache,
+    not /tmp, and code built for one ISA never serves another (torch 2.13's cache key leaves the capability out;
+    under ATEN_CPU_CAPABILITY=avx2 a warm shared cache decoded wrong tokens). Returns the folder in use."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # a second of importing: only here
 
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")

@@ -17,8 +17,8 @@ from quant.gate import Comparison, joint_verdict, task_metrics
 from quant.kinds import kind_of
 from quant.kinds.perplexity import DIVERGENCE_METRICS
 from quant.pipeline import Workbench
-from quant.perf import (PerfSettings, decode_figures, dtype_name, interleaved_latency, latency_figures, machine_facts, measure,
-                        memory_bandwidth, model_bytes, paired_speedup, roofline, unmeasurable_reason,
+from quant.perf import (PerfSettings, decode_figures, dtype_name, interleaved_latency, latency_figures, machine_facts,
+                        measure, memory_bandwidth, model_bytes, paired_speedup, roofline, unmeasurable_reason,
                         variant_label)
 
 log = logging.getLogger("quant")
@@ -174,8 +174,7 @@ def skipped_rows(case: Case, reason: str) -> list[dict[str, Any]]:
 
 def speedup_cell(row: dict[str, Any], name: str = "decode_speedup") -> str:
     """A speed-up (``decode_speedup``, ``compiled_decode_speedup``, ``compiled_ttft_speedup``) with its range over the
-    paired rounds, or why
-    this run cannot say."""
+    paired rounds, or why this run cannot say."""
     if row.get(f"{name}_unmeasurable"):
         return row[f"{name}_unmeasurable"]
     if row.get(name) is None:
@@ -412,15 +411,17 @@ def performance_rows(workbench: Workbench, variants: list[Variant], bandwidth: f
             rows.append({**row, "skipped_reason": f"{type(error).__name__}: {error}"})
     for spec in dict.fromkeys(spec for spec, _, _ in variants):
         own_rows = [r for r in rows if r["model"] == spec.name and (spec.name, r["quant"]) in served]
+        baselines = {variant_label(None, dtype) for model, quant_name, dtype in variants
+                     if model == spec and quant_name is None}
         if own_rows:
             _add_interleaved_latency(workbench, spec, own_rows, served, settings or workbench.perf_settings(spec),
-                                     bandwidth)
+                                     bandwidth, baselines)
     return rows
 
 
 def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[dict[str, Any]],
                              served: dict[tuple[str, str], torch.nn.Module], settings: PerfSettings,
-                             bandwidth: float) -> None:
+                             bandwidth: float, baselines: set[str]) -> None:
     """Time to first token and decode of one model's variants, interleaved, into their rows: medians over the
     rounds, the rounds themselves, the roofline, and each variant's speed-up over the baseline with its range."""
     models = {row["quant"]: served[(spec.name, row["quant"])] for row in rows}
@@ -462,14 +463,13 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
             row.update(_speedup_fields("compiled_decode_speedup", rounds.decode["baseline"],
                                        rounds.compiled_decode[row["quant"]], busy))
         if row["quant"] in rounds.compiled_ttft:  # against the faster baseline dtype in each round: a user's choice
-            row.update(_speedup_fields("compiled_ttft_speedup", _fastest_baseline(rounds.ttft),
+            row.update(_speedup_fields("compiled_ttft_speedup", _fastest_baseline(rounds.ttft, baselines),
                                        rounds.compiled_ttft[row["quant"]], busy))
 
 
-def _fastest_baseline(seconds: dict[str, list[float]]) -> list[float]:
-    """Per round, the fastest of the baseline's dtypes (``baseline``, ``baseline-bfloat16``, ...)."""
-    baselines = [times for name, times in seconds.items() if name.split("-")[0] == "baseline"]
-    return [min(times) for times in zip(*baselines)]
+def _fastest_baseline(seconds: dict[str, list[float]], baselines: set[str]) -> list[float]:
+    """Per round, the fastest of the timed ``baselines`` (the baseline's dtypes, by their variant labels)."""
+    return [min(times) for times in zip(*(times for name, times in seconds.items() if name in baselines))]
 
 
 def _speedup_fields(name: str, baseline_seconds: list[float], seconds: list[float], busy: str | None,

@@ -75,18 +75,22 @@ def test_the_performance_table_gives_the_compiled_decode_its_speed_up_over_the_e
     assert cells["baseline"][column] == "–"  # not compiled in this run
 
 
-def test_a_variant_that_does_not_compile_is_timed_eager_and_its_compiled_cells_say_why(tiny_llama, calibration_ids):
-    models = {None: tiny_llama, "rtn-w4g32": copy.deepcopy(tiny_llama)}
+def _timed_rows(model, calibration_ids, **settings) -> list[dict]:
+    """The report's timing rows of a tiny model's baseline and a copy of it named rtn-w4g32, with short settings."""
+    models = {None: model, "rtn-w4g32": copy.deepcopy(model)}
     workbench = SimpleNamespace(runnable=lambda spec, quant, dtype: (models[quant], "dense fp32"),
                                 wikitext_ids=lambda spec: calibration_ids[0], device_for=lambda spec: "cpu")
+    short = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
+                         warmup=0, repeats=1, **settings)
+    spec = namedtuple("Spec", "name")("tiny")  # hashable, as a ModelSpec is
+    return report.performance_rows(workbench, [(spec, None, None), (spec, "rtn-w4g32", None)], 20e9, short)
 
+
+def test_a_variant_that_does_not_compile_is_timed_eager_and_its_compiled_cells_say_why(tiny_llama, calibration_ids):
     def no_compiler(graph, inputs, **options):
         raise RuntimeError("no working C++ compiler found")
 
-    settings = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
-                            warmup=0, repeats=1, rounds=2, compiled=no_compiler)
-    spec = namedtuple("Spec", "name")("tiny")  # hashable, as a ModelSpec is
-    rows = report.performance_rows(workbench, [(spec, None, None), (spec, "rtn-w4g32", None)], 20e9, settings)
+    rows = _timed_rows(tiny_llama, calibration_ids, rounds=2, compiled=no_compiler)
     assert [row["quant"] for row in rows] == ["baseline", "rtn-w4g32"]
     assert all(len(row["decode_ms_per_token_rounds"]) == 2 and "compiled_decode_ms_per_token" not in row for row in rows)
     header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
@@ -95,15 +99,9 @@ def test_a_variant_that_does_not_compile_is_timed_eager_and_its_compiled_cells_s
 
 
 def test_a_compiled_prompt_is_timed_against_the_faster_baseline_dtype_of_each_round(tiny_llama, calibration_ids):
-    assert report._fastest_baseline({"baseline": [1.0, 2.0, 1.0], "baseline-bfloat16": [0.5, 3.0, 0.4],
-                                     "rtn-w4g32": [0.1, 0.1, 0.1]}) == [0.5, 2.0, 0.4]
-    models = {None: tiny_llama, "rtn-w4g32": copy.deepcopy(tiny_llama)}
-    workbench = SimpleNamespace(runnable=lambda spec, quant, dtype: (models[quant], "dense fp32"),
-                                wikitext_ids=lambda spec: calibration_ids[0], device_for=lambda spec: "cpu")
-    settings = PerfSettings(prompt_tokens=16, new_tokens=4, batch=2, batch_prompt_tokens=8, batch_new_tokens=2,
-                            warmup=0, repeats=1, rounds=3, compiled="eager", compiled_prefill=True)
-    spec = namedtuple("Spec", "name")("tiny")
-    rows = report.performance_rows(workbench, [(spec, None, None), (spec, "rtn-w4g32", None)], 20e9, settings)
+    seconds = {"baseline": [1.0, 2.0, 1.0], "baseline-bfloat16": [0.5, 3.0, 0.4], "rtn-w4g32": [0.1, 0.1, 0.1]}
+    assert report._fastest_baseline(seconds, {"baseline", "baseline-bfloat16"}) == [0.5, 2.0, 0.4]
+    rows = _timed_rows(tiny_llama, calibration_ids, rounds=3, compiled="eager", compiled_prefill=True)
     for row in rows:
         assert len(row["compiled_ttft_ms_rounds"]) == 3
         assert row["compiled_ttft_speedup_low"] <= row["compiled_ttft_speedup_high"]
