@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quant.cache import cached_dir
 from quant.config import cache_dir, file_sha256
+from quant.memory import memory_in_use
 
 
 KV_HEAD_ATTENTION = "quant_sdpa_on_kv_heads"
@@ -107,11 +108,16 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
 
-def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor
+                    ) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, ...]], int | None]:
     """The model's prompt forward (``PromptForward``) for ``ids``' shape, exported and compiled ahead of time by
     inductor (``PREFILL_INDUCTOR_OPTIONS``) into a package kept in the result cache (``prompts/``), and loaded
     from there: compiling takes minutes, loading a fraction of a second. The key holds the model's fingerprint,
-    the prompt's shape and device, the CPU, and the code it is compiled from."""
+    the prompt's shape and device, the CPU, and the code it is compiled from.
+
+    Also returns the memory the loaded package holds (``memory_in_use`` grown by loading it; None where memory
+    cannot be read): the package carries its own copy of the weights, folded and repacked for its GEMMs, beside
+    the model's, so a compiled prompt can hold more than the model it was compiled from."""
     parts = {"model": model_fingerprint(model), "prompt": list(ids.shape), "device": str(ids.device),
              "cpu": cpu_fingerprint(), "options": PREFILL_INDUCTOR_OPTIONS,
              "sources": prompt_sources()}
@@ -122,7 +128,11 @@ def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[torc
         torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / PROMPT_PACKAGE),
                                                  inductor_configs=dict(PREFILL_INDUCTOR_OPTIONS))
 
-    return torch._inductor.aoti_load_package(str(cached_dir("prompts", parts, build) / PROMPT_PACKAGE))
+    package = cached_dir("prompts", parts, build) / PROMPT_PACKAGE
+    held = memory_in_use(str(ids.device))
+    loaded = torch._inductor.aoti_load_package(str(package))
+    grown = memory_in_use(str(ids.device))
+    return loaded, None if held is None or grown is None else max(grown - held, 0)
 
 
 class CompiledDecoder:
@@ -155,6 +165,7 @@ class CompiledDecoder:
         self.step = torch.compile(self._step, backend=backend, options=options, fullgraph=True, dynamic=False,
                                   isolate_recompiles=True)
         self.prompts: dict[tuple[int, ...], Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        self.prompt_bytes: int | None = None  # what the loaded prompt packages hold (``packaged_prompt``)
 
     def _step(self, token: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
         # the cache counts its own length (positions and the slots to write follow from it)
@@ -170,8 +181,12 @@ class CompiledDecoder:
         """The exported prompt forward for ``ids``' shape, made once per shape."""
         shape = tuple(ids.shape)
         if shape not in self.prompts:
-            self.prompts[shape] = (packaged_prompt(self.model, ids) if self.backend == "inductor" else
-                                   torch.export.export(PromptForward(self.model), (ids,), strict=False).module())
+            if self.backend != "inductor":
+                self.prompts[shape] = torch.export.export(PromptForward(self.model), (ids,), strict=False).module()
+                return self.prompts[shape]
+            self.prompts[shape], held = packaged_prompt(self.model, ids)
+            if held is not None:
+                self.prompt_bytes = (self.prompt_bytes or 0) + held
         return self.prompts[shape]
 
     @torch.no_grad()

@@ -321,7 +321,7 @@ def performance_table(report: dict[str, Any]) -> str:
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
               "peak memory MB (weights + working)", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token",
               "compiled decode ms/token (share)", "compiled decode speed-up vs baseline eager", "compiled TTFT ms",
-              "compiled TTFT speed-up vs the faster baseline eager"]
+              "compiled TTFT speed-up vs the faster baseline eager", "compiled prompt MB held (its package, loaded)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
     for row in report.get("performance", []):
@@ -341,7 +341,8 @@ def performance_table(report: dict[str, Any]) -> str:
                      if "compiled_decode_ms_per_token" in row else row.get("compiled_decode_unavailable", "–"),
                      speedup_cell(row, "compiled_decode_speedup"),
                      _fmt(row["compiled_ttft_ms"], 0) if "compiled_ttft_ms" in row
-                     else row.get("compiled_ttft_unavailable", "–"), speedup_cell(row, "compiled_ttft_speedup")]
+                     else row.get("compiled_ttft_unavailable", "–"), speedup_cell(row, "compiled_ttft_speedup"),
+                     f"{row['compiled_prompt_bytes'] / 1e6:.0f}" if "compiled_prompt_bytes" in row else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -447,6 +448,8 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
             compiled_ttft = rounds.compiled_ttft[row["quant"]]
             row.update(compiled_ttft_ms=statistics.median(compiled_ttft) * 1000,
                        compiled_ttft_ms_rounds=[t * 1000 for t in compiled_ttft])
+        if row["quant"] in rounds.prompt_bytes:
+            row["compiled_prompt_bytes"] = rounds.prompt_bytes[row["quant"]]
         row.update(roofline(row, bandwidth))
         log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
                  row["quant"], row["decode_ms_per_token"],
