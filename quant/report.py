@@ -69,7 +69,9 @@ PERF_NOTE = (
     "is against the eager baseline's decode of the same round. Compiled TTFT (profiles that also set "
     "perf.compiled_prefill): the prompt's forward exported and compiled ahead of time by inductor on frozen weights "
     "with its autotuned GEMM templates, cached in the result cache (compiled once per model, prompt length and "
-    "CPU); its speed-up is against the faster of the baseline's dtypes, eager, in the same round. Roofline: a "
+    "CPU); its speed-up is against the faster of the baseline's dtypes, eager, in the same round, and the memory "
+    "its loaded package holds is beside it (the resident growth on loading: the package carries its own copy of "
+    "the weights, repacked for its GEMMs). Roofline: a "
     "decode step at batch 1 reads every weight and the KV cache once (MB read / token); achieved GB/s is that over "
     "decode ms/token, its share is of this machine's memory bandwidth (machine line: a copy of a 256 MiB buffer, "
     "best of 5, read + written bytes), and roofline ms/token is the fastest the bytes allow. Model MB "
@@ -316,15 +318,22 @@ def quantization_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROMPT_COLUMNS = ["compiled TTFT ms", "compiled TTFT speed-up vs the faster baseline eager",
+                  "compiled prompt MB held (its package, loaded)"]
+
+
 def performance_table(report: dict[str, Any]) -> str:
+    """The timing rows as a table; the compiled prompt's columns only when the run compiled prompts."""
+    rows = report.get("performance", [])
+    prompts = any("compiled_ttft_ms" in row or "compiled_ttft_unavailable" in row for row in rows)
     header = ["model", "variant", "dtype", "kernel", "TTFT ms (prefill)", "decode ms/token", "decode tok/s",
               "output tok/s (incl. prefill)", "batch decode tok/s", "model MB", "memory ×", "decode speed-up",
               "peak memory MB (weights + working)", "MB read / token", "GB/s achieved (share of measured)", "roofline ms/token",
-              "compiled decode ms/token (share)", "compiled decode speed-up vs baseline eager", "compiled TTFT ms",
-              "compiled TTFT speed-up vs the faster baseline eager", "compiled prompt MB held (its package, loaded)"]
+              "compiled decode ms/token (share)", "compiled decode speed-up vs baseline eager",
+              *(PROMPT_COLUMNS if prompts else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     legend = kernel_legend(report)
-    for row in report.get("performance", []):
+    for row in rows:
         if row.get("skipped_reason"):
             cells = [row["model"], row["quant"]] + [""] * (len(header) - 3) + [f"not timed: {row['skipped_reason']}"]
         else:
@@ -339,10 +348,11 @@ def performance_table(report: dict[str, Any]) -> str:
                      _fmt(row["roofline_ms_per_token"], 2),
                      f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
                      if "compiled_decode_ms_per_token" in row else row.get("compiled_decode_unavailable", "–"),
-                     speedup_cell(row, "compiled_decode_speedup"),
-                     _fmt(row["compiled_ttft_ms"], 0) if "compiled_ttft_ms" in row
-                     else row.get("compiled_ttft_unavailable", "–"), speedup_cell(row, "compiled_ttft_speedup"),
-                     f"{row['compiled_prompt_bytes'] / 1e6:.0f}" if "compiled_prompt_bytes" in row else "–"]
+                     speedup_cell(row, "compiled_decode_speedup")]
+            if prompts:
+                cells += [_fmt(row["compiled_ttft_ms"], 0) if "compiled_ttft_ms" in row
+                          else row.get("compiled_ttft_unavailable", "–"), speedup_cell(row, "compiled_ttft_speedup"),
+                          f"{row['compiled_prompt_bytes'] / 1e6:.0f}" if "compiled_prompt_bytes" in row else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

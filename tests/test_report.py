@@ -68,9 +68,10 @@ def test_the_performance_table_gives_the_compiled_decode_its_speed_up_over_the_e
     built["performance"][1].update(compiled_decode_ms_per_token=8.0, compiled_bandwidth_share=0.6,
                                    compiled_decode_speedup=3.1, compiled_decode_speedup_low=2.9,
                                    compiled_decode_speedup_high=3.3)
-    header, _, *lines = report.performance_table(built).splitlines()
-    column = header.split(" | ").index("compiled decode speed-up vs baseline eager")
-    cells = {line.split(" | ")[1]: line.split(" | ") for line in lines}
+    header, _, *lines = [[cell.strip(" |") for cell in line.split(" | ")]
+                         for line in report.performance_table(built).splitlines()]
+    column = header.index("compiled decode speed-up vs baseline eager")
+    cells = {line[1]: line for line in lines}
     assert cells["rtn-w4g128"][column] == "3.10× [2.90, 3.30]"
     assert cells["rtn-w4g128"][column - 1] == "8.00 (60%)"
     assert cells["baseline"][column] == "–"  # not compiled in this run
@@ -97,6 +98,7 @@ def test_a_variant_that_does_not_compile_is_timed_eager_and_its_compiled_cells_s
     header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
     column = header.split(" | ").index("compiled decode ms/token (share)")
     assert {line.split(" | ")[column] for line in lines} == {"not compiled: RuntimeError: no working C++ compiler found"}
+    assert "compiled TTFT ms" not in header  # no prompt was compiled: no columns of dashes
 
 
 def test_a_compiled_prompt_is_timed_against_the_faster_baseline_dtype_of_each_round(tiny_llama, calibration_ids):
