@@ -20,7 +20,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quant.cache import cached_dir
 from quant.config import cache_dir, file_sha256
-from quant.memory import memory_in_use
 
 
 KV_HEAD_ATTENTION = "quant_sdpa_on_kv_heads"
@@ -109,15 +108,15 @@ def cpu_fingerprint() -> str:
 
 
 def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor
-                    ) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, ...]], int | None]:
+                    ) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, ...]], int]:
     """The model's prompt forward (``PromptForward``) for ``ids``' shape, exported and compiled ahead of time by
     inductor (``PREFILL_INDUCTOR_OPTIONS``) into a package kept in the result cache (``prompts/``), and loaded
     from there: compiling takes minutes, loading a fraction of a second. The key holds the model's fingerprint,
     the prompt's shape and device, the CPU, and the code it is compiled from.
 
-    Also returns the memory the loaded package holds (``memory_in_use`` grown by loading it; None where memory
-    cannot be read): the package carries its own copy of the weights, folded and repacked for its GEMMs, beside
-    the model's, so a compiled prompt can hold more than the model it was compiled from."""
+    Also returns the package's size in bytes: it carries its own copy of the weights, folded and repacked for its
+    GEMMs, beside the model's, so a compiled prompt can hold more than the model it was compiled from. (The size,
+    not the memory loading it adds: resident growth reads 0 where the allocator reuses pages freed earlier.)"""
     parts = {"model": model_fingerprint(model), "prompt": list(ids.shape), "device": str(ids.device),
              "cpu": cpu_fingerprint(), "options": PREFILL_INDUCTOR_OPTIONS,
              "sources": prompt_sources()}
@@ -129,10 +128,7 @@ def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor
                                                  inductor_configs=dict(PREFILL_INDUCTOR_OPTIONS))
 
     package = cached_dir("prompts", parts, build) / PROMPT_PACKAGE
-    held = memory_in_use(str(ids.device))
-    loaded = torch._inductor.aoti_load_package(str(package))
-    grown = memory_in_use(str(ids.device))
-    return loaded, None if held is None or grown is None else max(grown - held, 0)
+    return torch._inductor.aoti_load_package(str(package)), package.stat().st_size
 
 
 class CompiledDecoder:
@@ -165,7 +161,7 @@ class CompiledDecoder:
         self.step = torch.compile(self._step, backend=backend, options=options, fullgraph=True, dynamic=False,
                                   isolate_recompiles=True)
         self.prompts: dict[tuple[int, ...], Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
-        self.prompt_bytes: int | None = None  # what the loaded prompt packages hold (``packaged_prompt``)
+        self.package_bytes: int | None = None  # the size of its prompts' packages (``packaged_prompt``)
 
     def _step(self, token: torch.Tensor, cache: transformers.StaticCache) -> torch.Tensor:
         # the cache counts its own length (positions and the slots to write follow from it)
@@ -184,9 +180,8 @@ class CompiledDecoder:
             if self.backend != "inductor":
                 self.prompts[shape] = torch.export.export(PromptForward(self.model), (ids,), strict=False).module()
                 return self.prompts[shape]
-            self.prompts[shape], held = packaged_prompt(self.model, ids)
-            if held is not None:
-                self.prompt_bytes = (self.prompt_bytes or 0) + held
+            self.prompts[shape], size = packaged_prompt(self.model, ids)
+            self.package_bytes = (self.package_bytes or 0) + size
         return self.prompts[shape]
 
     @torch.no_grad()

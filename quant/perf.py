@@ -243,8 +243,8 @@ class Rounds:
     compile_failures: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> why it did not compile
     # model -> why its prompt did not compile (with ``compiled_prefill``; its decode may have)
     prompt_failures: dict[str, str] = dataclasses.field(default_factory=dict)
-    # model -> bytes its loaded prompt package holds beside the model (with ``compiled_prefill``)
-    prompt_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    # model -> the size of its prompt's package, its own copy of the weights (with ``compiled_prefill``)
+    package_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def busy_reason(self) -> str | None:
         """Why this pass's timings measure the machine's load, or None when the machine stayed quiet. Where the
@@ -284,7 +284,7 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
                     {name: [] for name in decoders},
                     {name: [] for name, decoder in decoders.items() if decoder.compile_prefill}, failures,
                     prompt_failures,
-                    {name: decoder.prompt_bytes for name, decoder in decoders.items() if decoder.prompt_bytes is not None})
+                    {name: decoder.package_bytes for name, decoder in decoders.items() if decoder.package_bytes is not None})
     for number in range(rounds):
         started = cpu_seconds()
         result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))

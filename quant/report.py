@@ -69,9 +69,9 @@ PERF_NOTE = (
     "is against the eager baseline's decode of the same round. Compiled TTFT (profiles that also set "
     "perf.compiled_prefill): the prompt's forward exported and compiled ahead of time by inductor on frozen weights "
     "with its autotuned GEMM templates, cached in the result cache (compiled once per model, prompt length and "
-    "CPU); its speed-up is against the faster of the baseline's dtypes, eager, in the same round, and the memory "
-    "its loaded package holds is beside it (the resident growth on loading: the package carries its own copy of "
-    "the weights, repacked for its GEMMs). Roofline: a "
+    "CPU); its speed-up is against the faster of the baseline's dtypes, eager, in the same round, and the size of "
+    "its package is beside it (the package carries its own copy of the weights, repacked for its GEMMs, and holds "
+    "at least that much memory once loaded). Roofline: a "
     "decode step at batch 1 reads every weight and the KV cache once (MB read / token); achieved GB/s is that over "
     "decode ms/token, its share is of this machine's memory bandwidth (machine line: a copy of a 256 MiB buffer, "
     "best of 5, read + written bytes), and roofline ms/token is the fastest the bytes allow. Model MB "
@@ -319,7 +319,7 @@ def quantization_table(report: dict[str, Any]) -> str:
 
 
 PROMPT_COLUMNS = ["compiled TTFT ms", "compiled TTFT speed-up vs the faster baseline eager",
-                  "compiled prompt MB held (its package, loaded)"]
+                  "compiled prompt package MB (its own weights)"]
 
 
 def performance_table(report: dict[str, Any]) -> str:
@@ -352,7 +352,8 @@ def performance_table(report: dict[str, Any]) -> str:
             if prompts:
                 cells += [_fmt(row["compiled_ttft_ms"], 0) if "compiled_ttft_ms" in row
                           else row.get("compiled_ttft_unavailable", "–"), speedup_cell(row, "compiled_ttft_speedup"),
-                          f"{row['compiled_prompt_bytes'] / 1e6:.0f}" if "compiled_prompt_bytes" in row else "–"]
+                          f"{row['compiled_prompt_package_bytes'] / 1e6:.0f}" if "compiled_prompt_package_bytes" in row
+                          else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -458,8 +459,8 @@ def _add_interleaved_latency(workbench: Workbench, spec: ModelSpec, rows: list[d
             compiled_ttft = rounds.compiled_ttft[row["quant"]]
             row.update(compiled_ttft_ms=statistics.median(compiled_ttft) * 1000,
                        compiled_ttft_ms_rounds=[t * 1000 for t in compiled_ttft])
-        if row["quant"] in rounds.prompt_bytes:
-            row["compiled_prompt_bytes"] = rounds.prompt_bytes[row["quant"]]
+        if row["quant"] in rounds.package_bytes:
+            row["compiled_prompt_package_bytes"] = rounds.package_bytes[row["quant"]]
         row.update(roofline(row, bandwidth))
         log.info("timed %s %s: decode %.2f ms/token eager%s; %.0f MB read per token, roofline %.2f ms", spec.name,
                  row["quant"], row["decode_ms_per_token"],

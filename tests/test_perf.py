@@ -120,15 +120,15 @@ def test_compiled_prompts_and_steps_are_compiled_before_the_rounds_and_timed_in_
 
     def counted(decoder, ids):
         program, name = exported(decoder, ids), next(n for n, m in models.items() if m is decoder.model)
-        decoder.prompt_bytes = held[name]  # as loading an inductor package measures it
+        decoder.package_bytes = sizes[name]  # as an inductor package has it
         return lambda x: prompts.append(("compiled", name)) or program(x)
 
-    held = {"a": 3_000_000, "b": 5_000_000}
+    sizes = {"a": 3_000_000, "b": 5_000_000}
     monkeypatch.setattr(CompiledDecoder, "_prompt", counted)
     settings = dataclasses.replace(SHORT, warmup=0, compiled="eager", compiled_prefill=True)
     rounds = interleaved_latency(models, calibration_ids[:1], "cpu", settings, 2)
     assert {n: len(t) for n, t in rounds.compiled_ttft.items()} == {"a": 2, "b": 2}
-    assert rounds.prompt_bytes == held
+    assert rounds.package_bytes == sizes
     assert {n: len(t) for n, t in rounds.compiled_decode.items()} == {"a": 2, "b": 2}
     # with no warm-up asked, each compiled prompt still runs once before round 1
     assert prompts[:2] == [("compiled", "a"), ("compiled", "b")]

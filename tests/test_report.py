@@ -117,16 +117,16 @@ def test_a_compiled_prompt_is_timed_against_the_faster_baseline_dtype_of_each_ro
     assert all(row[column] not in ("", "–") for row in cells[1:])
 
 
-def test_the_memory_a_compiled_prompt_holds_is_reported_beside_its_ttft(tiny_llama, calibration_ids, monkeypatch):
-    """An inductor package carries its own copy of the weights: the report shows what it held once loaded, so a
-    compiled TTFT is never read without its memory (an exported prompt, here, holds none of its own)."""
+def test_the_size_of_a_compiled_prompts_package_is_reported_beside_its_ttft(tiny_llama, calibration_ids, monkeypatch):
+    """An inductor package carries its own copy of the weights: the report shows its size, so a compiled TTFT is
+    never read without it (an exported prompt, here, has no package)."""
     timed = report.interleaved_latency
     monkeypatch.setattr(report, "interleaved_latency", lambda *args: dataclasses.replace(
-        timed(*args), prompt_bytes={"rtn-w4g32": 431_000_000}))
+        timed(*args), package_bytes={"rtn-w4g32": 431_000_000}))
     rows = _timed_rows(tiny_llama, calibration_ids, rounds=2, compiled="eager", compiled_prefill=True)
     header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
     cells = [[cell.strip(" |") for cell in line.split(" | ")] for line in [header, *lines]]
-    column = cells[0].index("compiled prompt MB held (its package, loaded)")
+    column = cells[0].index("compiled prompt package MB (its own weights)")
     assert [row[column] for row in cells[1:]] == ["–", "431"]
 
 
