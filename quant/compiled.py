@@ -177,11 +177,11 @@ class CompiledDecoder:
         """The exported prompt forward for ``ids``' shape, made once per shape."""
         shape = tuple(ids.shape)
         if shape not in self.prompts:
-            if self.backend != "inductor":
+            if self.backend == "inductor":
+                self.prompts[shape], size = packaged_prompt(self.model, ids)
+                self.package_bytes = (self.package_bytes or 0) + size
+            else:
                 self.prompts[shape] = torch.export.export(PromptForward(self.model), (ids,), strict=False).module()
-                return self.prompts[shape]
-            self.prompts[shape], size = packaged_prompt(self.model, ids)
-            self.package_bytes = (self.package_bytes or 0) + size
         return self.prompts[shape]
 
     @torch.no_grad()
