@@ -283,8 +283,8 @@ def interleaved_latency(models: dict[str, torch.nn.Module], prompt: torch.Tensor
     result = Rounds({name: [] for name in names}, {name: [] for name in names}, [], [],
                     {name: [] for name in decoders},
                     {name: [] for name, decoder in decoders.items() if decoder.compile_prefill}, failures,
-                    prompt_failures,
-                    {name: decoder.package_bytes for name, decoder in decoders.items() if decoder.package_bytes is not None})
+                    prompt_failures, {name: decoder.package_bytes for name, decoder in decoders.items()
+                                      if decoder.package_bytes is not None})
     for number in range(rounds):
         started = cpu_seconds()
         result.probe_bytes_per_s.append(memory_bandwidth(device, megabytes=64, repeats=3))

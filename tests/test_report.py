@@ -63,13 +63,19 @@ def test_the_headline_gives_each_config_its_verdict_per_task_then_the_reasons_an
     assert not any(line.startswith("Uninformative") for line in lines)  # each task gates at least one config
 
 
+def _performance_cells(built: dict) -> tuple[list[str], list[list[str]]]:
+    """The performance table's header and its rows, each as its cells (the markdown rule between them left out)."""
+    header, _, *lines = [[cell.strip(" |") for cell in line.split(" | ")]
+                         for line in report.performance_table(built).splitlines()]
+    return header, lines
+
+
 def test_the_performance_table_gives_the_compiled_decode_its_speed_up_over_the_eager_baseline():
     built = _report()
     built["performance"][1].update(compiled_decode_ms_per_token=8.0, compiled_bandwidth_share=0.6,
                                    compiled_decode_speedup=3.1, compiled_decode_speedup_low=2.9,
                                    compiled_decode_speedup_high=3.3)
-    header, _, *lines = [[cell.strip(" |") for cell in line.split(" | ")]
-                         for line in report.performance_table(built).splitlines()]
+    header, lines = _performance_cells(built)
     column = header.index("compiled decode speed-up vs baseline eager")
     cells = {line[1]: line for line in lines}
     assert cells["rtn-w4g128"][column] == "3.10× [2.90, 3.30]"
@@ -95,9 +101,9 @@ def test_a_variant_that_does_not_compile_is_timed_eager_and_its_compiled_cells_s
     rows = _timed_rows(tiny_llama, calibration_ids, rounds=2, compiled=no_compiler)
     assert [row["quant"] for row in rows] == ["baseline", "rtn-w4g32"]
     assert all(len(row["decode_ms_per_token_rounds"]) == 2 and "compiled_decode_ms_per_token" not in row for row in rows)
-    header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
-    column = header.split(" | ").index("compiled decode ms/token (share)")
-    assert {line.split(" | ")[column] for line in lines} == {"not compiled: RuntimeError: no working C++ compiler found"}
+    header, lines = _performance_cells({"rows": [], "performance": rows})
+    column = header.index("compiled decode ms/token (share)")
+    assert {line[column] for line in lines} == {"not compiled: RuntimeError: no working C++ compiler found"}
     assert "compiled TTFT ms" not in header  # no prompt was compiled: no columns of dashes
 
 
@@ -111,10 +117,9 @@ def test_a_compiled_prompt_is_timed_against_the_faster_baseline_dtype_of_each_ro
         fastest = row["ttft_ms_rounds"] if row["quant"] == "baseline" else rows[0]["ttft_ms_rounds"]
         ratios = sorted(f / c for f, c in zip(fastest, row["compiled_ttft_ms_rounds"]))
         assert row["compiled_ttft_speedup_low"] == pytest.approx(ratios[0])
-    header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
-    cells = [[cell.strip(" |") for cell in line.split(" | ")] for line in [header, *lines]]
-    column = cells[0].index("compiled TTFT speed-up vs the faster baseline eager")
-    assert all(row[column] not in ("", "–") for row in cells[1:])
+    header, lines = _performance_cells({"rows": [], "performance": rows})
+    column = header.index("compiled TTFT speed-up vs the faster baseline eager")
+    assert all(line[column] not in ("", "–") for line in lines)
 
 
 def test_the_size_of_a_compiled_prompts_package_is_reported_beside_its_ttft(tiny_llama, calibration_ids, monkeypatch):
@@ -124,10 +129,9 @@ def test_the_size_of_a_compiled_prompts_package_is_reported_beside_its_ttft(tiny
     monkeypatch.setattr(report, "interleaved_latency", lambda *args: dataclasses.replace(
         timed(*args), package_bytes={"rtn-w4g32": 431_000_000}))
     rows = _timed_rows(tiny_llama, calibration_ids, rounds=2, compiled="eager", compiled_prefill=True)
-    header, _, *lines = report.performance_table({"rows": [], "performance": rows}).splitlines()
-    cells = [[cell.strip(" |") for cell in line.split(" | ")] for line in [header, *lines]]
-    column = cells[0].index("compiled prompt package MB (its own weights)")
-    assert [row[column] for row in cells[1:]] == ["–", "431"]
+    header, lines = _performance_cells({"rows": [], "performance": rows})
+    column = header.index("compiled prompt package MB (its own weights)")
+    assert [line[column] for line in lines] == ["–", "431"]
 
 
 def test_the_headline_names_the_tasks_uninformative_for_a_model_in_every_config():
