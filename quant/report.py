@@ -192,6 +192,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _megabytes(size: int | None) -> str:
+    """A byte count as whole MB (10^6 bytes), or "–" where it was not measured."""
+    return "–" if size is None else f"{size / 1e6:.0f}"
+
+
 # A task's verdict is its worst metric's, in this order; the headline counts rows by verdict.
 VERDICT_ORDER = ("fail", "inconclusive", "pass", "uninformative")
 
@@ -311,9 +316,8 @@ def quantization_table(report: dict[str, Any]) -> str:
             continue
         seen.add(key)
         built = "– (a checkpoint)" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f}"
-        peak = row.get("quantize_peak_bytes")
         lines.append(f"| {row['model']} | {row['quant']} | {row['config']} | {built} | "
-                     f"{'–' if peak is None else f'{peak / 1e6:.0f}'} | {row['calibration'] or 'none'} | "
+                     f"{_megabytes(row.get('quantize_peak_bytes'))} | {row['calibration'] or 'none'} | "
                      f"{row['fallback_layers']} / {row['quantized_layers']} | {row.get('rebuild') or 'not checked'} |")
     return "\n".join(lines)
 
@@ -337,13 +341,11 @@ def performance_table(report: dict[str, Any]) -> str:
         if row.get("skipped_reason"):
             cells = [row["model"], row["quant"]] + [""] * (len(header) - 3) + [f"not timed: {row['skipped_reason']}"]
         else:
-            peak = row["peak_memory_bytes"]
             cells = [row["model"], row["quant"], row["dtype"], legend[row["kernel"]], _fmt(row["ttft_ms"], 0),
                      _fmt(row["decode_ms_per_token"], 1), _fmt(row["decode_tokens_per_s"], 1),
                      _fmt(row["output_tokens_per_s"], 1), f"{row['batch_decode_tokens_per_s']:.1f} (batch {row['batch']})",
-                     f"{row['model_bytes'] / 1e6:.0f}", _fmt(row.get("memory_reduction"), 2),
-                     speedup_cell(row), "–" if peak is None else f"{peak / 1e6:.0f}",
-                     f"{row['bytes_per_token'] / 1e6:.0f}",
+                     _megabytes(row["model_bytes"]), _fmt(row.get("memory_reduction"), 2),
+                     speedup_cell(row), _megabytes(row["peak_memory_bytes"]), _megabytes(row["bytes_per_token"]),
                      f"{row['achieved_gb_per_s']:.1f} ({row['bandwidth_share']:.0%})",
                      _fmt(row["roofline_ms_per_token"], 2),
                      f"{row['compiled_decode_ms_per_token']:.2f} ({row['compiled_bandwidth_share']:.0%})"
@@ -352,8 +354,7 @@ def performance_table(report: dict[str, Any]) -> str:
             if prompts:
                 cells += [_fmt(row["compiled_ttft_ms"], 0) if "compiled_ttft_ms" in row
                           else row.get("compiled_ttft_unavailable", "–"), speedup_cell(row, "compiled_ttft_speedup"),
-                          f"{row['compiled_prompt_package_bytes'] / 1e6:.0f}" if "compiled_prompt_package_bytes" in row
-                          else "–"]
+                          _megabytes(row.get("compiled_prompt_package_bytes"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
