@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 export QUANT_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# This repository keeps its cache in the checkout (a user's default is ~/.cache/quant): a clean clone starts cold.
+export QUANT_CACHE_DIR ?= $(abspath .cache)
 # The default run leaves out slow cases and the benchmarks (make bench); both are listed as deselected/skipped.
 PYTEST_ARGS ?= -m "not slow" --benchmark-skip --durations=15
 # Then the tests that compare different float-operation orders run again on a second CPU code path (AVX2 kernels,

@@ -18,7 +18,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from quant.config import cache_dir, file_sha256
+from quant.config import file_sha256
+from quant.project import cache_dir
 
 log = logging.getLogger("quant")
 

@@ -24,7 +24,8 @@ import yaml
 from quant import noise, plan, report
 from quant.backends import BackendUnavailable
 from quant.backends.checkpoint import CheckpointError
-from quant.config import CALIB_DTYPES, MATRIX_ENV, REPO_ROOT, ConfigError, QuantConfig, cache_dir, data_dir
+from quant.config import CALIB_DTYPES, ConfigError, QuantConfig, data_dir
+from quant.project import MATRIX_ENV, cache_dir, current
 from quant.crosscheck import LM_EVAL_TASKS, crosscheck
 from quant.data import DataError, missing_files
 from quant.data import load as load_data
@@ -43,8 +44,7 @@ from quant.sensitivity import heatmap, layer_sensitivity, mixed_precision_overri
 from quant.snapshots import check_hardware, hardware_class
 from quant.tasks import evaluate, select_items
 
-MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else matrix.yaml)"
-REPORT_JSON = REPO_ROOT / "reports" / "latest.json"
+MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else [tool.quant] matrix in the project's pyproject.toml)"
 # What a user can fix: printed as one line naming the file, field, variable or flag, with exit status 2.
 USER_ERRORS = (ConfigError, DataError, ModelUnavailable, BackendUnavailable, CheckpointError)
 
@@ -54,7 +54,7 @@ def _add_inputs(command: argparse.ArgumentParser, reports: bool = True) -> None:
     command.add_argument("--matrix", type=Path, default=None, help=MATRIX_HELP)
     command.add_argument("--data-dir", default=None, help="evaluation data folder (default: $QUANT_DATA_DIR)")
     if reports:
-        command.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
+        command.add_argument("--out", type=Path, default=current().reports)
 
 
 def _report_arguments(command: argparse.ArgumentParser) -> None:
@@ -104,9 +104,9 @@ def _replica_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _history_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
+    command.add_argument("--storage", type=Path, default=current().benchmarks,
                          help="pytest-benchmark storage folder (default: .benchmarks)")
-    command.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "history.png")
+    command.add_argument("--out", type=Path, default=current().reports / "history.png")
 
 
 def _crosscheck_arguments(command: argparse.ArgumentParser) -> None:
@@ -165,7 +165,8 @@ def _check_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _report_reader_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--report", type=Path, default=REPORT_JSON, help="a report's JSON (default: %(default)s)")
+    command.add_argument("--report", type=Path, default=current().reports / "latest.json",
+                         help="a report's JSON (default: %(default)s)")
     command.add_argument("--model", default="smollm2-135m", help="a model of the report")
 
 
@@ -204,10 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.command_line = "quant " + shlex.join(argv if argv is not None else sys.argv[1:])  # recorded with outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        args = build_parser().parse_args(argv)  # its defaults read the project's pyproject.toml
+        args.command_line = "quant " + shlex.join(argv if argv is not None else sys.argv[1:])  # recorded with outputs
         return COMMANDS[args.command].run(args)
     except USER_ERRORS as error:
         print(f"quant: {error}", file=sys.stderr)
@@ -231,7 +232,7 @@ def report_command(args: argparse.Namespace) -> int:
     workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device)
     if args.dry_run:
         spreads = plan.cached_spreads(workbench, cases)
-        print(plan.describe(matrix, cases, args.profile, tier, args.hardware, spreads))
+        print(plan.describe(matrix, cases, args.profile, tier, current().baselines, args.hardware, spreads))
         return dry_run_inputs(cases, args.data_dir, runs_here=tier == ("gpu" if device == "cuda" else "cpu"))
     use_compile_cache()
     result = report.build(workbench, cases, skipped, args.command_line, args.reproducible)
@@ -257,7 +258,7 @@ def dry_run_inputs(cases: list[Case], data_dir_option: str | None, runs_here: bo
 
 
 def _bench_compare_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--storage", type=Path, default=REPO_ROOT / ".benchmarks",
+    command.add_argument("--storage", type=Path, default=current().benchmarks,
                          help="pytest-benchmark storage folder (default: .benchmarks)")
     command.add_argument("--threshold", type=float, default=0.40,
                          help="a regression is a time ratio whose whole interval lies above 1 + this (default: "
@@ -333,7 +334,8 @@ def noise_command(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     cases = noise.cases_named(matrix, args.cases)
     started = time.strftime("%Y-%m-%d")
-    reference, runs = noise.measure(matrix, args.profile, cases, data_dir(args.data_dir), cache_dir() / "noise")
+    reference, runs = noise.measure(matrix, args.profile, cases, data_dir(args.data_dir), cache_dir() / "noise",
+                                   current().baselines)
     found = noise.deviations(reference, runs)
     tolerances = noise.measured_tolerances(cases, reference, found)
     print(noise.table(cases, found, tolerances))

@@ -19,7 +19,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from quant.cache import cached_dir
-from quant.config import cache_dir, file_sha256
+from quant.config import file_sha256
+from quant.project import cache_dir
 
 
 KV_HEAD_ATTENTION = "quant_sdpa_on_kv_heads"

@@ -1,4 +1,4 @@
-"""Configuration: quantization configs, the matrix file, and where data and caches live."""
+"""Configuration: quantization configs, YAML files read with errors that name them, and the evaluation data folder."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,13 +9,9 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MATRIX = REPO_ROOT / "matrix.yaml"
-TASKS_FILE = Path(__file__).resolve().parent / "tasks.yaml"
+TASKS_FILE = Path(__file__).resolve().parent / "tasks.yaml"  # the built-in tasks, read-only package data
 
 DATA_DIR_ENV = "QUANT_DATA_DIR"
-CACHE_DIR_ENV = "QUANT_CACHE_DIR"
-MATRIX_ENV = "QUANT_MATRIX"
 
 
 class ConfigError(ValueError):
@@ -176,13 +172,10 @@ def load_yaml(path: Path) -> dict[str, Any]:
             return yaml.safe_load(handle) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, where a YAML file is expected") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-
-
-def matrix_path(explicit: str | os.PathLike | None = None) -> Path:
-    """The matrix file: ``--matrix``, else ``QUANT_MATRIX`` (a team's own matrix for pytest), else matrix.yaml."""
-    return Path(explicit or os.environ.get(MATRIX_ENV) or DEFAULT_MATRIX)
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -194,8 +187,3 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"{DATA_DIR_ENV}/--data-dir points at {path}, which is not a folder")
     return path
-
-
-def cache_dir() -> Path:
-    """Root of the on-disk cache of quantized models and evaluation results (``QUANT_CACHE_DIR``)."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or REPO_ROOT / ".cache").expanduser().resolve()

@@ -205,6 +205,15 @@ def load_wikitext(data_dir: Path | None) -> list[Item]:
     return [{"id": "wikitext2-test", "text": text}]
 
 
+def load_jsonl(path: Path, task_name: str) -> list[Item]:
+    """A team's own task data: one item per JSON object of ``path``, its ``id`` the row's own or
+    ``<task>-<line>``."""
+    rows = _read_jsonl(path, {})
+    items = [{**row, "id": str(row.get("id", f"{task_name}-{line_number}"))} for line_number, row in rows]
+    return _unique_ids(items, path, [line_number for line_number, _ in rows])
+
+
+FILE_LOADER = "jsonl"  # a task file's own data: the JSONL its data_files names (load_jsonl)
 LOADERS: dict[str, Callable[[Path | None], list[Item]]] = {
     "gsm8k": load_gsm8k,
     "boolq": load_boolq,

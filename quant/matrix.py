@@ -10,7 +10,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from quant.config import ConfigError, QuantConfig, load_yaml, matrix_path
+from quant import project
+from quant.config import ConfigError, QuantConfig, load_yaml
 from quant.backends import get_backend
 from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
@@ -94,11 +95,11 @@ def _problem(error: jsonschema.ValidationError, path: Path) -> tuple[int | None,
     return _line_of(path, where), f"{_dotted(where)}: {message}"
 
 
-def validate(raw: Any, path: Path) -> None:
-    """Check ``raw`` (the parsed ``path``) against matrix.schema.json: one ConfigError line naming the file, the
-    line and the field of each problem, the most relevant first."""
+def validate(raw: Any, path: Path, task_names: list[str]) -> None:
+    """Check ``raw`` (the parsed ``path``) against matrix.schema.json, its tasks being ``task_names``: one
+    ConfigError line naming the file, the line and the field of each problem, the most relevant first."""
     schema = json.loads(SCHEMA_FILE.read_text())
-    schema["$defs"]["taskName"]["enum"] = sorted(load_tasks())  # the tasks are tasks.yaml's, not the schema's
+    schema["$defs"]["taskName"]["enum"] = task_names  # the tasks are the task files', not the schema's
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=jsonschema.exceptions.relevance)
     if not errors:
@@ -111,17 +112,31 @@ def validate(raw: Any, path: Path) -> None:
                       f"in {SCHEMA_FILE}")
 
 
+def task_files(raw: Any, path: Path) -> list[Path]:
+    """The team's own task files or folders that the matrix at ``path`` names (``task_files``, relative to it)."""
+    named = raw.get("task_files", []) if isinstance(raw, dict) else []
+    if not isinstance(named, list) or not all(isinstance(name, str) for name in named):
+        raise ConfigError(f"{path}:{_line_of(path, ['task_files'])}: task_files: a list of task files or folders")
+    files = [path.parent / name for name in named]
+    for number, file in enumerate(files):
+        if not file.exists():
+            raise ConfigError(f"{path}:{_line_of(path, ['task_files', number])}: task_files[{number}]: {file} "
+                              "not found")
+    return files
+
+
 def load_matrix(path: Path | None = None) -> Matrix:
-    """The matrix at ``path``, by default the one ``matrix_path`` names, checked against matrix.schema.json."""
-    path = matrix_path(path)
+    """The matrix at ``path``, by default the working folder's project's (quant.project), checked against
+    matrix.schema.json; its tasks are the built-in ones and those of the task files it names."""
+    path = Path(path) if path else project.current().require_matrix()
     raw = load_yaml(path)
-    validate(raw, path)
+    tasks = load_tasks(task_files(raw, path))
+    validate(raw, path, sorted(tasks))
     models = parse_models(raw.get("models", {}))
     quant = {name: QuantConfig.from_dict(entry, where=f"{path} quant.{name}") for name, entry in raw.get("quant", {}).items()}
     for name, config in quant.items():
         if not config.checkpoint:
             get_backend(config.backend, f"{path} quant.{name}").check(config, f"{path} quant.{name}")
-    tasks = load_tasks()
     defaults = raw.get("defaults", {})
     measured = raw.get("measured_tolerances", {}).get("cases", {})  # by case id, over each case's own tolerances
     cases: dict[str, Case] = {}

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from quant.config import ConfigError, matrix_path
+from quant.config import ConfigError
 from quant.kinds import kind_of
 from quant.matrix import Case, Matrix, load_matrix
 from quant.pipeline import Workbench
-from quant.snapshots import BASELINES
+from quant.snapshots import SNAPSHOT_FILE
 
 log = logging.getLogger("quant")
 
@@ -114,21 +114,21 @@ def run_perturbed(perturbation: Perturbation, profile: str, case_ids: list[str],
         return json.loads(out.read())
 
 
-def committed_values(profile: str, cases: list[Case]) -> dict[str, dict]:
+def committed_values(profile: str, cases: list[Case], baselines: Path) -> dict[str, dict]:
     """The committed CPU snapshots of ``cases`` (``baselines/cpu/<profile>/test_matrix.json``) in the shape of
     ``snapshot_values``: recorded on another machine, they are the cross-machine noise no rerun here can show."""
-    path = BASELINES / "cpu" / profile / "test_matrix.json"
+    path = baselines / "cpu" / profile / SNAPSHOT_FILE
     stored = json.loads(path.read_text()) if path.exists() else {}
     return {case.id: {"n": entry["exact"]["n"], "metrics": {k: v["value"] for k, v in entry["metrics"].items()}}
             for case in cases if (entry := stored.get(f"test_snapshot[{case.id}]"))}
 
 
-def measure(matrix: Matrix, profile: str, cases: list[Case], data_dir: Path | None, cache_root: Path
-            ) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
+def measure(matrix: Matrix, profile: str, cases: list[Case], data_dir: Path | None, cache_root: Path,
+            baselines: Path) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
     """The unchanged run (this process, the usual cache), each perturbed run of ``cases``' snapshots and the
-    committed snapshots where there are some."""
+    committed snapshots under ``baselines`` where there are some."""
     reference = snapshot_values(matrix, profile, cases, data_dir)
-    runs = {COMMITTED: committed_values(profile, cases)}
+    runs = {COMMITTED: committed_values(profile, cases, baselines)}
     for perturbation in PERTURBATIONS:
         if perturbation.rebuilds:
             runs[perturbation.name] = run_perturbed(perturbation, profile, [c.id for c in cases], matrix.path,
@@ -226,7 +226,7 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    matrix = load_matrix(matrix_path(args.matrix))
+    matrix = load_matrix(args.matrix)
     print(json.dumps(snapshot_values(matrix, args.profile, cases_named(matrix, args.cases), args.data_dir)))
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,7 @@ from quant.models import ModelUnavailable
 from quant.pipeline import Workbench
 from quant.backends import BackendUnavailable, get_backend
 from quant.replicas import REPLICAS
-from quant.snapshots import BASELINES, hardware_class
+from quant.snapshots import hardware_class
 from quant.stores import look_sizes
 
 
@@ -76,9 +77,9 @@ def power_line(case: Case, items: int, measured: float | None) -> str:
     return line
 
 
-def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: str, hardware: str,
+def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: str, hardware: str, baselines: Path,
           spreads: dict[str, float] | None = None) -> list[Step]:
-    """The plan's steps; ``spreads`` (case id -> per-item spread measured on cached results) sharpen the
+    """The plan's steps, comparing with the snapshots under ``baselines`` (the project's); ``spreads`` (case id -> per-item spread measured on cached results) sharpen the
     detectable drops, which otherwise come from the matrix's ``spread_prior``."""
     spreads = spreads or {}
     costs = matrix.costs.get(hardware, {})
@@ -116,9 +117,9 @@ def steps(matrix: Matrix, cases: list[Case], profile: str, tier: str, device: st
                              None if per_model is None else variants * per_model))
             plan += [Step(spec.name, power_line(case, items, spreads.get(case.id)), 0.0, note=True)
                      for case in own if case.task.name == task_name and items]
-        folder = BASELINES / hardware / profile
+        folder = baselines / hardware / profile
         state = "exists" if folder.exists() else "missing: snapshot tests fail until a run with --record-baselines records it"
-        plan.append(Step(spec.name, f"compare {len(own)} cases with {folder.relative_to(BASELINES.parent)} ({state})", 0.0))
+        plan.append(Step(spec.name, f"compare {len(own)} cases with {folder} ({state})", 0.0))
     return plan
 
 
@@ -135,8 +136,8 @@ def render(plan: list[Step], header: str) -> str:
     return "\n".join(lines)
 
 
-def describe(matrix: Matrix, cases: list[Case], profile: str, tier: str, hardware: str | None = None,
-             spreads: dict[str, float] | None = None) -> str:
+def describe(matrix: Matrix, cases: list[Case], profile: str, tier: str, baselines: Path,
+             hardware: str | None = None, spreads: dict[str, float] | None = None) -> str:
     """The rendered plan of ``cases`` (one tier) on ``hardware``: by default this machine's, or h100 (the GPU with
     measured costs) for a GPU plan on a machine without CUDA, which the header then says."""
     cuda = torch.cuda.is_available()
@@ -144,7 +145,8 @@ def describe(matrix: Matrix, cases: list[Case], profile: str, tier: str, hardwar
     header = f"plan: {len(cases)} {tier}-tier cases, profile {profile}, hardware {hardware}"
     if tier == "gpu" and not cuda:
         header += f"\nCUDA is not available on this machine: this is the plan for a GPU runner ({hardware}); nothing runs here"
-    return render(steps(matrix, cases, profile, tier, "cuda" if tier == "gpu" else "cpu", hardware, spreads), header)
+    return render(steps(matrix, cases, profile, tier, "cuda" if tier == "gpu" else "cpu", hardware, baselines, spreads),
+                  header)
 
 
 def cached_spreads(workbench: Workbench, cases: list[Case]) -> dict[str, float]:

@@ -1,32 +1,31 @@
-"""The suite's pytest plugin (the one module of the package that imports pytest; the root conftest.py loads it):
-options, the session-wide workbench, tests generated from matrix.yaml, the metric snapshots (a syrupy extension
-storing one readable JSON file per test module, compared with the matrix's tolerances), the scheduler that keeps
-one model's tests on one pytest-xdist worker, and the run's summary (the joint verdict, snapshots recorded or not
-compared)."""
+"""The suite's pytest plugin (the one module of the package that imports pytest), installed through the ``pytest11``
+entry point: options, the matrix file of the project collected as test items (two tests per case), the session-wide
+workbench, the metric snapshots (a syrupy extension storing one readable JSON file, compared with the matrix's
+tolerances), the scheduler that keeps one model's tests on one pytest-xdist worker, and the run's summary (the
+joint verdict, snapshots recorded or not compared).
+
+In a project with no matrix configured (``--matrix``, ``$QUANT_MATRIX`` or ``[tool.quant] matrix``) the plugin
+collects nothing and changes nothing; the library (torch, transformers) is imported only where a matrix is."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
+import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import torch
 from filelock import FileLock
 from syrupy.data import Snapshot, SnapshotCollection
 from syrupy.extensions.base import AbstractSyrupyExtension
 
-from quant import plan
-from quant.backends import BackendUnavailable, get_backend
 from quant.config import DATA_DIR_ENV, ConfigError, data_dir
-from quant.gate import joint_verdict
-from quant.matrix import load_matrix
-from quant.pipeline import Workbench
-from quant.snapshots import BASELINES, check_hardware, hardware_class, regressions
+from quant.project import MATRIX_ENV, Project
 
 
 # ---- metric snapshots: storage and the syrupy extension ---------------------------------------------------------
@@ -95,13 +94,20 @@ class MetricsSnapshotExtension(AbstractSyrupyExtension):
     def dirname(cls, *, test_location: Any) -> str:
         return str(cls.directory)
 
+    @classmethod
+    def get_file_basename(cls, *, test_location: Any, index: Any) -> str:
+        from quant.snapshots import SNAPSHOT_FILE
+        return Path(SNAPSHOT_FILE).stem
+
     def serialize(self, data: Any, **_: Any) -> str:
         return json.dumps(data, indent=1)
 
     def matches(self, *, serialized_data: Any, snapshot_data: Any) -> bool:
+        from quant.snapshots import regressions
         return not regressions(json.loads(snapshot_data), json.loads(serialized_data))
 
     def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:
+        from quant.snapshots import regressions
         yield f"regression against the snapshot in {self.directory}:"
         for problem in regressions(json.loads(snapshot_data), json.loads(serialized_data)):
             yield f"  {problem}"
@@ -149,15 +155,53 @@ def _model_group_scheduling() -> type:
     return ModelGroupScheduling
 
 
+# ---- the matrix file as a test module ----------------------------------------------------------------------------
+
+def test_retention(case, workbench, record_gate):
+    """The case against its baseline model: retention (or the kind's fallback), divergences, the joint gate."""
+    from quant.report import describe
+
+    comparison = workbench.settle(case)
+    record_gate(case.id, comparison)
+    assert not comparison.verdict.failed, describe(comparison)
+
+
+test_retention = pytest.mark.regression_gate(test_retention)
+
+
+def test_snapshot(case, workbench, metrics_snapshot):
+    """Metrics within tolerance of <baselines>/<hardware>/<profile>/test_matrix.json; items, config, bytes exact."""
+    assert metrics_snapshot == workbench.snapshot(case)
+
+
+class MatrixFile(pytest.Module):
+    """The project's matrix YAML, collected as a module holding the two tests above, each run once per case
+    (``pytest_generate_tests``): node ids like ``quant.yaml::test_retention[smollm2-135m-rtn-w4g128-boolq]``."""
+
+    def _getobj(self) -> types.ModuleType:
+        module = types.ModuleType("quant_matrix", self.__doc__)
+        module.test_retention, module.test_snapshot = test_retention, test_snapshot
+        return module
+
+    def istestfunction(self, obj: object, name: str) -> bool:
+        return name in ("test_retention", "test_snapshot")  # whatever python_functions the project sets
+
+
 # ---- options, fixtures and hooks ---------------------------------------------------------------------------------
 
 PROFILE_ENV = "QUANT_PROFILE"
 HARDWARE_ENV = "QUANT_HARDWARE"
 WORKER_GPUS_ENV = "QUANT_WORKER_GPUS"  # e.g. "0,1,2,3": one GPU per pytest-xdist worker (.github/workflows/gpu.yml)
+MATRIX = pytest.StashKey[Path]()  # the configured matrix file; absent: the plugin does nothing
+PROJECT = pytest.StashKey[Project]()
+LOADED = pytest.StashKey[Any]()  # the parsed matrix, once per process
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("quant")
+    group.addoption("--matrix", default=None, metavar="PATH",
+                    help=f"the matrix file to collect (default: ${MATRIX_ENV}, else [tool.quant] matrix in the "
+                         "rootdir's pyproject.toml)")
     group.addoption("--data-dir", default=None, help=f"evaluation data folder (default: ${DATA_DIR_ENV})")
     group.addoption("--profile", default=os.environ.get(PROFILE_ENV, "test"),
                     help="matrix profile that sets item counts (test, report)")
@@ -182,12 +226,37 @@ MARKERS = (
 )
 
 
+def _selects_gpu(expression: str) -> bool:
+    """Whether a -m expression asks for the gpu mark (``gpu``, ``gpu and slow``; not ``not gpu``)."""
+    return bool(re.search(r"(?<!not )\bgpu\b", expression))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
+    try:
+        project = Project.at(config.rootpath)
+        path = project.matrix(config.getoption("--matrix"))
+        if path is None:
+            if _selects_gpu(config.getoption("-m") or ""):
+                raise ConfigError(f"-m {config.getoption('-m')!r} selects the matrix's gpu cases, but no matrix is "
+                                  f"configured: looked at {project.where_matrix_is_looked_for()} (`quant init` writes "
+                                  "one)")
+            return
+        path = project.require_matrix(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: matrix file not found (named by --matrix, ${MATRIX_ENV} or [tool.quant])")
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+    config.stash[MATRIX], config.stash[PROJECT] = path.resolve(), project
+    if config.args_source != pytest.Config.ArgsSource.ARGS and not _covered(path.resolve(), config):
+        config.args.append(str(path))  # a bare `pytest` runs the matrix's cases beside the project's own tests
     logging.getLogger("quant").setLevel(logging.INFO)
     hardware = config.getoption("--hardware", None)
     if hardware:
+        import torch
+
+        from quant.snapshots import check_hardware, hardware_class
         try:
             check_hardware(hardware, hardware_class("cuda") if torch.cuda.is_available() else None)
         except ConfigError as error:
@@ -205,16 +274,51 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.no_cleanup = True
 
 
-@pytest.fixture(scope="session")
-def matrix():
-    return load_matrix()
+def _covered(path: Path, config: pytest.Config) -> bool:
+    """Whether collecting ``config.args`` reaches the matrix file anyway (it is one of them, or inside one)."""
+    for arg in config.args:
+        target = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if path == target or target in path.parents:
+            return True
+    return False
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    matrix = parent.config.stash.get(MATRIX, None)
+    if matrix is not None and file_path.resolve() == matrix:
+        return MatrixFile.from_parent(parent, path=file_path)
+    return None
+
+
+def _matrix(config: pytest.Config) -> Any:
+    """The configured matrix, parsed once per process; a project without one fails the test that asked for it."""
+    if MATRIX not in config.stash:
+        raise pytest.UsageError(f"a test asks for the matrix's cases, but no matrix is configured: looked at "
+                                f"{Project.at(config.rootpath).where_matrix_is_looked_for()}")
+    if LOADED not in config.stash:
+        from quant.matrix import load_matrix
+        try:
+            config.stash[LOADED] = load_matrix(config.stash[MATRIX])
+        except ConfigError as error:
+            raise pytest.UsageError(str(error)) from None
+    return config.stash[LOADED]
+
+
+def _device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="session")
-def workbench(matrix, request) -> Workbench:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def matrix(request):
+    return _matrix(request.config)
+
+
+@pytest.fixture(scope="session")
+def workbench(matrix, request):
+    from quant.pipeline import Workbench
     return Workbench(matrix, request.config.getoption("--profile"),
-                     data_dir(request.config.getoption("--data-dir")), device)
+                     data_dir(request.config.getoption("--data-dir")), _device())
 
 
 @pytest.fixture(scope="session")
@@ -225,22 +329,25 @@ def new_hardware(request) -> dict[str, bool]:
 
 @pytest.fixture
 def metrics_snapshot(snapshot, workbench, case, new_hardware, request):
-    """syrupy's snapshot, stored in baselines/<hardware>/<profile>/ and compared with matrix tolerances; the
-    hardware is the case's device (``cpu`` for the CPU tier on every machine; ``--hardware`` names the GPU's).
-    Hardware with no baselines/<hardware>/ yet fails every snapshot test, unless --record-baselines asks for the
-    first recording, which is listed in the summary for review: a new machine never passes by default."""
+    """syrupy's snapshot, stored in <baselines>/<hardware>/<profile>/ (the project's baselines folder) and compared
+    with matrix tolerances; the hardware is the case's device (``cpu`` for the CPU tier on every machine;
+    ``--hardware`` names the GPU's). Hardware with no <baselines>/<hardware>/ yet fails every snapshot test, unless
+    --record-baselines asks for the first recording, which is listed in the summary for review: a new machine never
+    passes by default."""
+    from quant.snapshots import SNAPSHOT_FILE, hardware_class
+
+    baselines = request.config.stash[PROJECT].baselines
     device = workbench.device_for(case.model)
     hardware = (device != "cpu" and request.config.getoption("--hardware")) or hardware_class(device)
-    folder = BASELINES / hardware / workbench.settings.profile
+    folder = baselines / hardware / workbench.settings.profile
     extension = type("MetricsSnapshot", (MetricsSnapshotExtension,), {"directory": folder})
-    if new_hardware.setdefault(hardware, not (BASELINES / hardware).exists()):
+    if new_hardware.setdefault(hardware, not (baselines / hardware).exists()):
         if not request.config.getoption("--record-baselines"):
-            pytest.fail(f"no snapshot baselines for hardware {hardware!r}: {BASELINES / hardware} does not exist. "
+            pytest.fail(f"no snapshot baselines for hardware {hardware!r}: {baselines / hardware} does not exist. "
                         f"Record them with `pytest -m \"{request.config.getoption('-m') or ''}\" --record-baselines"
                         f"{' --hardware ' + hardware if device != 'cpu' else ''}`, review the figures and commit the "
                         "folder (README: Snapshot baselines)", pytrace=False)
-        return FirstRecording(folder / f"{request.node.path.stem}.{extension.file_extension}", request.node.name,
-                              request.config)
+        return FirstRecording(folder / SNAPSHOT_FILE, request.node.name, request.config)
     # a user property travels with the test's report, also from pytest-xdist workers, to the summary
     request.node.user_properties.append(("snapshot", "compared"))
     return snapshot.use_extension(extension)
@@ -263,6 +370,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
              if getattr(report, "when", None) == "call"
              for name, value in getattr(report, "user_properties", ()) if name == "gate"}
     if gates:
+        from quant.gate import joint_verdict
+
         joint = joint_verdict([(g["case"], g["p_value"], g["verdict"]) for g in gates.values()]).line()
         terminalreporter.section("joint verdict")
         terminalreporter.write_line(joint)
@@ -303,7 +412,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" not in metafunc.fixturenames:
         return
     params = []
-    for case in load_matrix().cases:
+    for case in _matrix(metafunc.config).cases:
         marks = [pytest.mark.slow] if case.cadence == "slow" else []
         if case.model.tier == "gpu":
             marks.append(pytest.mark.gpu)
@@ -320,20 +429,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     3.8 cannot group by its xdist_group mark on pytest 9.2 (it appends the group to a node id that pytest no longer
     reads back, so every test becomes its own group: pytest-dev/pytest-xdist#1386), so the scheduler groups by
     the matrix model named in a test's parameters; a test that names none is a group of its own."""
-    if config.getoption("dist") != "loadgroup":
+    if config.getoption("dist") != "loadgroup" or MATRIX not in config.stash:
         return None
-    return _model_group_scheduling()(config, log, load_matrix().models)
+    return _model_group_scheduling()(config, log, _matrix(config).models)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected, so that --plan shows what would run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if MATRIX not in config.stash:
+        return
     # Slow cadence (llm-compressor's per-config cadence): run when -m names it, else reported as skipped.
     if "slow" not in (config.getoption("-m") or ""):
         skip_slow = pytest.mark.skip(reason="slow cadence: select with -m slow (e.g. -m 'gpu and slow')")
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip_slow)
-    if not torch.cuda.is_available():
+    if _device() != "cuda":
         skip = pytest.mark.skip(reason="gpu tier: CUDA is not available on this machine (torch.cuda.is_available() is False)")
         for item in items:
             if "gpu" in item.keywords:
@@ -342,6 +453,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         case = getattr(item, "callspec", None) and item.callspec.params.get("case")
         if case and case.quant.backend:
+            from quant.backends import BackendUnavailable, get_backend
             try:
                 get_backend(case.quant.backend).version()
             except BackendUnavailable as error:
@@ -354,16 +466,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def print_plan(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The plan of the selected matrix cases (as python -m quant report --dry-run prints it), one per tier."""
+    from quant import plan
+    from quant.pipeline import Workbench
+
     selected = [item.callspec.params["case"] for item in items if hasattr(item, "callspec")
                 and "case" in item.callspec.params and not any(m.name == "skip" and "slow" in m.kwargs.get(
                     "reason", "") for m in item.iter_markers())]
     cases = list({case.id: case for case in selected}.values())
     write = config.pluginmanager.get_plugin("terminalreporter").write_line
-    matrix, profile = load_matrix(), config.getoption("--profile")
-    workbench = Workbench(matrix, profile, data_dir(config.getoption("--data-dir")),
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    matrix, profile = _matrix(config), config.getoption("--profile")
+    workbench = Workbench(matrix, profile, data_dir(config.getoption("--data-dir")), _device())
     for tier in ("cpu", "gpu"):
         own = [case for case in cases if case.model.tier == tier]
         if own:
-            write(plan.describe(matrix, own, profile, tier, config.getoption("--hardware") if tier == "gpu" else None,
+            write(plan.describe(matrix, own, profile, tier, config.stash[PROJECT].baselines,
+                                config.getoption("--hardware") if tier == "gpu" else None,
                                 plan.cached_spreads(workbench, own)))

@@ -14,19 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from quant.config import REPO_ROOT, ConfigError
+from quant.config import ConfigError
 from quant.kinds import lower_is_better
 
-BASELINES_ENV = "QUANT_BASELINES"
-# <hardware>/<profile>/<test module>.json, committed and reviewed; QUANT_BASELINES points elsewhere (a team's own)
-BASELINES = Path(os.environ.get(BASELINES_ENV) or REPO_ROOT / "baselines").resolve()
+# The matrix cases' snapshots: <baselines>/<hardware>/<profile>/test_matrix.json (the project's baselines folder,
+# quant.project), committed and reviewed. The name is the test module's that generated the cases before the plugin
+# collected them from the matrix file itself, so that baselines recorded then still compare.
+SNAPSHOT_FILE = "test_matrix.json"
 
 SIGNIFICANT_DIGITS = 6  # stored precision: far below any tolerance, stable across reruns
 

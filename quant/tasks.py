@@ -2,6 +2,7 @@
 module reads it, chooses a task's items and hands them to the task's kind to score."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,9 +14,26 @@ from quant.kinds import KINDS, TaskResult, TaskSpec, kind_of
 __all__ = ["TaskResult", "TaskSpec", "evaluate", "load_tasks", "select_items"]
 
 
-def load_tasks(path: Path = TASKS_FILE) -> dict[str, TaskSpec]:
+def load_tasks(paths: Sequence[Path] = ()) -> dict[str, TaskSpec]:
+    """The built-in tasks (``tasks.yaml``) and those of a team's own task files, or folders of them (each
+    ``*.yaml`` inside): every task is checked by its kind, and a name is defined once."""
+    tasks, defined_in = {}, {}
+    files = [TASKS_FILE] + [file for path in paths for file in (sorted(Path(path).glob("*.yaml")) if Path(path).is_dir()
+                                                              else [Path(path)])]
+    for file in files:
+        for name, task in read_task_file(file).items():
+            if name in tasks:
+                raise ConfigError(f"{file}: task {name!r} is already defined in {defined_in[name]}; rename it")
+            tasks[name], defined_in[name] = task, file
+    return tasks
+
+
+def read_task_file(path: Path) -> dict[str, TaskSpec]:
+    """The tasks of one task file, each checked; a ConfigError names the file, the task and the field."""
     tasks = {}
     for name, entry in load_yaml(path).items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: task {name!r} must be a mapping of fields (loader, kind, ...)")
         entry = dict(entry)
         try:
             kind, loader = entry.pop("kind"), entry.pop("loader")
@@ -23,8 +41,14 @@ def load_tasks(path: Path = TASKS_FILE) -> dict[str, TaskSpec]:
             raise ConfigError(f"{path}: task {name!r} needs the field {error.args[0]!r}") from None
         if kind not in KINDS:
             raise ConfigError(f"{path}: task {name!r} has kind {kind!r}; known: {sorted(KINDS)}")
-        if loader not in data.LOADERS:
-            raise ConfigError(f"{path}: task {name!r} has loader {loader!r}; known: {sorted(data.LOADERS)}")
+        if loader == data.FILE_LOADER:
+            if not isinstance(entry.get("data_files"), str):
+                raise ConfigError(f"{path}: task {name!r} (loader {loader}) needs data_files: the JSONL of its items, "
+                                  "relative to this file")
+            entry["data_files"] = str((path.parent / entry["data_files"]).resolve())
+        elif loader not in data.LOADERS:
+            raise ConfigError(f"{path}: task {name!r} has loader {loader!r}; known: "
+                              f"{sorted([*data.LOADERS, data.FILE_LOADER])}")
         tasks[name] = TaskSpec(name, loader, kind, entry)
         KINDS[kind].check(tasks[name], str(path))
     return tasks
@@ -32,7 +56,8 @@ def load_tasks(path: Path = TASKS_FILE) -> dict[str, TaskSpec]:
 
 def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed: int) -> list[dict]:
     """The task's deterministic evaluation subset (its kind decides: few-shot exemplars excluded, or one text)."""
-    items = data.load(task.loader, data_dir)
+    items = (data.load_jsonl(Path(task["data_files"]), task.name) if task.loader == data.FILE_LOADER
+             else data.load(task.loader, data_dir))
     if task.get("id_prefix"):  # e.g. MS MARCO's TREC DL 2019 queries alone: "dl19-"
         items = [item for item in items if item["id"].startswith(task["id_prefix"])]
         if not items:

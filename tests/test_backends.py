@@ -17,7 +17,8 @@ from quant.backends import BACKENDS, BackendUnavailable, get_backend
 from quant.backends.base import kernel_names, records_from_model
 from quant.backends.checkpoint import CheckpointError, detect_format, load_checkpoint, validate
 from quant.backends.gptqmodel import GPTQModelBackend
-from quant.config import REPO_ROOT, ConfigError, QuantConfig
+from quant.config import ConfigError, QuantConfig
+from tests.repo import REPO_ROOT
 from quant.matrix import load_matrix
 from quant.models import ModelSpec
 from quant.pipeline import Workbench

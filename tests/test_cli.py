@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from quant import plan
-from quant.config import REPO_ROOT
+from tests.repo import BASELINES, REPO_ROOT
 from quant.cli import main
 from quant.matrix import load_matrix
 
@@ -76,7 +76,7 @@ def _gpu_workflow_budget(step: str) -> int:
 
 
 def _h100_estimate(cases: list) -> tuple[float, str]:
-    out = plan.render(plan.steps(load_matrix(), cases, "test", "gpu", "cuda", "h100"), "")
+    out = plan.render(plan.steps(load_matrix(), cases, "test", "gpu", "cuda", "h100", BASELINES), "")
     return float(re.search(r"estimated: ([0-9.]+) min", out).group(1)), out
 
 

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.config import (CACHE_DIR_ENV, DATA_DIR_ENV, DEFAULT_MATRIX, MATRIX_ENV, ConfigError, QuantConfig, cache_dir,
-                          data_dir, load_yaml, matrix_path)
+from quant.config import DATA_DIR_ENV, ConfigError, QuantConfig, data_dir, load_yaml
 
 
 def test_a_config_without_an_lm_head_setting_keeps_its_identity():
@@ -81,16 +80,10 @@ def test_a_yaml_file_that_is_missing_or_broken_is_named(tmp_path):
     assert load_yaml(tmp_path / "empty.yaml") == {}
 
 
-def test_the_matrix_data_and_cache_come_from_the_flag_then_the_environment(tmp_path, monkeypatch):
-    monkeypatch.delenv(MATRIX_ENV, raising=False)
-    assert matrix_path() == DEFAULT_MATRIX
-    monkeypatch.setenv(MATRIX_ENV, str(tmp_path / "team.yaml"))
-    assert matrix_path() == tmp_path / "team.yaml" and matrix_path("mine.yaml") == Path("mine.yaml")
+def test_the_data_folder_comes_from_the_flag_then_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     assert data_dir() == tmp_path.resolve()
     monkeypatch.setenv(DATA_DIR_ENV, "")
     assert data_dir() is None  # the hub
     with pytest.raises(ConfigError, match=f"{DATA_DIR_ENV}/--data-dir points at .*nowhere, which is not a folder"):
         data_dir(tmp_path / "nowhere")
-    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
-    assert cache_dir() == (tmp_path / "cache").resolve()

@@ -8,7 +8,7 @@ import pytest
 
 from quant.config import TASKS_FILE, ConfigError
 from quant.kinds import KINDS, TaskResult, kind_of, lower_is_better
-from quant.tasks import TaskSpec, load_tasks
+from quant.tasks import TaskSpec, load_tasks, read_task_file
 
 TASKS = load_tasks()
 GATE = {"chance_margin": 0.05, "correlation_min": 0.5, "min_correct": 3, "retention_min": 0.9}
@@ -42,10 +42,10 @@ def test_load_tasks_names_the_file_for_an_unknown_kind_or_loader(tmp_path):
     path = tmp_path / "tasks.yaml"
     path.write_text("t:\n  loader: boolq\n  kind: ranking\n")
     with pytest.raises(ConfigError, match=f"{path}: task 't' has kind 'ranking'"):
-        load_tasks(path)
+        read_task_file(path)
     path.write_text("t:\n  loader: squad\n  kind: choice\n")
     with pytest.raises(ConfigError, match=f"{path}: task 't' has loader 'squad'"):
-        load_tasks(path)
+        read_task_file(path)
 
 
 # Two records per kind, the second worse: (records baseline, records candidate, metric, retention by hand)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from quant.cli import main
-from quant.config import DEFAULT_MATRIX, QuantConfig
+from quant.config import QuantConfig
+from tests.repo import MATRIX_FILE as DEFAULT_MATRIX
 from quant.matrix import GATE_FIELDS, SCHEMA_FILE
 from quant.models import ModelSpec
 from quant.perf import PerfSettings

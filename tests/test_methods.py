@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from quant.config import REPO_ROOT, QuantConfig
+from quant.config import QuantConfig
+from tests.repo import REPO_ROOT
 from quant.methods import METHODS, get_method
 from quant.methods import gsq
 from quant.methods.base import block_linears, dequantize, quantize_lm_head, rtn_codes

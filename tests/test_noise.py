@@ -8,7 +8,7 @@ import pytest
 from quant import noise
 from quant.config import ConfigError
 from quant.matrix import load_matrix
-from quant.snapshots import BASELINES
+from tests.repo import BASELINES
 
 MATRIX = load_matrix()
 CASES = {case.id: case for case in MATRIX.cases}
@@ -69,7 +69,7 @@ def test_the_batch_perturbation_scales_every_tasks_batch():
 
 def test_the_committed_snapshots_count_as_a_run_from_another_machine():
     stored = json.loads((BASELINES / "cpu" / "test" / "test_matrix.json").read_text())
-    committed = noise.committed_values("test", [WIKITEXT, CASES["smollm2-135m-rtn-w4g128-gsm8k"]])
+    committed = noise.committed_values("test", [WIKITEXT, CASES["smollm2-135m-rtn-w4g128-gsm8k"]], BASELINES)
     expected = stored[f"test_snapshot[{WIKITEXT.id}]"]["metrics"]["quantized.perplexity"]["value"]
     assert committed[WIKITEXT.id]["metrics"]["quantized.perplexity"] == expected and committed[WIKITEXT.id]["n"] == 6
-    assert noise.committed_values("no-such-profile", [WIKITEXT]) == {}
+    assert noise.committed_values("no-such-profile", [WIKITEXT], BASELINES) == {}

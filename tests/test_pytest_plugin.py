@@ -3,7 +3,7 @@ the merge gate's summary file; and the rule that it is the package's only module
 import ast
 from pathlib import Path
 
-from quant.config import REPO_ROOT
+from tests.repo import REPO_ROOT
 
 GATES = '''
 import types
@@ -29,7 +29,6 @@ def test_gate(record_gate, case_id, p_value, status):
 def test_the_run_ends_with_the_joint_verdict_and_writes_the_gate_summary(pytester):
     """Five gates, one failing alone at p = 0.02: that test fails, and the joint verdict over the five passes
     (Holm needs 0.005), in the terminal and in the --gate-summary file."""
-    pytester.makeconftest('pytest_plugins = ["quant.pytest_plugin"]\n')
     pytester.makepyfile(test_gates=GATES)
     summary = pytester.path / "summary.md"
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "--gate-summary", str(summary))

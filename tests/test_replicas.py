@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import save_model
 
 from quant.cli import main
-from quant.config import REPO_ROOT, QuantConfig
+from quant.config import QuantConfig
+from tests.repo import REPO_ROOT
 from quant.kernels import use_fast_kernels
 from quant.matrix import load_matrix
 from quant.methods import METHODS, get_method

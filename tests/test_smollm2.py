@@ -12,7 +12,8 @@ from quant.cache import cached_json, has_entry
 from quant.config import ConfigError
 from quant.pipeline import Workbench
 from quant.qlinear import QuantLinear, model_bytes, pack_bits
-from quant.snapshots import BASELINES, regressions
+from quant.snapshots import regressions
+from tests.repo import BASELINES
 from quant.kinds.lm import text_prefix
 from quant.kinds import kind_of
 from quant.tasks import evaluate

@@ -7,8 +7,10 @@ import types
 
 import pytest
 
-from quant.config import REPO_ROOT, ConfigError
-from quant.snapshots import BASELINES_ENV, check_hardware, record, regressions
+from quant.config import ConfigError
+from quant.project import BASELINES_ENV
+from quant.snapshots import check_hardware, record, regressions
+from tests.repo import REPO_ROOT
 from quant.pytest_plugin import RECORDED, FirstRecording
 
 TOLERANCES = {"perplexity": {"rel": 0.01}, "accuracy": {"items": 1}}
@@ -143,7 +145,7 @@ def test_hardware_class_names_the_gpu_model(monkeypatch):
 
 def _snapshot_run(baselines, *args: str) -> subprocess.CompletedProcess:
     """The repository's own snapshot test of one cheap case, with baselines/ at ``baselines``."""
-    command = [sys.executable, "-m", "pytest", "tests/test_matrix.py::test_snapshot[smollm2-135m-rtn-w8-wikitext]",
+    command = [sys.executable, "-m", "pytest", "matrix.yaml::test_snapshot[smollm2-135m-rtn-w8-wikitext]",
                "-p", "no:cacheprovider", "--benchmark-skip", *args]
     return subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, BASELINES_ENV: str(baselines)},
                           capture_output=True, text=True, timeout=600)

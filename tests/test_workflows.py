@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from quant.cli import build_parser
-from quant.config import REPO_ROOT
+from tests.repo import REPO_ROOT
 
 WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.yml"))
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quant.config import CACHE_DIR_ENV, DATA_DIR_ENV, DEFAULT_MATRIX, MATRIX_ENV, REPO_ROOT
+from quant.config import DATA_DIR_ENV
+from quant.project import CACHE_DIR_ENV, MATRIX_ENV
+from tests.repo import MATRIX_FILE as DEFAULT_MATRIX
 from quant.matrix import load_matrix
 from quant.replicas import save_replica
 
@@ -43,7 +45,7 @@ quant.stores.cached_dir = quant.cache.cached_dir = cached_dir
 
 @pytest.fixture
 def replica_matrix(tmp_path, small_tokenizer, shared_data) -> dict[str, str]:
-    """Environment for a pytest run of tests/test_matrix.py on two replicas, RTN and GPTQ, WikiText and BoolQ."""
+    """Environment for a pytest run of the matrix's cases on two replicas, RTN and GPTQ, WikiText and BoolQ."""
     raw = yaml.safe_load(DEFAULT_MATRIX.read_text())
     models = {name: {**raw["models"][name], "dtype": "float32", "tier": "cpu"} for name in MODELS}
     matrix = {
@@ -70,7 +72,7 @@ def _run(pytester, monkeypatch, env: dict[str, str], name: str, *args: str
     for key, value in {**env, CACHE_DIR_ENV: str(cache), "BUILD_LOG": str(log),
                        "PYTHONPATH": str(Path(env[MATRIX_ENV]).parent)}.items():
         monkeypatch.setenv(key, value)
-    result = pytester.runpytest_subprocess(str(REPO_ROOT / "tests" / "test_matrix.py"), "-k", "test_retention",
+    result = pytester.runpytest_subprocess(env[MATRIX_ENV], "-k", "test_retention",
                                            "-p", "build_log", "-p", "no:cacheprovider", *args, timeout=600)
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 8, result.stdout.str()[-3000:]

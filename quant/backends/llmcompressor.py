@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,13 +19,19 @@ from torch import nn
 
 from quant.backends.base import Backend, BackendUnavailable, records_from_model, save_plain
 from quant.backends.checkpoint import load_checkpoint
-from quant.config import REPO_ROOT, QuantConfig
+from quant.config import QuantConfig
 from quant.methods import LayerRecord
 
 log = logging.getLogger("quant")
 
-VENV = REPO_ROOT / ".venv-llmcompressor"
+# llm-compressor's own environment (its pins cannot share the suite's): $QUANT_LLMCOMPRESSOR_VENV, else
+# .venv-llmcompressor in the folder quant runs in (where `make llmcompressor-env` makes it).
+VENV_ENV = "QUANT_LLMCOMPRESSOR_VENV"
 JOB = Path(__file__).with_name("llmcompressor_job.py")
+
+
+def venv() -> Path:
+    return Path(os.environ.get(VENV_ENV) or Path.cwd() / ".venv-llmcompressor").resolve()
 
 
 class LLMCompressorBackend(Backend):
@@ -35,7 +42,7 @@ class LLMCompressorBackend(Backend):
     deterministic = False  # two CPU builds from the same inputs differed in 205 of 692 tensors (docs/measurements.md)
 
     def version(self) -> str:
-        return venv_version(VENV, self.install)
+        return venv_version(venv(), self.install)
 
     def quantize(self, baseline: nn.Module, tokenizer: Any, config: QuantConfig, calibration: torch.Tensor | None,
                  folder: Path) -> list[LayerRecord]:
@@ -45,9 +52,9 @@ class LLMCompressorBackend(Backend):
         settings = {"bits": config.bits, "group_size": config.group_size, "sym": config.sym,
                     "act_order": config.act_order, "damp_percent": config.damp_percent}
         # -P: the script's own folder stays off sys.path, or `import llmcompressor` would find this module
-        command = [str(VENV / "bin" / "python"), "-P", str(JOB), str(source), str(folder / "calibration.safetensors"),
+        command = [str(venv() / "bin" / "python"), "-P", str(JOB), str(source), str(folder / "calibration.safetensors"),
                    str(folder), json.dumps(settings)]
-        log.info("running llm-compressor %s in %s", self.version(), VENV)
+        log.info("running llm-compressor %s in %s", self.version(), venv())
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"llm-compressor failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")

@@ -17,6 +17,8 @@ from quant.config import TASKS_FILE, ConfigError
 Columns = dict[str, np.ndarray]  # per-item numeric fields, items on the last axis
 Aggregate = Callable[[Columns], np.ndarray]  # a metric from columns: over the last axis, so resamples batch
 Fallback = tuple[str, float, float]  # (signal name, value, minimum) gated on when the baseline is not informative
+# Fields of every task whatever its kind: the batch, a filter on item ids, a team task's own JSONL (quant.tasks)
+COMMON_OPTIONS = frozenset({"batch_size", "id_prefix", "data_files"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +149,10 @@ class TaskKind:
 
     def check(self, task: TaskSpec, where: str) -> None:
         """A ConfigError naming ``where`` when the task has a field this kind does not read or an unknown metric."""
-        unread = sorted(set(task.options) - self.options - {"batch_size", "id_prefix"})
+        unread = sorted(set(task.options) - self.options - COMMON_OPTIONS)
         if unread:
             raise ConfigError(f"{where}: task {task.name!r} (kind {self.name}) has fields it does not read: {unread}; "
-                              f"it reads {sorted(self.options | {'batch_size', 'id_prefix'})}")
+                              f"it reads {sorted(self.options | COMMON_OPTIONS)}")
         unknown = [m for m in self.metrics(task) if m not in self.known_metrics(task)]
         if unknown:
             raise ConfigError(f"{where}: task {task.name!r} (kind {self.name}) has no metric {unknown[0]!r}; "
