@@ -16,8 +16,12 @@ from quant.backends import get_backend
 from quant.models import ModelSpec, parse_models
 from quant.tasks import TaskSpec, load_tasks
 
-GATE_FIELDS = ("retention_min", "ppl_ratio_max", "chance_margin", "min_correct", "correlation_min", "strict",
-               "kld_max", "same_top_min", "snapshot_tolerance", "detect", "spread_prior", "sequential")
+# Each gate field's value where neither the matrix's defaults nor the case set it (the reference study's 4-bit
+# claims; a matrix overrides any of them).
+GATE_DEFAULTS = {"retention_min": 0.90, "ppl_ratio_max": 1.10, "chance_margin": 0.05, "min_correct": 5,
+                 "correlation_min": 0.30, "strict": False, "kld_max": None, "same_top_min": None,
+                 "snapshot_tolerance": {}, "detect": None, "spread_prior": {}, "sequential": True}
+GATE_FIELDS = tuple(GATE_DEFAULTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +146,7 @@ def load_matrix(path: Path | None = None) -> Matrix:
     cases: dict[str, Case] = {}
     for number, entry in enumerate(raw.get("cases", [])):
         where = f"{path} cases[{number}]"
-        gate = {**defaults, **{k: v for k, v in entry.items() if k in GATE_FIELDS}}
+        gate = {**GATE_DEFAULTS, **defaults, **{k: v for k, v in entry.items() if k in GATE_FIELDS}}
         # a case's snapshot tolerances refine the defaults metric by metric
         gate["snapshot_tolerance"] = {**defaults.get("snapshot_tolerance", {}), **entry.get("snapshot_tolerance", {})}
         for model_name in entry["models"]:
