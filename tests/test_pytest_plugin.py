@@ -1,7 +1,10 @@
 """The pytest plugin (quant/pytest_plugin.py), run in a scratch project: the joint verdict at the end of a run and
 the merge gate's summary file; and the rule that it is the package's only module importing pytest."""
 import ast
+import shutil
 from pathlib import Path
+
+import pytest
 
 from tests.repo import REPO_ROOT
 
@@ -50,3 +53,53 @@ def test_only_the_plugin_imports_pytest():
             if any(name == "pytest" or name.startswith(("pytest.", "_pytest", "syrupy", "xdist")) for name in names):
                 importers.append(Path(path).relative_to(REPO_ROOT).as_posix())
     assert sorted(set(importers)) == ["quant/pytest_plugin.py"]
+
+
+NO_TORCH = '''
+import sys
+
+
+def test_own():
+    assert "torch" not in sys.modules and "transformers" not in sys.modules
+'''
+
+
+def test_without_a_matrix_the_plugin_collects_nothing_and_imports_no_torch(pytester, monkeypatch):
+    """A project that only has the package installed: its own test runs alone, and torch is never imported."""
+    monkeypatch.delenv("QUANT_MATRIX", raising=False)
+    pytester.makepyfile(test_own=NO_TORCH)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist")
+    result.assert_outcomes(passed=1)  # its one test, which also finds no torch imported
+
+
+def test_asking_for_gpu_cases_without_a_matrix_is_a_usage_error(pytester, monkeypatch):
+    monkeypatch.delenv("QUANT_MATRIX", raising=False)
+    result = pytester.runpytest_subprocess("-m", "gpu", "-p", "no:cacheprovider")
+    assert result.ret == 4
+    assert ("-m 'gpu' selects the matrix's gpu cases, but no matrix is configured: looked at --matrix, $QUANT_MATRIX "
+            f"and [tool.quant] matrix in {pytester.path / 'pyproject.toml'}") in result.stderr.str()
+
+
+@pytest.mark.parametrize("where", ["folder", "missing"])
+def test_a_matrix_that_is_no_file_is_one_usage_error(pytester, monkeypatch, where):
+    monkeypatch.setenv("QUANT_MATRIX", str(pytester.path if where == "folder" else pytester.path / "nowhere.yaml"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == 4 and "Traceback" not in result.stderr.str()
+    message = "the matrix must be a YAML file, not a folder" if where == "folder" else "matrix file not found"
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+def test_the_projects_matrix_is_collected_as_two_tests_per_case(pytester, monkeypatch):
+    """[tool.quant] matrix in the rootdir's pyproject.toml: a bare pytest collects the matrix file's cases beside the
+    project's own tests, with the ids the cases have everywhere."""
+    monkeypatch.delenv("QUANT_MATRIX", raising=False)
+    shutil.copytree(REPO_ROOT / "examples" / "team", pytester.path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("baselines", "reports"))
+    pytester.makepyfile(test_own="def test_own():\n    pass\n")
+    result = pytester.runpytest("--co", "-q", "-p", "no:cacheprovider")
+    ids = [line for line in result.outlines if "::" in line]
+    assert sorted(ids) == sorted([f"quant.yaml::{test}[smollm2-135m-rtn-w4g128-{task}]"
+                                  for test in ("test_retention", "test_snapshot") for task in ("reviews", "wikitext")]
+                                 + ["test_own.py::test_own"])
+    result = pytester.runpytest("--co", "-q", "-p", "no:cacheprovider", "test_own.py")
+    assert [line for line in result.outlines if "::" in line] == ["test_own.py::test_own"]  # explicit paths only
