@@ -40,6 +40,7 @@ from quant.perf import memory_bandwidth
 from quant.pipeline import CALIBRATION_SOURCE, Workbench
 from quant.qlinear import dequantized_weights
 from quant.replicas import REPLICAS, save_replica
+from quant.scaffold import init_project
 from quant.sensitivity import heatmap, layer_sensitivity, mixed_precision_overrides
 from quant.snapshots import check_hardware, hardware_class
 from quant.tasks import evaluate, select_items
@@ -593,7 +594,22 @@ def reproducibility(workbench: Workbench, spec: ModelSpec, quant_name: str, conf
     return 1
 
 
+def _init_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("folder", nargs="?", type=Path, default=Path("."),
+                         help="the repository to start (default: the working folder)")
+
+
+def init_command(args: argparse.Namespace) -> int:
+    for path in init_project(args.folder):
+        print(f"wrote {path}")
+    print("next: pytest --co -q (the matrix's cases), then pytest -m 'not slow' --record-baselines once, and commit "
+          "baselines/ after reviewing it")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "init": Command("start a repository: quant.yaml, [tool.quant] in pyproject.toml and a GPU workflow (overwrites "
+                    "nothing)", _init_arguments, init_command),
     "report": Command("evaluate the matrix and write the report", _report_arguments, report_command),
     "quantize": Command("quantize one model with one matrix config and print its log", _quantize_arguments,
                         quantize_command),

@@ -28,7 +28,7 @@ class Project:
     def at(cls, root: Path) -> Project:
         """The project whose root is ``root`` (pytest's rootdir)."""
         root = Path(root).resolve()
-        return cls(root, _tool_quant(root / PYPROJECT))
+        return cls(root, tool_quant_table(root / PYPROJECT))
 
     @classmethod
     def find(cls, start: Path | None = None) -> Project:
@@ -36,7 +36,7 @@ class Project:
         ``start`` itself when none has."""
         start = Path(start or Path.cwd()).resolve()
         for folder in (start, *start.parents):
-            if (folder / PYPROJECT).is_file() and _tool_quant(folder / PYPROJECT):
+            if (folder / PYPROJECT).is_file() and tool_quant_table(folder / PYPROJECT):
                 return cls.at(folder)
         return cls.at(start)
 
@@ -81,7 +81,7 @@ class Project:
         return self.root / ".benchmarks"
 
 
-def _tool_quant(path: Path) -> dict[str, Any]:
+def tool_quant_table(path: Path) -> dict[str, Any]:
     """The [tool.quant] table of a pyproject.toml, checked: a ConfigError names the file and the field."""
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("quant", {})

@@ -14,7 +14,7 @@ PACKAGE = REPO_ROOT / "quant"
 # Each module's tier, lowest first: a module imports only from its own tier or below. Within a tier, the modules
 # must still not import each other in a cycle.
 TIERS = (
-    {"config", "project", "quiet", "metrics", "figures", "replicas"},
+    {"config", "project", "scaffold", "quiet", "metrics", "figures", "replicas"},
     {"cache", "models", "data", "qlinear", "memory"},
     {"tasks", "kinds", "stats", "methods", "backends", "perf", "compiled", "kernels"},
     {"matrix", "gate", "stores", "snapshots", "decide", "history"},
