@@ -46,6 +46,8 @@ def read_task_file(path: Path) -> dict[str, TaskSpec]:
                 raise ConfigError(f"{path}: task {name!r} (loader {loader}) needs data_files: the JSONL of its items, "
                                   "relative to this file")
             entry["data_files"] = str((path.parent / entry["data_files"]).resolve())
+            if not Path(entry["data_files"]).is_file():
+                raise ConfigError(f"{path}: task {name!r}: data_files {entry['data_files']} not found")
         elif loader not in data.LOADERS:
             raise ConfigError(f"{path}: task {name!r} has loader {loader!r}; known: "
                               f"{sorted([*data.LOADERS, data.FILE_LOADER])}")

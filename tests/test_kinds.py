@@ -8,7 +8,7 @@ import pytest
 
 from quant.config import TASKS_FILE, ConfigError
 from quant.kinds import KINDS, TaskResult, kind_of, lower_is_better
-from quant.tasks import TaskSpec, load_tasks, read_task_file
+from quant.tasks import TaskSpec, load_tasks, read_task_file, select_items
 
 TASKS = load_tasks()
 GATE = {"chance_margin": 0.05, "correlation_min": 0.5, "min_correct": 3, "retention_min": 0.9}
@@ -128,3 +128,24 @@ def test_a_generator_that_solves_too_little_is_gated_on_keeping_the_answer_forma
     assert not decided.informative  # 2 solved < min_correct 3
     assert decided.fallback[0] == "answer-format retention, 95% CI upper bound" and decided.fallback[1] == 1.0
     assert decided.signals["answered_baseline"] == decided.signals["answered_quantized"] == 0.2
+
+
+def test_a_task_file_reads_its_own_jsonl_and_names_what_is_missing(tmp_path):
+    """A team's task (loader jsonl): items from the JSONL beside its file, ids its own or <task>-<line>; a task
+    without data_files, or whose file is missing, is one error naming the task file."""
+    (tmp_path / "items.jsonl").write_text('{"id": "a", "text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    entry = ('  kind: choice\n  prompt: "{text}"\n  choices: [" no", " yes"]\n  label_field: label\n'
+             '  metrics: [accuracy]\n')
+    path = tmp_path / "tasks.yaml"
+    path.write_text(f"mine:\n  loader: jsonl\n  data_files: items.jsonl\n{entry}")
+    task = read_task_file(path)["mine"]
+    assert [item["id"] for item in select_items(task, None, None, 0)] in (["a", "mine-2"], ["mine-2", "a"])
+    path.write_text(f"mine:\n  loader: jsonl\n{entry}")
+    with pytest.raises(ConfigError, match=f"{path}: task 'mine' \\(loader jsonl\\) needs data_files"):
+        read_task_file(path)
+    path.write_text(f"mine:\n  loader: jsonl\n  data_files: gone.jsonl\n{entry}")
+    with pytest.raises(ConfigError, match=f"{path}: task 'mine': data_files .*gone.jsonl not found"):
+        read_task_file(path)
+    (tmp_path / "boolq.yaml").write_text(f"boolq:\n  loader: jsonl\n  data_files: items.jsonl\n{entry}")
+    with pytest.raises(ConfigError, match="boolq.yaml: task 'boolq' is already defined in .*quant/tasks.yaml"):
+        load_tasks([tmp_path / "boolq.yaml"])
