@@ -33,6 +33,7 @@ from quant.decide import AVERAGE, correlations, frontier, load_report, parse_siz
 from quant.history import compare_runs, load_runs
 from quant.history import plot as plot_history
 from quant.kinds.generate import fewshot_exemplars
+from quant.kinds.harness import offline_problem
 from quant.matrix import Case, Matrix, load_matrix
 from quant.models import DTYPES, ModelSpec, ModelUnavailable
 from quant.compiled import use_compile_cache
@@ -43,7 +44,7 @@ from quant.replicas import REPLICAS, save_replica
 from quant.scaffold import init_project
 from quant.sensitivity import heatmap, layer_sensitivity, mixed_precision_overrides
 from quant.snapshots import check_hardware, hardware_class
-from quant.tasks import evaluate, select_items
+from quant.tasks import HARNESS, evaluate, select_items
 
 MATRIX_HELP = f"the matrix file (default: ${MATRIX_ENV}, else [tool.quant] matrix in the project's pyproject.toml)"
 # What a user can fix: printed as one line naming the file, field, variable or flag, with exit status 2.
@@ -245,7 +246,10 @@ def report_command(args: argparse.Namespace) -> int:
 
 def dry_run_inputs(cases: list[Case], data_dir_option: str | None, runs_here: bool) -> int:
     """Print whether the data and each model's weights are reachable; 2 when something this run needs is not."""
-    problems = missing_files(sorted({case.task.loader for case in cases}), data_dir(data_dir_option))
+    problems = missing_files(sorted({case.task.loader for case in cases if case.task.kind != HARNESS}),
+                             data_dir(data_dir_option))
+    for task in {case.task.name: case.task for case in cases if case.task.kind == HARNESS}.values():
+        problems += [problem for problem in [offline_problem(task)] if problem]
     for spec in dict.fromkeys(case.model for case in cases):
         reason = spec.unavailable_reason()
         if reason:

@@ -11,6 +11,8 @@ from quant import data
 from quant.config import TASKS_FILE, ConfigError, load_yaml
 from quant.kinds import KINDS, TaskResult, TaskSpec, kind_of
 
+HARNESS = "lm_eval"  # kind and loader of an lm-eval task (quant/kinds/harness.py)
+
 __all__ = ["TaskResult", "TaskSpec", "evaluate", "load_tasks", "select_items"]
 
 
@@ -35,6 +37,12 @@ def read_task_file(path: Path) -> dict[str, TaskSpec]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: task {name!r} must be a mapping of fields (loader, kind, ...)")
         entry = dict(entry)
+        if "lm_eval" in entry:  # lm-eval's task: its own definition and data (quant/kinds/harness.py)
+            entry.setdefault("kind", HARNESS)
+            entry.setdefault("loader", HARNESS)
+            for field in ("include_path", "data_files"):
+                if field in entry:
+                    entry[field] = _relative_to(path, entry[field], f"{path}: task {name!r}: {field}")
         try:
             kind, loader = entry.pop("kind"), entry.pop("loader")
         except KeyError as error:
@@ -48,7 +56,10 @@ def read_task_file(path: Path) -> dict[str, TaskSpec]:
             entry["data_files"] = str((path.parent / entry["data_files"]).resolve())
             if not Path(entry["data_files"]).is_file():
                 raise ConfigError(f"{path}: task {name!r}: data_files {entry['data_files']} not found")
-        elif loader not in data.LOADERS:
+        elif (loader == HARNESS) != (kind == HARNESS):
+            raise ConfigError(f"{path}: task {name!r}: an lm-eval task is written as lm_eval: <its name>, "
+                              f"with neither kind nor loader (here kind {kind!r}, loader {loader!r})")
+        elif loader not in data.LOADERS and loader != HARNESS:
             raise ConfigError(f"{path}: task {name!r} has loader {loader!r}; known: "
                               f"{sorted([*data.LOADERS, data.FILE_LOADER])}")
         tasks[name] = TaskSpec(name, loader, kind, entry)
@@ -56,10 +67,21 @@ def read_task_file(path: Path) -> dict[str, TaskSpec]:
     return tasks
 
 
+def _relative_to(task_file: Path, value: object, where: str) -> object:
+    """A path (or a mapping of split -> path) of a task entry, resolved from its task file's folder; each must exist."""
+    if isinstance(value, dict):
+        return {key: _relative_to(task_file, path, f"{where}.{key}") for key, path in value.items()}
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: a path, or a mapping of split to path")
+    resolved = (task_file.parent / value).resolve()
+    if not resolved.exists():
+        raise ConfigError(f"{where}: {resolved} not found")
+    return str(resolved)
+
+
 def select_items(task: TaskSpec, data_dir: Path | None, limit: int | None, seed: int) -> list[dict]:
     """The task's deterministic evaluation subset (its kind decides: few-shot exemplars excluded, or one text)."""
-    items = (data.load_jsonl(Path(task["data_files"]), task.name) if task.loader == data.FILE_LOADER
-             else data.load(task.loader, data_dir))
+    items = kind_of(task).load(task, data_dir)
     if task.get("id_prefix"):  # e.g. MS MARCO's TREC DL 2019 queries alone: "dl19-"
         items = [item for item in items if item["id"].startswith(task["id_prefix"])]
         if not items:

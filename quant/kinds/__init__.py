@@ -3,10 +3,10 @@ its metrics, when its baseline is informative, its cost in the plan). A task in 
 kind is one module here and its entry in ``KINDS``."""
 from __future__ import annotations
 
-from quant.kinds import choice, generate, perplexity, rerank
+from quant.kinds import choice, generate, harness, perplexity, rerank
 from quant.kinds.base import Informativeness, TaskKind, TaskResult, TaskSpec
 
-KINDS: dict[str, TaskKind] = {module.KIND.name: module.KIND for module in (choice, generate, rerank, perplexity)}
+KINDS: dict[str, TaskKind] = {module.KIND.name: module.KIND for module in (choice, generate, rerank, perplexity, harness)}
 
 
 def kind_of(task: TaskSpec) -> TaskKind:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,6 +77,12 @@ class TaskKind:
 
     def known_metrics(self, task: TaskSpec) -> frozenset[str]:
         raise NotImplementedError
+
+    def load(self, task: TaskSpec, data_dir: Path | None) -> list[dict]:
+        """All the task's items: a team task's own JSONL (loader jsonl), else its loader's data."""
+        if task.loader == data.FILE_LOADER:
+            return data.load_jsonl(Path(task["data_files"]), task.name)
+        return data.load(task.loader, data_dir)
 
     def select(self, task: TaskSpec, items: list[dict], limit: int | None, seed: int) -> list[dict]:
         """The deterministic evaluation subset of the task's items."""

@@ -1,0 +1,105 @@
+"""lm-evaluation-harness tasks as matrix tasks (quant/kinds/harness.py): lm-eval's own definition on local data,
+only the documents asked for evaluated, metrics and their direction from lm-eval's registry, and errors that name
+the task."""
+import json
+
+import pytest
+
+from quant.config import ConfigError
+from quant.kinds import kind_of, lower_is_better
+from quant.kinds.harness import INSTALL, offline_problem
+from quant.tasks import evaluate, read_task_file
+
+pytest.importorskip("lm_eval", reason=f"lm-evaluation-harness is not installed: {INSTALL}")
+from lm_eval.api.model import LM  # noqa: E402
+
+ENTRY = """\
+mine:
+  lm_eval: boolq
+  data_files: {data}
+  overrides: {{doc_to_target: "{{{{ 1 if label == 'true' else 0 }}}}"}}
+  metrics: [{metrics}]
+"""
+
+
+def _task_file(tmp_path, rows: int = 10, metrics: str = "acc", data: str = "items.jsonl"):
+    with (tmp_path / "items.jsonl").open("w") as out:
+        for index in range(rows):
+            out.write(json.dumps({"idx": index, "question": f"is {index} even", "passage": f"{index} is a number.",
+                                  "label": "true" if index % 2 == 0 else "false"}) + "\n")
+    path = tmp_path / "tasks.yaml"
+    path.write_text(ENTRY.format(data=data, metrics=metrics))
+    return path
+
+
+class CountingLM(LM):
+    """Answers every log-likelihood request, preferring " yes", and counts the requests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contexts: list[str] = []
+
+    def loglikelihood(self, requests):
+        self.contexts += [request.args[0] for request in requests]
+        return [(-1.0 if request.args[1] == " yes" else -2.0, False) for request in requests]
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+    def generate_until(self, requests):
+        raise NotImplementedError
+
+
+def test_a_look_evaluates_only_the_documents_of_its_span(tmp_path):
+    """Items 3..7 of the task's ten documents: lm-eval is asked about those five alone (two choices each), and the
+    records hold each document's acc and the answer that flips are counted on."""
+    task = read_task_file(_task_file(tmp_path))["mine"]
+    kind = kind_of(task)
+    items = kind.load(task, None)
+    assert [item["id"] for item in items] == [f"mine-{index}" for index in range(10)]
+    lm = CountingLM()
+    result = evaluate(lm, None, task, items[3:8])
+    assert len(lm.contexts) == 5 * 2
+    assert {context.splitlines()[0] for context in lm.contexts} == {f"{index} is a number." for index in range(3, 8)}
+    assert [record["answer"] for record in result.items] == [1] * 5  # " yes"
+    assert [record["acc"] for record in result.items] == [0.0, 1.0, 0.0, 1.0, 0.0]  # label true on even indices
+    assert result.metrics == {"acc": pytest.approx(0.4)}
+
+
+def test_the_direction_and_the_aggregation_are_lm_evals(tmp_path):
+    read_task_file(_task_file(tmp_path))
+    assert not lower_is_better("acc")
+    with pytest.raises(ConfigError, match="metric 'word_perplexity' is not one lm-eval averages over documents"):
+        read_task_file(_task_file(tmp_path, metrics="word_perplexity"))
+
+
+def test_an_unknown_task_names_the_closest_and_hub_data_is_named_offline(tmp_path, monkeypatch):
+    path = _task_file(tmp_path)
+    path.write_text(path.read_text().replace("lm_eval: boolq", "lm_eval: boolqq"))
+    task = read_task_file(path)["mine"]
+    with pytest.raises(ConfigError, match="task 'mine': lm-eval has no task 'boolqq'; closest: boolq"):
+        kind_of(task).load(task, None)
+    path.write_text("arc:\n  lm_eval: arc_easy\n  metrics: [acc]\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert offline_problem(read_task_file(path)["arc"]) == (
+        "task arc: lm-eval's arc_easy reads allenai/ai2_arc from the hub, which HF_HUB_OFFLINE=1 forbids; give "
+        "data_files to run it offline")
+    with pytest.raises(ConfigError, match=r"task 'mine': data_files: .*gone.jsonl not found"):
+        read_task_file(_task_file(tmp_path, data="gone.jsonl"))
+
+
+def test_boolq_through_lm_evals_own_task_predicts_as_the_built_in_boolq(matrix, workbench, shared_data, tmp_path):
+    """lm-eval's boolq definition on the shipped BoolQ file (its labels "true"/"false" mapped by an override) and
+    the suite's built-in BoolQ evaluator, on the same 16 items of the baseline model: the same predictions."""
+    spec = matrix.models["smollm2-135m"]
+    path = tmp_path / "tasks.yaml"
+    path.write_text(ENTRY.format(data=shared_data / "boolq" / "val.jsonl", metrics="acc").replace("mine:", "boolq_lm:"))
+    harness_task = read_task_file(path)["boolq_lm"]
+    ours = workbench.items(spec, "boolq")[:16]
+    by_idx = {item["doc"]["idx"]: item for item in kind_of(harness_task).load(harness_task, None)}
+    theirs = [by_idx[int(item["id"].removeprefix("boolq-"))] for item in ours]
+    model, tokenizer = workbench.baseline(spec)
+    built_in = evaluate(model, tokenizer, workbench.task(spec, "boolq"), ours)
+    harness = evaluate(model, tokenizer, harness_task, theirs)
+    assert [r["prediction"] for r in built_in.items] == [r["answer"] for r in harness.items]
+    assert harness.metrics["acc"] == pytest.approx(built_in.metrics["accuracy"])
