@@ -96,8 +96,10 @@ class MetricsSnapshotExtension(AbstractSyrupyExtension):
 
     @classmethod
     def get_file_basename(cls, *, test_location: Any, index: Any) -> str:
-        from quant.snapshots import SNAPSHOT_FILE
-        return Path(SNAPSHOT_FILE).stem
+        if Path(test_location.filepath).suffix in (".yaml", ".yml"):  # a matrix case: the file its baselines keep
+            from quant.snapshots import SNAPSHOT_FILE
+            return Path(SNAPSHOT_FILE).stem
+        return super().get_file_basename(test_location=test_location, index=index)
 
     def serialize(self, data: Any, **_: Any) -> str:
         return json.dumps(data, indent=1)

@@ -2,13 +2,16 @@
 only the documents asked for evaluated, metrics and their direction from lm-eval's registry, and errors that name
 the task."""
 import json
+import re
 
 import pytest
+import yaml
 
 from quant.config import ConfigError
 from quant.kinds import kind_of, lower_is_better
 from quant.kinds.harness import INSTALL, offline_problem
 from quant.tasks import evaluate, read_task_file
+from tests.repo import MATRIX_FILE
 
 pytest.importorskip("lm_eval", reason=f"lm-evaluation-harness is not installed: {INSTALL}")
 from lm_eval.api.model import LM  # noqa: E402
@@ -103,3 +106,25 @@ def test_boolq_through_lm_evals_own_task_predicts_as_the_built_in_boolq(matrix, 
     harness = evaluate(model, tokenizer, harness_task, theirs)
     assert [r["prediction"] for r in built_in.items] == [r["answer"] for r in harness.items]
     assert harness.metrics["acc"] == pytest.approx(built_in.metrics["accuracy"])
+
+
+def test_a_gpu_case_on_a_hub_task_is_planned_and_its_data_named_offline(tmp_path, capsys, monkeypatch):
+    """A team's GPU case on lm-eval's ARC-Easy (its data on the hub): costed in the GPU plan from the matrix's
+    measured costs, and named in one line by the dry run offline."""
+    from quant.cli import main
+
+    raw = yaml.safe_load(MATRIX_FILE.read_text())
+    (tmp_path / "tasks.yaml").write_text("arc_easy:\n  lm_eval: arc_easy\n  metrics: [acc_norm]\n  batch_size: 32\n")
+    matrix = {"seed": 1, "task_files": ["tasks.yaml"], "costs": raw["costs"],
+              "profiles": {"test": {"gpu": {"arc_easy": 500, "calib_samples": 64}}},
+              "models": {"llama-3.2-1b": raw["models"]["llama-3.2-1b"]},
+              "quant": {"gptq-w4g128": raw["quant"]["gptq-w4g128"]},
+              "cases": [{"models": ["llama-3.2-1b"], "quant": ["gptq-w4g128"], "tasks": ["arc_easy"]}]}
+    (tmp_path / "quant.yaml").write_text(yaml.safe_dump(matrix))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["report", "--matrix", str(tmp_path / "quant.yaml"), "--tier", "gpu", "--profile", "test",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"~\d+\.\d min  evaluate arc_easy: 500 items x 2 variants \(baseline \+ quantized\), batch 32", out)
+    assert ("task arc_easy: lm-eval's arc_easy reads allenai/ai2_arc from the hub, which HF_HUB_OFFLINE=1 forbids; "
+            "give data_files to run it offline") in out

@@ -14,12 +14,17 @@ TASKS = load_tasks()
 GATE = {"chance_margin": 0.05, "correlation_min": 0.5, "min_correct": 3, "retention_min": 0.9}
 
 
+# An lm-eval task has no built-in entry (a matrix names one through its task_files): the contract's sample of it.
+LM_EVAL_TASK = TaskSpec("arc", "lm_eval", "lm_eval", {"lm_eval": "arc_easy", "metrics": ["acc"]})
+
+
 def _task_of(kind: str) -> TaskSpec:
-    return next(task for task in TASKS.values() if task.kind == kind)
+    return next((task for task in TASKS.values() if task.kind == kind), LM_EVAL_TASK)
 
 
 def test_every_kind_has_a_task_and_every_task_a_known_kind():
-    assert {task.kind for task in TASKS.values()} == set(KINDS)
+    assert {task.kind for task in TASKS.values()} | {LM_EVAL_TASK.kind} == set(KINDS)
+    assert {task.kind for task in TASKS.values()} <= set(KINDS)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -31,7 +36,8 @@ def test_a_field_the_kind_does_not_read_is_an_error_naming_the_file(kind, tmp_pa
         kind_of(task).check(dataclasses.replace(task, options={**task.options, "metric": "accuracy"}), str(TASKS_FILE))
 
 
-@pytest.mark.parametrize("kind", sorted(k for k in KINDS if k != "generate"))
+# generate's metrics are its extractions; lm_eval's are lm-eval's registry's (tests/test_harness.py)
+@pytest.mark.parametrize("kind", sorted(k for k in KINDS if k not in ("generate", "lm_eval")))
 def test_an_unknown_metric_is_an_error_listing_the_known_ones(kind):
     task = dataclasses.replace(_task_of(kind), options={**_task_of(kind).options, "metrics": ["f1"]})
     with pytest.raises(ConfigError, match="has no metric 'f1'; known:"):
@@ -58,6 +64,7 @@ GENERATE = ({"id": "g", "output": "#### 3", "target": "3", "answers": {"strict-m
             {"id": "g", "output": "3", "target": "3", "answers": {"strict-match": None, "flexible-extract": "3"},
              "prediction": None, "correct": False})
 WINDOW = ({"id": "window-0", "nll": 20.0, "tokens": 10}, {"id": "window-0", "nll": 25.0, "tokens": 10})
+HARNESS = ({"id": "arc-0", "doc_index": 0, "answer": 2, "acc": 1.0}, {"id": "arc-0", "doc_index": 0, "answer": 1, "acc": 0.0})
 
 
 @pytest.mark.parametrize("kind,records,metric,expected", [
@@ -68,7 +75,8 @@ WINDOW = ({"id": "window-0", "nll": 20.0, "tokens": 10}, {"id": "window-0", "nll
     ("generate", GENERATE, "strict-match", 0.0),
     ("generate", GENERATE, "flexible-extract", 1.0),
     ("generate", GENERATE, "answered", 0.0),
-    ("perplexity", WINDOW, "perplexity", 20.0 / 25.0),  # exp(2.0) / exp(2.5) on the inverted scale
+    ("perplexity", WINDOW, "perplexity", 20.0 / 25.0),
+    ("lm_eval", HARNESS, "acc", 0.0),  # exp(2.0) / exp(2.5) on the inverted scale
 ])
 def test_each_metric_is_aggregated_from_its_own_per_item_column(kind, records, metric, expected):
     """One item per model: the metric's value from the kind's aggregate over its own column. Perplexity's retention

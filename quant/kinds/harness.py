@@ -8,6 +8,7 @@ is one lm-eval averages over documents; its direction is lm-eval's ``higher_is_b
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -91,6 +92,11 @@ def offline_problem(task: TaskSpec) -> str | None:
             + (", which HF_HUB_OFFLINE=1 forbids" if offline else "") + "; give data_files to run it offline")
 
 
+def _named(value: Any) -> str:
+    """A config value JSON cannot hold, as a stable string: a function (lm-eval's ``!function``) by its name."""
+    return f"{value.__module__}.{value.__qualname__}" if callable(value) else str(value)
+
+
 class Harness(TaskKind):
     name = "lm_eval"
     options = frozenset({"lm_eval", "include_path", "metrics", "num_fewshot", "filter", "apply_chat_template",
@@ -123,10 +129,16 @@ class Harness(TaskKind):
         super().check(task, where)
 
     def load(self, task: TaskSpec, data_dir: Path | None) -> list[dict]:
-        """One item per lm-eval evaluation document: its index there, and its content (in the cache key)."""
+        """One item per lm-eval evaluation document: its index there, its content, and a hash of lm-eval's version
+        and of the task's definition as lm-eval reads it (prompt templates, scorer), since items are in the cache
+        key of a result and the definition lives in lm-eval, not in the task entry."""
+        import importlib.metadata
+
+        definition = {"lm_eval": importlib.metadata.version("lm_eval"), "config": task_config(task)}
+        digest = hashlib.sha256(json.dumps(definition, sort_keys=True, default=_named).encode()).hexdigest()[:16]
         docs = build_task(task).eval_docs
-        return [{"id": f"{task.name}-{index}", "doc_index": index, "doc": json.loads(json.dumps(doc, default=str))}
-                for index, doc in enumerate(docs)]
+        return [{"id": f"{task.name}-{index}", "doc_index": index, "definition": digest,
+                 "doc": json.loads(json.dumps(doc, default=str))} for index, doc in enumerate(docs)]
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, task: TaskSpec, items: list[dict],
                  span: range | None, label: str, reference_model: torch.nn.Module | None) -> TaskResult:
