@@ -36,7 +36,7 @@ def _task_file(tmp_path, rows: int = 10, metrics: str = "acc", data: str = "item
 
 
 class CountingLM(LM):
-    """Answers every log-likelihood request, preferring " yes", and counts the requests."""
+    """Answers " yes" for a document whose number is even, " no" otherwise, and keeps every request's context."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,7 +44,10 @@ class CountingLM(LM):
 
     def loglikelihood(self, requests):
         self.contexts += [request.args[0] for request in requests]
-        return [(-1.0 if request.args[1] == " yes" else -2.0, False) for request in requests]
+        def even(context: str) -> bool:
+            return int(context.split(" ", 1)[0]) % 2 == 0
+
+        return [(-1.0 if (request.args[1] == " yes") == even(request.args[0]) else -2.0, False) for request in requests]
 
     def loglikelihood_rolling(self, requests):
         raise NotImplementedError
@@ -54,19 +57,20 @@ class CountingLM(LM):
 
 
 def test_a_look_evaluates_only_the_documents_of_its_span(tmp_path):
-    """Items 3..7 of the task's ten documents: lm-eval is asked about those five alone (two choices each), and the
-    records hold each document's acc and the answer that flips are counted on."""
+    """Items 7, 3, 4, 5, 6 of the task's ten documents (a look's items, in the evaluation order's shuffle): lm-eval is
+    asked about those five alone (two choices each), and each record holds its own document's acc and answer."""
     task = read_task_file(_task_file(tmp_path))["mine"]
     kind = kind_of(task)
     items = kind.load(task, None)
     assert [item["id"] for item in items] == [f"mine-{index}" for index in range(10)]
     lm = CountingLM()
-    result = evaluate(lm, None, task, items[3:8])
+    result = evaluate(lm, None, task, [items[7], *items[3:7]])
     assert len(lm.contexts) == 5 * 2
     assert {context.splitlines()[0] for context in lm.contexts} == {f"{index} is a number." for index in range(3, 8)}
-    assert [record["answer"] for record in result.items] == [1] * 5  # " yes"
-    assert [record["acc"] for record in result.items] == [0.0, 1.0, 0.0, 1.0, 0.0]  # label true on even indices
-    assert result.metrics == {"acc": pytest.approx(0.4)}
+    assert [record["id"] for record in result.items] == ["mine-7", "mine-3", "mine-4", "mine-5", "mine-6"]
+    assert [record["answer"] for record in result.items] == [0, 0, 1, 0, 1]  # " yes" (1) on even documents
+    assert [record["acc"] for record in result.items] == [1.0] * 5  # and their label is true
+    assert result.metrics == {"acc": pytest.approx(1.0)}
 
 
 def test_the_direction_and_the_aggregation_are_lm_evals(tmp_path):

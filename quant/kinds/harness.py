@@ -152,20 +152,22 @@ class Harness(TaskKind):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        harness_task = build_task(task)
+        harness_task, ordered = build_task(task), sorted(set(doc_indices))
         lm = model if isinstance(model, LM) else HFLM(
             pretrained=model, tokenizer=tokenizer, batch_size=task.get("batch_size", self.default_batch_size))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # No seeds: lm-eval would reseed the global RNGs, a side effect on the caller. The task is passed built, so
         # the manager need not scan lm-eval's index.
         output = lm_eval.simple_evaluate(
-            model=lm, tasks=[harness_task], samples={harness_task.config.task: doc_indices}, log_samples=True,
+            model=lm, tasks=[harness_task], samples={harness_task.config.task: ordered}, log_samples=True,
             bootstrap_iters=0, num_fewshot=task.get("num_fewshot"), gen_kwargs=task.get("gen_kwargs"),
             apply_chat_template=task.get("apply_chat_template", False),
             task_manager=TaskManager(include_defaults=False), random_seed=None, numpy_random_seed=None,
             torch_random_seed=None, fewshot_random_seed=None)
         logged = output["samples"][harness_task.config.task]
         chosen = task.get("filter") or logged[0]["filter"]
+        # Sorted above: lm-eval walks the selected documents in their order in the task and logs the k-th as the k-th
+        # index of the list it was given (evaluator.evaluate, doc_id_true), so an unsorted list mislabels them.
         by_doc = {sample["doc_id"]: sample for sample in logged if sample["filter"] == chosen}
         if set(doc_indices) - set(by_doc):
             raise ConfigError(f"task {task.name!r}: lm-eval logged no filter {chosen!r} for every document; "
