@@ -68,12 +68,13 @@ def task_config(task: TaskSpec) -> dict[str, Any]:
     return config
 
 
-def build_task(task: TaskSpec) -> Any:
-    """lm-eval's task object, its documents loaded (from data_files, or the hub: a ConfigError when unreachable)."""
+def build_task(task: TaskSpec, config: dict[str, Any] | None = None) -> Any:
+    """lm-eval's task object from ``config`` (default: ``task_config(task)``), its documents loaded (from data_files,
+    or the hub: a ConfigError when unreachable)."""
     require_lm_eval()
     from lm_eval.api.task import ConfigurableTask
 
-    config = task_config(task)
+    config = config if config is not None else task_config(task)
     try:
         return ConfigurableTask(config=config)
     except Exception as error:  # datasets raises many kinds when the hub is unreachable or a file is unreadable
@@ -134,9 +135,10 @@ class Harness(TaskKind):
         key of a result and the definition lives in lm-eval, not in the task entry."""
         import importlib.metadata
 
-        definition = {"lm_eval": importlib.metadata.version("lm_eval"), "config": task_config(task)}
+        config = task_config(task)
+        definition = {"lm_eval": importlib.metadata.version("lm_eval"), "config": config}
         digest = hashlib.sha256(json.dumps(definition, sort_keys=True, default=_named).encode()).hexdigest()[:16]
-        docs = build_task(task).eval_docs
+        docs = build_task(task, config).eval_docs
         return [{"id": f"{task.name}-{index}", "doc_index": index, "definition": digest,
                  "doc": json.loads(json.dumps(doc, default=str))} for index, doc in enumerate(docs)]
 
