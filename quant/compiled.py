@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import os
 import platform
 from collections.abc import Callable, Iterator
@@ -18,8 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from quant.cache import cached_dir
-from quant.config import file_sha256
+from quant.cache import cached_dir, code_of, definition_code
 from quant.project import cache_dir
 
 
@@ -78,12 +76,12 @@ class PromptForward(torch.nn.Module):
         return out.logits[:, -1:].argmax(-1), *states
 
 
-def prompt_sources() -> dict[str, str]:
-    """Hashes of the code a packaged prompt is compiled from besides the model's tensors and classes: what is
-    exported (``PromptForward``) and the fast layers' forwards (kernels.py). The rest of this module is not in it:
-    editing the decoder must not throw away minutes of compiling per variant."""
-    exported = hashlib.sha256(inspect.getsource(PromptForward).encode()).hexdigest()[:16]
-    return {"PromptForward": exported, "kernels.py": file_sha256(Path(__file__).parent / "kernels.py")[:16]}
+def prompt_code() -> dict[str, str]:
+    """The code a packaged prompt is compiled from besides the model's tensors and classes: what is exported
+    (``PromptForward``) and the forwards of the layers the model may hold (the fast layers, ``quant.kernels``, and
+    the reference ``quant.qlinear`` they build on). The rest of this module is not in it: editing the decoder must
+    not throw away minutes of compiling per variant."""
+    return {"PromptForward": definition_code(PromptForward), "layers": code_of("quant.kernels", "quant.qlinear")}
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -120,7 +118,7 @@ def packaged_prompt(model: torch.nn.Module, ids: torch.Tensor
     not the memory loading it adds: resident growth reads 0 where the allocator reuses pages freed earlier.)"""
     parts = {"model": model_fingerprint(model), "prompt": list(ids.shape), "device": str(ids.device),
              "cpu": cpu_fingerprint(), "options": PREFILL_INDUCTOR_OPTIONS,
-             "sources": prompt_sources()}
+             "code": prompt_code()}
 
     def build(folder: Path) -> None:
         exported = torch.export.export(PromptForward(model), (ids,), strict=False)

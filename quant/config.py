@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A configuration value the user can fix; the message names the field."""
 
 
+class DataError(ValueError):
+    """A data file or row the user can fix; the message names file, line and field."""
+
+
 def file_sha256(path: Path) -> str:
     """A file's content hash (model weights and data files in cache keys; cache payloads in their manifest)."""
     digest = hashlib.sha256()

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from quant.config import DATA_DIR_ENV, ConfigError
+from quant.config import DATA_DIR_ENV, ConfigError, DataError
 
 Item = dict[str, Any]
 
@@ -28,10 +27,6 @@ LOCAL_FILES = {
     "msmarco": Path("msmarco/dl19_dl20_bm25top100_labeled.jsonl"),
     "wikitext": Path("wikitext2/wiki.test.raw"),
 }
-
-
-class DataError(ValueError):
-    """A data file or row the user can fix; the message names file, line and field."""
 
 
 def _read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[tuple[int, dict]]:
@@ -248,14 +243,3 @@ def subset(items: list[Item], limit: int | None, seed: int, exclude: set[str] = 
     random.Random(seed).shuffle(order)
     chosen = [items[i] for i in order if items[i]["id"] not in exclude]
     return chosen if limit is None else chosen[:limit]
-
-
-def calibration_windows(token_ids: torch.Tensor, samples: int, tokens: int, seed: int) -> torch.Tensor:
-    """``samples`` windows of ``tokens`` tokens drawn (seeded) from the second half of a tokenized text
-    [samples, tokens]. Perplexity windows are taken from the start of the same text and never reach it."""
-    half = len(token_ids) // 2
-    if len(token_ids) - half <= tokens:
-        raise DataError(f"calibration text too short: {len(token_ids)} tokens for {tokens}-token windows")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(half, len(token_ids) - tokens, (samples,), generator=generator)
-    return torch.stack([token_ids[s : s + tokens] for s in starts])

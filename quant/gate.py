@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from quant import stats
+from quant.informative import informativeness as informativeness_of
 from quant.kinds import TaskResult, kind_of, lower_is_better
 from quant.kinds.perplexity import DIVERGENCE_METRICS
 from quant.matrix import Case
@@ -133,7 +134,7 @@ def judge(case: Case, baseline: TaskResult, quantized: TaskResult, metric: str |
     if "correct" in base_columns:
         extra["flips"] = stats.flips(base_columns["correct"], quant_columns["correct"])
         extra["mcnemar_p"] = stats.mcnemar_exact(extra["flips"]["correct_to_wrong"], extra["flips"]["wrong_to_correct"])
-    informativeness = kind.informativeness(case.task, case.gate, metric, baseline.metrics, base_columns, quant_columns)
+    informativeness = informativeness_of(case.task, case.gate, metric, baseline.metrics, base_columns, quant_columns)
     extra.update(informativeness.signals)
     gate = case.gate
     threshold = threshold_of(gate, metric)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from quant.cache import cached_dir
+from quant.cache import cached_dir, code_of
 from quant.config import ConfigError, file_sha256
 
 log = logging.getLogger("quant")
@@ -96,6 +96,15 @@ class ModelSpec:
         return {"hub": location, "revision": _hub_revision(location), "dtype": self.dtype}
 
 
+LOADING_CODE = __name__  # what turns the weights into the model every artifact is made from
+
+
+def model_key(spec: ModelSpec) -> dict[str, Any]:
+    """What a baseline is made from, for cache keys: its weights (``ModelSpec.fingerprint``) and the code that
+    loads them."""
+    return {"weights": spec.fingerprint(), "code": code_of(LOADING_CODE)}
+
+
 def _sha256(path: Path) -> str:
     """A file's content hash, computed once per process for each size and modification time it has."""
     stat = path.stat()
@@ -143,7 +152,7 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> tuple[torch.nn.Module, A
     started = time.perf_counter()
     log.info("loading %s from %s%s", spec.name, location, f"/{gguf_file}" if gguf_file else "")
     if gguf_file:
-        location, gguf_file = str(cached_dir("converted", spec.fingerprint(), _converter(spec))), None
+        location, gguf_file = str(cached_dir("converted", model_key(spec), _converter(spec))), None
     model, tokenizer = _from_pretrained(spec, location, gguf_file)
     model.to(device).eval()
     if tokenizer.pad_token is None:

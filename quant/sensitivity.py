@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.cache import cached_json
-from quant.config import ConfigError, QuantConfig, file_sha256
+from quant.cache import cached_json, code_of, definition_code
+from quant.config import ConfigError, QuantConfig
 from quant.figures import pyplot, save
 from quant.methods.base import decoder_blocks, dequantize, effective_group_size, quantizable_layers, rtn_codes
-from quant.models import ModelSpec
+from quant.models import ModelSpec, model_key
 from quant.pipeline import CALIBRATION_SOURCE, Workbench
 from quant.qlinear import packed_bytes
 from quant.snapshots import fingerprint
@@ -117,10 +117,16 @@ def layer_sensitivity(workbench: Workbench, spec: ModelSpec, quant_name: str, wi
     model, _ = workbench.baseline(spec)
     device = workbench.device_for(spec)
     ids = evaluation_windows(workbench, spec, windows).to(device)
-    parts = {"model": spec.fingerprint(), "quant": config.to_dict(), "windows": fingerprint(ids.tolist()),
-             "device": device, "source": file_sha256(Path(__file__))[:16]}
+    parts = {"model": model_key(spec), "quant": config.to_dict(), "windows": fingerprint(ids.tolist()),
+             "device": device, "code": sensitivity_code()}
     return measure_layers(model, ids, config,
                           lambda name, compute: cached_json("sensitivity", {**parts, "layer": name}, compute))
+
+
+def sensitivity_code() -> str:
+    """The code that makes a layer's figures: ``measure_layers`` and what it calls in the methods, the perplexity
+    kind and the quantized layers (the ranking's report and heatmap are not in it)."""
+    return code_of("quant.methods.base", "quant.kinds.perplexity", "quant.qlinear") + definition_code(measure_layers)
 
 
 Store = Callable[[str, Callable[[], dict[str, float]]], dict[str, float]]  # (layer name, compute) -> figures

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import tempfile
 import time
@@ -19,24 +18,25 @@ import torch
 
 from quant import snapshots
 from quant.backends import get_backend
-from quant.backends.base import records_from_model
+from quant.backends.base import build, read_build, records_from_model
 from quant.backends.checkpoint import load_checkpoint
-from quant.cache import cached_dir, cached_json, has_entry
+from quant.cache import cached_dir, cached_json, code_of, has_entry
 from quant.config import ConfigError, QuantConfig, file_sha256
-from quant.data import LOCAL_FILES, calibration_windows
+from quant.calibration import calibration_windows, text_ids
+from quant.data import LOCAL_FILES
 from quant.matrix import Matrix
 from quant.methods import LayerRecord
-from quant.models import ModelSpec, folder_sha256, load_model
-from quant.memory import PeakAboveHeld
+from quant.models import ModelSpec, folder_sha256, load_model, model_key
 from quant.perf import PerfSettings
 from quant.qlinear import dequantized_weights
 from quant.kinds import kind_of
-from quant.kinds.lm import text_ids
 from quant.tasks import TaskResult, TaskSpec, evaluate, select_items
 
 log = logging.getLogger("quant")
 
 CALIBRATION_SOURCE = "wikitext"
+CALIBRATION_CODE = calibration_windows.__module__  # the code of every calibrated model's key
+CHECKPOINT_LOADER = load_checkpoint.__module__  # the code of a checkpoint's key: it is loaded, not built
 
 
 @dataclasses.dataclass
@@ -208,11 +208,10 @@ class CandidateStore:
         return self._load(spec, config, folder, calibration)
 
     def _load(self, spec: ModelSpec, config: QuantConfig, folder: Path, calibration: str | None) -> Quantized:
-        meta = json.loads((folder / "quantization_log.json").read_text())
-        records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
+        records, seconds, peak = read_build(folder)
         model, kernel = get_backend(config.backend).load(self.models.baseline(spec)[0], folder, records,
                                                          self.settings.device_for(spec))
-        return Quantized(model, records, meta["quantize_seconds"], calibration, kernel, meta.get("quantize_peak_bytes"))
+        return Quantized(model, records, seconds, calibration, kernel, peak)
 
     def rebuild(self, spec: ModelSpec, config: QuantConfig, load_if_different: bool = False
                 ) -> tuple[Rebuild, Quantized | None]:
@@ -236,30 +235,32 @@ class CandidateStore:
         backend = get_backend(config.backend)
         calibrated = backend.needs_calibration(config)
 
-        def build(folder: Path) -> None:
-            ids = self.calibration.ids(spec, config) if calibrated else None
-            above_held = PeakAboveHeld(device)
-            started = time.perf_counter()
+        def write(folder: Path) -> None:
             log.info("quantizing %s with %s %s (%s)", spec.name, backend.name, config.method, config.label)
-            records = backend.quantize(baseline, tokenizer, config, ids, folder)
-            seconds, peak = time.perf_counter() - started, above_held.read()
-            meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds,
-                    "quantize_peak_bytes": peak if backend.runs_in_process else None}
-            (folder / "quantization_log.json").write_text(json.dumps(meta, indent=1))
+            ids = self.calibration.ids(spec, config) if calibrated else None
+            build(backend, baseline, tokenizer, config, ids, folder, device)
 
-        return build
+        return write
 
     def parts(self, spec: ModelSpec, config: QuantConfig) -> dict[str, Any]:
-        """Everything a quantized model is made from: the weights, the config, the calibration text, and the
-        library that built it (name and version; absent for the in-house methods, whose code the cache's own
-        key holds); for a checkpoint, its files' content."""
+        """Everything a quantized model is made from: the weights and the code that loads them, the config, the
+        device, the calibration text, and the code that builds it (the backend's, its method's, the calibration
+        windows'), with the library that built it (name and version) for a library backend; for a checkpoint, its
+        files' content and the code that loads it."""
         if config.checkpoint:
-            return {"checkpoint": folder_sha256(Path(config.checkpoint))}
+            return {"checkpoint": folder_sha256(Path(config.checkpoint)), "code": code_of(CHECKPOINT_LOADER)}
         backend = get_backend(config.backend)
         needs_data = backend.needs_calibration(config)
-        return {"model": spec.fingerprint(), "quant": config.to_dict(),
+        return {"model": model_key(spec), "quant": config.to_dict(), "device": self.settings.device_for(spec),
                 "data": self.calibration.fingerprint if needs_data else None,
+                "code": code_of(*backend.code(config), CALIBRATION_CODE),
                 **({"backend": backend.identity()} if config.backend else {})}
+
+
+def evaluation_code(task: TaskSpec) -> tuple[str, ...]:
+    """The modules whose code computes a task's records: its kind's module, the evaluation's entry
+    (``quant.tasks.evaluate``) and the dequantizing context it runs in (``quant.qlinear``)."""
+    return type(kind_of(task)).__module__, evaluate.__module__, dequantized_weights.__module__
 
 
 FIRST_LOOK = 16  # items (windows) at a sequential gate's first look; each later look doubles them
@@ -290,15 +291,18 @@ class ResultStore:
         self._item_fingerprints: dict[tuple[str, str, int, int], str] = {}
 
     def span_parts(self, spec: ModelSpec, task_name: str, quant_name: str | None, span: range) -> dict[str, Any]:
-        """Everything the records of one span are made from: the model (baseline, or all a quantized model is made
-        from), the task as this profile runs it, the span and the content of its items, and the device."""
+        """Everything the records of one span are made from: the model (the baseline's weights and loading code, or
+        all a quantized model is made from), the task as this profile runs it, the span and the content of its
+        items, the device, and the code that computes the records (the task's kind, with what it imports, and
+        the evaluation's entry, ``quant.tasks.evaluate``)."""
         settings = self.settings
         config = None if quant_name is None else settings.calibration_config(spec, settings.matrix.quant[quant_name])
-        return {"model": spec.fingerprint(),
+        task = settings.task(spec, task_name)
+        return {"model": model_key(spec),
                 "quantized": None if config is None else self.candidates.parts(spec, config),
-                "task": dataclasses.asdict(self.settings.task(spec, task_name)),
+                "task": dataclasses.asdict(task),
                 "span": [span.start, span.stop], "items": self.items_fingerprint(spec, task_name, span),
-                "device": self.settings.device_for(spec)}
+                "device": settings.device_for(spec), "code": code_of(*evaluation_code(task))}
 
     def items(self, spec: ModelSpec, task_name: str) -> list[dict]:
         key = (spec.tier, task_name)

@@ -1,15 +1,19 @@
 """The cache under concurrent writers and interrupted builds."""
+import contextlib
 import dataclasses
 import importlib.metadata
 import multiprocessing
+import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from quant import cache
-from quant.cache import PACKAGE_DIR, source_hash, cached_dir, cached_json, key_of
+from quant import cache, tasks
+from quant.backends import get_backend
+from quant.cache import cached_dir, cached_json, key_of
 from quant.config import QuantConfig
 from quant.matrix import load_matrix
 from quant.models import ModelSpec
@@ -61,18 +65,6 @@ def test_a_library_upgrade_changes_every_key(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "99.0" if name == "transformers" else real_version(name))
     assert key_of({"entry": 1}) != before
-
-
-def test_the_code_that_selects_items_and_computes_metrics_changes_the_key(tmp_path, monkeypatch):
-    package = tmp_path / "quant"
-    shutil.copytree(cache.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(cache, "PACKAGE_DIR", package)
-    before = cache.code_version.__wrapped__()
-    for module in ("stores.py", "metrics.py", "data.py", "kinds/rerank.py", "kinds/lm.py"):
-        (package / module).write_text((package / module).read_text() + "\n# changed\n")
-        after = cache.code_version.__wrapped__()
-        assert after != before, module
-        before = after
 
 
 @pytest.mark.parametrize("damage", ["truncate", "alter", "drop"])
@@ -212,14 +204,177 @@ def test_an_entry_with_an_unreadable_manifest_is_rebuilt(tmp_path, caplog):
     assert len(builds) == 2 and "rebuilding" in caplog.text
 
 
-def test_the_gate_and_the_report_are_outside_the_cache_key(tmp_path):
-    """Rewording a verdict, changing how an interval is judged or adding a report column reuses every cached model
-    and result; a change to what computes a cached number does not."""
+# What each artifact's key holds of the code, stated here file by file: the modules that make its content, and
+# nothing else. Generated over every artifact and every module of the package: a module the key leaves out, or one
+# it holds that makes nothing of the artifact (a gate rule, a report, the wiring, another method), fails.
+LOADING = {"config.py", "models.py"}
+QUANTIZING = LOADING | {"backends/base.py", "backends/inhouse.py", "calibration.py", "memory.py", "methods/__init__.py",
+                        "methods/base.py", "qlinear.py"}
+CHECKPOINT_LOADING = {"backends/base.py", "backends/checkpoint.py", "config.py", "memory.py", "methods/__init__.py",
+                      "methods/base.py", "qlinear.py"}
+EVALUATING = LOADING | {"data.py", "kinds/__init__.py", "kinds/base.py", "kinds/lm.py", "qlinear.py", "tasks.py"}
+EXPECTED_CODE = {
+    "converted": LOADING,
+    "quantized/rtn": QUANTIZING | {"methods/rtn.py"},
+    "quantized/gptq": QUANTIZING | {"methods/gptq.py"},
+    "quantized/gsq": QUANTIZING | {"methods/gsq.py"},
+    "quantized/checkpoint": CHECKPOINT_LOADING,
+    "results/boolq": EVALUATING | {"kinds/choice.py"},
+    "results/gsm8k": EVALUATING | {"kinds/generate.py"},
+    "results/msmarco": EVALUATING | {"kinds/rerank.py", "metrics.py"},
+    "results/wikitext": EVALUATING | {"kinds/perplexity.py", "calibration.py"},
+    "results/boolq on gptq": EVALUATING | {"kinds/choice.py"} | QUANTIZING | {"methods/gptq.py"},
+    "prompts": {"config.py", "kernels.py", "methods/base.py", "qlinear.py"},
+    # and the definitions they compile or run (``definition_code``: PromptForward, measure_layers), read from the
+    # loaded code; the rest of compiled.py and sensitivity.py makes neither
+    "sensitivity": {"calibration.py", "config.py", "data.py", "kinds/base.py", "kinds/lm.py", "kinds/perplexity.py",
+                    "methods/base.py", "qlinear.py"},
+}
+# the library backends, whose keys also hold the library's version (not installed here): their code alone
+LIBRARY_CODE = {
+    "gptqmodel": CHECKPOINT_LOADING | {"backends/gptqmodel.py"},
+    "llmcompressor": CHECKPOINT_LOADING | {"backends/llmcompressor.py", "backends/llmcompressor_job.py"},
+}
+
+
+def artifact_keys(workbench: Workbench, spec: ModelSpec, checkpoint: Path) -> dict[str, Callable[[], str]]:
+    """Each artifact's key as the code that builds it computes it, by the name EXPECTED_CODE gives it."""
+    from quant.compiled import prompt_code
+    from quant.models import model_key
+    from quant.sensitivity import sensitivity_code
+
+    quantized = {method: (lambda m=method: key_of(workbench.candidates.parts(spec, QuantConfig(method=m))))
+                 for method in ("rtn", "gptq", "gsq")}
+    results = {task: (lambda t=task: key_of(workbench.results.span_parts(spec, t, None, range(16))))
+               for task in ("boolq", "gsm8k", "msmarco", "wikitext")}
+    return {"converted": lambda: key_of(model_key(spec)),
+            **{f"quantized/{method}": key for method, key in quantized.items()},
+            "quantized/checkpoint": lambda: key_of(workbench.candidates.parts(spec, QuantConfig(
+                method="gptq", checkpoint=str(checkpoint)))),
+            **{f"results/{task}": key for task, key in results.items()},
+            "results/boolq on gptq": lambda: key_of(workbench.results.span_parts(spec, "boolq", "gptq-w4g128",
+                                                                                  range(16))),
+            "prompts": lambda: key_of(prompt_code()), "sensitivity": sensitivity_code}
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the package whose modules a test edits; keys computed meanwhile read their code from it."""
     package = tmp_path / "quant"
-    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
-    before = source_hash(package)
-    for name in ("gate.py", "stats.py", "snapshots.py", "pipeline.py", "report.py", "cli.py"):
-        (package / name).write_text((package / name).read_text() + "\n# changed\n")
-    assert source_hash(package) == before
-    (package / "metrics.py").write_text((package / "metrics.py").read_text() + "\n# changed\n")
-    assert source_hash(package) != before
+    shutil.copytree(cache.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(cache, "PACKAGE_DIR", package)
+    cache.code_closure.cache_clear()
+    yield package
+    cache.code_closure.cache_clear()
+
+
+@contextlib.contextmanager
+def edited(package: Path, module: str, text: str = "\n_edited = True\n"):
+    """``module`` (a path under the package) with ``text`` appended, while the block runs."""
+    path = package / module
+    original = path.read_text()
+    path.write_text(original + text)
+    cache.code_closure.cache_clear()
+    try:
+        yield
+    finally:
+        path.write_text(original)
+        cache.code_closure.cache_clear()
+
+
+@pytest.mark.parametrize("artifact", sorted(EXPECTED_CODE))
+def test_each_artifact_key_holds_the_code_that_makes_it_and_no_other(artifact, key_workbench, package_copy, tmp_path):
+    workbench, spec = key_workbench
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    key = artifact_keys(workbench, spec, checkpoint)[artifact]
+    before = key()
+    changed_by = set()
+    for path in sorted(package_copy.rglob("*.py")):
+        module = path.relative_to(package_copy).as_posix()
+        with edited(package_copy, module):
+            if key() != before:
+                changed_by.add(module)
+    assert changed_by == EXPECTED_CODE[artifact]
+
+
+@pytest.mark.parametrize("backend", sorted(LIBRARY_CODE))
+def test_a_library_backends_key_holds_its_code(backend):
+    config = QuantConfig(method="gptq", backend=backend)
+    entries = tuple(get_backend(backend).code(config))
+    assert set(cache.code_closure(entries, cache.PACKAGE_DIR)) == LIBRARY_CODE[backend]
+
+
+def test_the_artifact_table_names_every_kind_the_cache_holds():
+    """Every ``cached_dir`` / ``cached_json`` kind in the package is one of the artifacts above."""
+    kinds = set()
+    for path in cache.PACKAGE_DIR.rglob("*.py"):
+        kinds |= set(re.findall(r"cached_(?:dir|json)\(\s*\"(\w+)\"", path.read_text()))
+    assert kinds == {name.split("/")[0] for name in EXPECTED_CODE}
+
+
+def test_a_docstring_or_a_comment_changes_no_key(package_copy):
+    before = cache.code_of("quant.methods.gptq")
+    with edited(package_copy, "methods/gptq.py", "\n# a comment\n"):
+        assert cache.code_of("quant.methods.gptq") == before
+    path = package_copy / "methods" / "gptq.py"
+    path.write_text(path.read_text().replace('"""', '"""Reworded. ', 1))
+    cache.code_closure.cache_clear()
+    assert cache.code_of("quant.methods.gptq") == before
+    with edited(package_copy, "methods/gptq.py", "\nLOG_LINE = 'a statement, not a comment'\n"):
+        assert cache.code_of("quant.methods.gptq") != before
+
+
+def test_a_definitions_code_is_its_own():
+    from quant.compiled import PromptForward
+    from quant.sensitivity import measure_layers
+
+    assert cache.definition_code(measure_layers) == cache.definition_code(measure_layers)
+    assert cache.definition_code(measure_layers) != cache.definition_code(PromptForward)
+
+
+def test_an_edited_task_prompt_rebuilds_no_model_and_recomputes_only_that_tasks_results(
+        shared_data, package_copy, monkeypatch):
+    """Through the matrix as loaded from a copy of the package whose tasks.yaml has another BoolQ prompt."""
+    def keys() -> dict[str, str]:
+        matrix = load_matrix()
+        workbench, spec = Workbench(matrix, "test", shared_data), matrix.models["smollm2-135m"]
+        quantized = {name: key_of(workbench.candidates.parts(spec, workbench.calibration_config(spec, config)))
+                     for name, config in matrix.quant.items() if not config.backend and not config.checkpoint}
+        results = {f"{task} {quant}": key_of(workbench.results.span_parts(spec, task, quant, range(16)))
+                   for task in ("boolq", "gsm8k", "msmarco", "wikitext") for quant in (None, *quantized)}
+        return {**quantized, **results}
+
+    before = keys()
+    tasks_file = package_copy / "tasks.yaml"
+    text = tasks_file.read_text()
+    assert text.count("Question: {question}?") == 1  # BoolQ's prompt, and no other task's
+    tasks_file.write_text(text.replace("Question: {question}?", "Q: {question}?"))
+    monkeypatch.setattr(tasks, "TASKS_FILE", tasks_file)
+    after = keys()
+    assert sorted(name for name in before if before[name] != after[name]) == sorted(
+        name for name in before if name.startswith("boolq "))
+
+
+def test_an_edited_method_rebuilds_the_models_built_with_it_and_no_other(key_workbench, package_copy):
+    workbench, spec = key_workbench
+    configs = {name: config for name, config in workbench.settings.matrix.quant.items()
+               if not config.backend and not config.checkpoint}
+    keys = lambda: {name: key_of(workbench.candidates.parts(spec, config))  # noqa: E731
+                    for name, config in configs.items()}
+    before = keys()
+    with edited(package_copy, "methods/gptq.py"):
+        after = keys()
+    assert {name for name in configs if before[name] != after[name]} == {
+        name for name, config in configs.items() if config.method == "gptq"}
+    assert any(config.method != "gptq" for config in configs.values())
+
+
+def test_the_device_changes_the_quantized_models_key(shared_data):
+    matrix = load_matrix()
+    spec = dataclasses.replace(matrix.models["smollm2-135m"], tier="gpu")
+    config = QuantConfig(method="rtn")
+    keys = {device: key_of(Workbench(matrix, "test", shared_data, device).candidates.parts(spec, config))
+            for device in ("cpu", "cuda")}
+    assert keys["cpu"] != keys["cuda"]

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from quant import data
+from quant import calibration, data
 from quant.config import ConfigError, data_dir
 from quant.kinds.generate import stop_criteria
 from quant.kinds.lm import text_prefix
@@ -237,16 +237,16 @@ def test_boolq_labels_outside_true_false_are_refused(tmp_path, label):
 
 def test_calibration_windows_come_from_the_second_half_seeded():
     ids = torch.arange(1000)
-    windows = data.calibration_windows(ids, samples=64, tokens=100, seed=3)
+    windows = calibration.calibration_windows(ids, samples=64, tokens=100, seed=3)
     assert windows.shape == (64, 100)
     assert bool((windows[:, 0] >= 500).all()) and bool((windows[:, -1] <= 999).all())
     assert bool((windows[:, 1:] - windows[:, :-1] == 1).all())  # contiguous text, not scattered tokens
-    assert torch.equal(windows, data.calibration_windows(ids, 64, 100, seed=3))
-    assert not torch.equal(windows, data.calibration_windows(ids, 64, 100, seed=4))
+    assert torch.equal(windows, calibration.calibration_windows(ids, 64, 100, seed=3))
+    assert not torch.equal(windows, calibration.calibration_windows(ids, 64, 100, seed=4))
     assert len(set(windows[:, 0].tolist())) > 32  # drawn across the half, not one start repeated
-    assert data.calibration_windows(torch.arange(202), 4, 100, seed=0).shape == (4, 100)  # 101 tokens in the half
+    assert calibration.calibration_windows(torch.arange(202), 4, 100, seed=0).shape == (4, 100)  # 101 tokens in the half
     with pytest.raises(data.DataError, match="calibration text too short: 200 tokens for 100-token windows"):
-        data.calibration_windows(torch.arange(200), 4, 100, seed=0)
+        calibration.calibration_windows(torch.arange(200), 4, 100, seed=0)
 
 
 def test_an_unknown_loader_is_named():

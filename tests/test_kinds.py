@@ -1,17 +1,15 @@
 """Task kinds (quant/kinds/), each checked by the same contract from ``KINDS``: tasks.yaml's fields are the ones
-the kind reads, its metrics are the ones it can compute, every metric comes from its own per-item column, and its
-informative rule hands the gate a fallback signal."""
+the kind reads, its metrics are the ones it can compute, and every metric comes from its own per-item column."""
 import dataclasses
 import math
 
 import pytest
 
 from quant.config import TASKS_FILE, ConfigError
-from quant.kinds import KINDS, TaskResult, kind_of, lower_is_better
+from quant.kinds import KINDS, kind_of, lower_is_better
 from quant.tasks import TaskSpec, load_tasks, read_task_file, select_items
 
 TASKS = load_tasks()
-GATE = {"chance_margin": 0.05, "correlation_min": 0.5, "min_correct": 3, "retention_min": 0.9}
 
 
 # An lm-eval task has no built-in entry (a matrix names one through its task_files): the contract's sample of it.
@@ -95,47 +93,6 @@ def test_a_result_holds_every_reported_metric_from_its_records():
     result = kind.result(task, [kind.record(**RERANK[0]), kind.record(**RERANK[1])])
     assert result.metrics == pytest.approx({"ndcg@10": 0.7, "mrr@10": 0.625, "bm25_ndcg@10": 0.5, "bm25_mrr@10": 0.5})
     assert result.items == list(RERANK)
-
-
-def _result(task: TaskSpec, records: list[dict]) -> TaskResult:
-    kind = kind_of(task)
-    columns = kind.columns(records)
-    return TaskResult(task.name, {m: float(kind.aggregate(m)(columns)) for m in kind.reported(task)}, records)
-
-
-def _informativeness(task, base: list[dict], quant: list[dict], metric: str):
-    """The kind's informative rule on two sets of records, given as the gate gives it: as columns."""
-    kind = kind_of(task)
-    return kind.informativeness(task, GATE, metric, _result(task, base).metrics, kind.columns(base), kind.columns(quant))
-
-
-def test_choice_near_chance_is_gated_on_the_score_correlation():
-    task = _task_of("choice")
-    labels = [1, 0, 1, 0]
-    base = [{**CHOICE[0], "id": str(i), "label": y, "correct": i < 2, "logodds": float(i)}
-            for i, y in enumerate(labels)]
-    quant = [{**r, "logodds": -r["logodds"]} for r in base]
-    decided = _informativeness(task, base, quant, "accuracy")
-    assert not decided.informative  # 0.5 against chance 0.5 + margin
-    assert decided.fallback == ("score correlation with the baseline", pytest.approx(-1.0), 0.5)
-    assert decided.signals["chance"] == 0.5 and decided.signals["roc_auc_baseline"] is not None
-
-
-def test_a_reranker_that_does_not_beat_bm25_is_gated_on_its_per_query_correlation():
-    task = _task_of("rerank")
-    base = [{**RERANK[0], "id": "q1", "ndcg": 0.4}, {**RERANK[0], "id": "q2", "ndcg": 0.5}]
-    decided = _informativeness(task, base, base, "ndcg@10")
-    assert not decided.informative and decided.signals["bm25"] == 0.5
-    assert decided.fallback == ("per-query ndcg@10 correlation with the baseline", pytest.approx(1.0), 0.5)
-
-
-def test_a_generator_that_solves_too_little_is_gated_on_keeping_the_answer_format():
-    task = _task_of("generate")
-    base = [{**GENERATE[0], "id": str(i)} for i in range(2)] + [{**GENERATE[1], "id": str(i)} for i in range(2, 10)]
-    decided = _informativeness(task, base, base, "strict-match")
-    assert not decided.informative  # 2 solved < min_correct 3
-    assert decided.fallback[0] == "answer-format retention, 95% CI upper bound" and decided.fallback[1] == 1.0
-    assert decided.signals["answered_baseline"] == decided.signals["answered_quantized"] == 0.2
 
 
 def test_a_task_file_reads_its_own_jsonl_and_names_what_is_missing(tmp_path):

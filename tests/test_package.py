@@ -15,9 +15,9 @@ PACKAGE = REPO_ROOT / "quant"
 # must still not import each other in a cycle.
 TIERS = (
     {"config", "project", "scaffold", "quiet", "metrics", "figures", "replicas"},
-    {"cache", "models", "data", "qlinear", "memory"},
+    {"cache", "models", "data", "calibration", "qlinear", "memory"},
     {"tasks", "kinds", "stats", "methods", "backends", "perf", "compiled", "kernels"},
-    {"matrix", "gate", "stores", "snapshots", "decide", "history"},
+    {"matrix", "gate", "informative", "stores", "snapshots", "decide", "history"},
     {"pipeline", "plan", "noise", "sensitivity", "crosscheck"},
     {"report", "pytest_plugin"},
     {"cli", "__main__", "__init__"},

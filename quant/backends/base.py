@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import importlib.metadata
+import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from quant.config import ConfigError, QuantConfig
+from quant.memory import PeakAboveHeld
 from quant.methods import LayerRecord
 
 
@@ -49,6 +53,11 @@ class Backend(abc.ABC):
         except importlib.metadata.PackageNotFoundError:
             raise BackendUnavailable(f"backend {self.name!r} needs {self.distribution}: run `{self.install}`") from None
 
+    def code(self, config: QuantConfig) -> tuple[str, ...]:
+        """The modules whose code builds ``config`` with this backend (its cache key holds them and what they
+        import): the backend's own module, and any code it runs that it does not import."""
+        return (type(self).__module__,)
+
     def identity(self) -> dict[str, str]:
         """What a cache key holds of the backend: its name and version (a new release rebuilds every model)."""
         return {"backend": self.name, "version": self.version()}
@@ -65,6 +74,28 @@ class Backend(abc.ABC):
     def load(self, baseline: nn.Module, folder: Path, records: list[LayerRecord], device: str
              ) -> tuple[nn.Module, str]:
         """The saved model, on ``device`` in eval mode, and the kernel its quantized layers run on."""
+
+
+BUILD_LOG = "quantization_log.json"  # a built folder's per-layer records, build time and peak memory
+
+
+def build(backend: Backend, baseline: nn.Module, tokenizer: Any, config: QuantConfig,
+          calibration: torch.Tensor | None, folder: Path, device: str) -> None:
+    """Quantize with ``backend`` into ``folder``, and log beside the weights what ``read_build`` gives back."""
+    above_held = PeakAboveHeld(device)
+    started = time.perf_counter()
+    records = backend.quantize(baseline, tokenizer, config, calibration, folder)
+    seconds, peak = time.perf_counter() - started, above_held.read()
+    meta = {"records": [dataclasses.asdict(r) for r in records], "quantize_seconds": seconds,
+            "quantize_peak_bytes": peak if backend.runs_in_process else None}
+    (folder / BUILD_LOG).write_text(json.dumps(meta, indent=1))
+
+
+def read_build(folder: Path) -> tuple[list[LayerRecord], float, int | None]:
+    """A built folder's per-layer records, its build time in seconds and its peak memory (None: not measured)."""
+    meta = json.loads((folder / BUILD_LOG).read_text())
+    records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
+    return records, meta["quantize_seconds"], meta.get("quantize_peak_bytes")
 
 
 def packed_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

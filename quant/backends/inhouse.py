@@ -25,6 +25,9 @@ class InHouse(Backend):
     name = "inhouse"
     methods = tuple(METHODS)
 
+    def code(self, config: QuantConfig) -> tuple[str, ...]:
+        return (*super().code(config), type(get_method(config.method)).__module__)
+
     def needs_calibration(self, config: QuantConfig) -> bool:
         return get_method(config.method).needs_calibration
 

@@ -41,6 +41,9 @@ class LLMCompressorBackend(Backend):
     runs_in_process = False
     deterministic = False  # two CPU builds from the same inputs differed in 205 of 692 tensors (docs/measurements.md)
 
+    def code(self, config: QuantConfig) -> tuple[str, ...]:
+        return (*super().code(config), f"{__package__}.{JOB.stem}")  # run in its own environment, not imported
+
     def version(self) -> str:
         return venv_version(venv(), self.install)
 

@@ -1,7 +1,7 @@
 """What every task kind is: a task's settings (``TaskSpec``, from tasks.yaml), its result (``TaskResult``: metrics and
 per-item records) and the ``TaskKind`` interface a kind module implements. A kind owns everything that differs
 between kinds: how items are chosen and scored, the per-item record, the metrics with their direction and
-aggregation, when its baseline is informative and what to gate on when it is not, and its cost in the plan."""
+aggregation, and its cost in the plan. (When its baseline is informative is policy: ``quant.informative``.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +17,6 @@ from quant.config import TASKS_FILE, ConfigError
 
 Columns = dict[str, np.ndarray]  # per-item numeric fields, items on the last axis
 Aggregate = Callable[[Columns], np.ndarray]  # a metric from columns: over the last axis, so resamples batch
-Fallback = tuple[str, float, float]  # (signal name, value, minimum) gated on when the baseline is not informative
 # Fields of every task whatever its kind: the batch, a filter on item ids, a team task's own JSONL (quant.tasks)
 COMMON_OPTIONS = frozenset({"batch_size", "id_prefix", "data_files"})
 
@@ -48,16 +47,6 @@ class TaskResult:
     @property
     def n(self) -> int:
         return len(self.items)
-
-
-@dataclasses.dataclass
-class Informativeness:
-    """Whether a baseline's result can be gated on retention, the signal to gate on when it cannot, and the
-    statistics behind the decision (shown in the report)."""
-
-    informative: bool
-    fallback: Fallback | None
-    signals: dict[str, Any]
 
 
 class TaskKind:
@@ -137,12 +126,6 @@ class TaskKind:
     def answer(self, record: dict) -> Any:
         """What two models agree on when they give the same answer (None: the kind has no answer)."""
         return None
-
-    def informativeness(self, task: TaskSpec, gate: dict[str, Any], metric: str, baseline_metrics: dict[str, float],
-                        baseline: Columns, candidate: Columns) -> Informativeness:
-        """Whether the baseline says anything a retention can hold (by default: always), from both results'
-        per-item columns (the gate's own, computed once) and the baseline's metrics."""
-        return Informativeness(True, None, {})
 
     def forwards_per_item(self, task: TaskSpec) -> int:
         """Forward passes of up to 512 tokens per item, for the plan's cost."""

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from quant import stats
-from quant.kinds.base import Aggregate, Columns, Informativeness, TaskKind, TaskResult, TaskSpec
+from quant.kinds.base import Aggregate, TaskKind, TaskResult, TaskSpec
 from quant.kinds.lm import continuation_logprobs
 
 
@@ -52,22 +51,6 @@ class Choice(TaskKind):
 
     def forwards_per_item(self, task: TaskSpec) -> int:
         return len(task["choices"])
-
-    def informativeness(self, task: TaskSpec, gate: dict[str, Any], metric: str, baseline_metrics: dict[str, float],
-                        baseline: Columns, candidate: Columns) -> Informativeness:
-        """Informative when the baseline beats always answering the commoner label by ``chance_margin``. Near
-        chance, the decisions are coin flips that any perturbation changes; the score behind them still
-        correlates with the baseline's unless the model is broken: that is the fallback."""
-        labels = baseline["label"].astype(int).tolist()
-        chance = stats.majority_rate(labels)
-        base_scores, candidate_scores = baseline["logodds"].tolist(), candidate["logodds"].tolist()
-        correlation = stats.correlation(base_scores, candidate_scores)
-        signals: dict[str, Any] = {"chance": chance, "score_correlation": correlation}
-        if len(task["choices"]) == 2:
-            signals["roc_auc_baseline"] = stats.roc_auc(base_scores, labels)
-            signals["roc_auc_quantized"] = stats.roc_auc(candidate_scores, labels)
-        return Informativeness(baseline_metrics[metric] >= chance + gate["chance_margin"],
-                               ("score correlation with the baseline", correlation, gate["correlation_min"]), signals)
 
 
 KIND = Choice()

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from quant import data, stats
+from quant import data
 from quant.config import ConfigError
-from quant.kinds.base import Aggregate, Columns, Informativeness, TaskKind, TaskResult, TaskSpec
+from quant.kinds.base import Aggregate, Columns, TaskKind, TaskResult, TaskSpec
 from quant.kinds.lm import MAX_CONTEXT, batches, encode, pad, text_prefix
 
 SHARED_PREFIX_MIN = 16  # tokens; a shorter common prefix is not worth a cache copy per batch
@@ -195,19 +195,6 @@ class Generate(TaskKind):
             return None
         steps = math.ceil(items / task.get("batch_size", self.default_batch_size)) * task.get("max_new_tokens", 256)
         return steps * costs["generate_step"]
-
-    def informativeness(self, task: TaskSpec, gate: dict[str, Any], metric: str, baseline_metrics: dict[str, float],
-                        baseline: Columns, candidate: Columns) -> Informativeness:
-        """Informative when the baseline solves at least ``min_correct`` items. A model that solves almost nothing
-        can still be damaged: it stops producing answers at all. The fallback is that answer-format retention,
-        judged like retention on its interval: fail only when even the upper bound is below the bar."""
-        answered = stats.retention_interval(baseline, candidate, self.aggregate("answered"), lower_is_better=False)
-        signals = {"answered_baseline": float(baseline["answered"].mean()),
-                   "answered_quantized": float(candidate["answered"].mean()), "answered_retention_ci": answered}
-        # (a baseline that never answers leaves nothing to retain)
-        fallback = (("answer-format retention, 95% CI upper bound", answered[1], gate["retention_min"]) if answered
-                    else None)
-        return Informativeness(baseline["correct"].sum() >= gate["min_correct"], fallback, signals)
 
 
 KIND = Generate()

@@ -93,8 +93,3 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str, list[str]]
             for j, cont in sequences[i].continuations:
                 scores[sequences[i].request][j] = float(logprobs[row, torch.arange(len(cont)), torch.tensor(cont)].sum())
     return scores
-
-
-def text_ids(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as token ids, without special tokens."""
-    return torch.tensor(encode(tokenizer, text))

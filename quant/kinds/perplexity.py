@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from quant.kinds.base import Aggregate, TaskKind, TaskResult, TaskSpec
-from quant.kinds.lm import batches, text_ids, text_prefix
+from quant.calibration import text_ids
+from quant.kinds.lm import batches, text_prefix
 
 # llama.cpp --kl-divergence's statistics, reported beside each perplexity row
 DIVERGENCE_METRICS = ("mean_kld", "mean_kld_se", "median_kld", "p99_kld", "same_top_p", "ln_ppl_ratio")

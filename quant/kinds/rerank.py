@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from quant import stats
-from quant.kinds.base import Aggregate, Columns, Informativeness, TaskKind, TaskResult, TaskSpec
+from quant.kinds.base import Aggregate, TaskKind, TaskResult, TaskSpec
 from quant.kinds.lm import continuation_logprobs
 from quant.metrics import mrr_at_k, ndcg_at_k
 
@@ -78,18 +77,6 @@ class Rerank(TaskKind):
 
     def forwards_per_item(self, task: TaskSpec) -> int:
         return task["top_k"]
-
-    def informativeness(self, task: TaskSpec, gate: dict[str, Any], metric: str, baseline_metrics: dict[str, float],
-                        baseline: Columns, candidate: Columns) -> Informativeness:
-        """A re-ranker that does not beat BM25's own order of the same candidates measures nothing yet; its
-        per-query scores still follow the baseline's unless the quantized model is broken: the fallback."""
-        field = FIELDS[metric]
-        bm25 = baseline_metrics[f"bm25_{metric}"]
-        correlation = stats.correlation(baseline[field], candidate[field])
-        return Informativeness(baseline_metrics[metric] > bm25,
-                               (f"per-query {metric} correlation with the baseline", correlation,
-                                gate["correlation_min"]),
-                               {"bm25": bm25, "score_correlation": correlation})
 
 
 KIND = Rerank()
