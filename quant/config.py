@@ -14,11 +14,16 @@ TASKS_FILE = Path(__file__).resolve().parent / "tasks.yaml"  # the built-in task
 DATA_DIR_ENV = "QUANT_DATA_DIR"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """What a user can fix: its message is one line naming the file, field, variable or flag (``quant`` prints it
+    with exit status 2, pytest as a usage error)."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value the user can fix; the message names the field."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or row the user can fix; the message names file, line and field."""
 
 

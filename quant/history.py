@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from quant.config import ConfigError
 from quant.figures import pyplot, save
 
 Benchmark = dict[str, Any]
@@ -37,7 +38,7 @@ def load_runs(storage: Path) -> list[dict[str, Any]]:
     """Saved runs, oldest first (pytest-benchmark numbers them 0001, 0002, ... per machine folder)."""
     files = sorted(storage.glob("*/*.json"), key=lambda path: (path.parent.name, path.name))
     if not files:
-        raise FileNotFoundError(f"no saved benchmark runs under {storage}: run `make bench` (pytest tests/benchmarks "
+        raise ConfigError(f"no saved benchmark runs under {storage}: run `make bench` (pytest tests/benchmarks "
                                 "--benchmark-autosave) first")
     return [json.loads(path.read_text()) | {"file": path.name} for path in files]
 

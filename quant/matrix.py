@@ -58,6 +58,71 @@ class Matrix:
         except KeyError:
             raise ConfigError(f"{self.path}: no profiles.{profile}.{tier}; known profiles: {sorted(self.profiles)}") from None
 
+    def check_names(self, model: str, quants: list[str]) -> None:
+        """Refuse a model or quant config name this matrix does not define, naming it and listing the known ones."""
+        if model not in self.models:
+            raise ConfigError(f"unknown model {model!r} in {self.path}; known: {', '.join(sorted(self.models))}")
+        unknown = [name for name in quants if name not in self.quant]
+        if unknown:
+            raise ConfigError(f"unknown quant config {', '.join(map(repr, unknown))} in {self.path}; known: "
+                              f"{', '.join(sorted(self.quant))}")
+
+    def case(self, case_id: str) -> Case:
+        """The case with this id, or an error naming the closest ids."""
+        cases = {case.id: case for case in self.cases}
+        if case_id not in cases:
+            close = [known for known in cases if case_id in known][:5]
+            raise ConfigError(f"no case {case_id!r} in {self.path}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                       else f"; ids look like {self.cases[0].id}"))
+        return cases[case_id]
+
+    def resolved(self, case: Case, profile: str) -> dict[str, Any]:
+        """The case as the suite runs it under ``profile``: the matrix's defaults, the case entry, its quant config,
+        its task with the profile's options, the profile's item count and calibration, and the gate."""
+        limits = self.limits(profile, case.model.tier)
+        return {
+            "case": case.id, "cadence": case.cadence, "expected_failure": case.expected_failure,
+            "model": {k: v for k, v in dataclasses.asdict(case.model).items() if v is not None},
+            "quant": {"name": case.quant_name, **case.quant.to_dict()},
+            "task": {"name": case.task.name, "loader": case.task.loader, "kind": case.task.kind,
+                     **case.task.options, **limits.get("options", {}).get(case.task.name, {})},
+            "profile": {"name": profile, "items": limits.get(case.task.name),
+                        **{k: limits[k] for k in ("calib_samples", "calib_chunk") if k in limits}},
+            "gate": case.gate,
+        }
+
+    def selection(self, select: str | None, tier: str, cadence: str) -> tuple[list[Case], list[tuple[Case, str]]]:
+        """The cases a run of ``tier`` and ``cadence`` runs (their id containing ``select``, when given), and each
+        other selected case with why it is not run."""
+        selected = [c for c in self.cases if not select or select in c.id]
+        if not selected:
+            raise ConfigError(f"-k {select!r} matches no case of {self.path}; case ids look like {self.cases[0].id}")
+        cases = [c for c in selected if c.model.tier == tier and cadence in ("all", c.cadence)]
+        skipped = [(c, f"tier {c.model.tier}: not run in this {tier} report") for c in selected if c.model.tier != tier]
+        skipped += [(c, f"cadence {c.cadence}: not run in this report (--cadence {c.cadence} or all runs it)")
+                    for c in selected if c.model.tier == tier and c not in cases]
+        return cases, skipped
+
+    def with_checkpoint(self, base: str, folder: Path, tasks: list[str] | None, like: str | None
+                        ) -> tuple[Matrix, list[Case]]:
+        """This matrix with a checkpoint folder as one more quant config, and the cases that judge it: the base
+        model's tasks, each gated as this matrix gates ``like``'s case of that task (default: the base model's
+        first case of the task)."""
+        self.check_names(base, [like] if like else [])
+        gates: dict[str, Case] = {}
+        for case in self.cases:
+            if case.model.name == base and (like is None or case.quant_name == like):
+                gates.setdefault(case.task.name, case)
+        unknown = sorted(set(tasks or []) - set(gates))
+        if unknown or not gates:
+            raise ConfigError(f"--tasks {', '.join(unknown) or '(none)'}: the matrix gates {base}"
+                              f"{f' {like}' if like else ''} on {', '.join(sorted(gates)) or 'no task'}")
+        name = f"checkpoint-{folder.name}"
+        config = QuantConfig.from_dict({"checkpoint": str(folder.resolve())}, where="--candidate")
+        cases = [dataclasses.replace(gates[task], quant_name=name, quant=config, cadence="default",
+                                     expected_failure=None) for task in (tasks or gates)]
+        return dataclasses.replace(self, quant={**self.quant, name: config}), cases
+
 
 SCHEMA_FILE = Path(__file__).resolve().parent / "matrix.schema.json"
 

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from quant.cache import cached_dir, code_of
-from quant.config import ConfigError, file_sha256
+from quant.config import ConfigError, UserError, file_sha256
 
 log = logging.getLogger("quant")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(UserError, RuntimeError):
     """The model's weights cannot be had here; the message says what to install or set."""
 
 

@@ -14,10 +14,11 @@ from quant.kernels import cast_parameters, use_fast_kernels
 from quant.matrix import Case, Matrix
 from quant.models import ModelSpec
 from quant.perf import dtype_name
-from quant.qlinear import QuantLinear, model_bytes
-from quant.stores import (CALIBRATION_SOURCE, CalibrationSet, CandidateStore, ModelStore, Quantized, ResultStore,
-                          RunSettings)
-from quant.tasks import TaskResult
+from quant.config import QuantConfig
+from quant.qlinear import QuantLinear, dequantized_weights, model_bytes
+from quant.stores import (CALIBRATION_SOURCE, CalibrationSet, CandidateStore, ModelStore, Quantized, Rebuild,
+                          ResultStore, RunSettings)
+from quant.tasks import TaskResult, evaluate
 
 __all__ = ["CALIBRATION_SOURCE", "Quantized", "Workbench"]
 
@@ -56,6 +57,21 @@ class Workbench:
             return quantized.model, quantized.kernel  # a library's model already runs on the kernel it picked
         model = copy.deepcopy(quantized.model)
         return model, use_fast_kernels(model).describe()
+
+    def rebuilt(self, spec: ModelSpec, quant_name: str, config: QuantConfig) -> tuple[Rebuild, dict[str, float]]:
+        """The candidate built again in an empty cache and compared tensor by tensor with the cached build; when
+        they differ, the WikiText perplexity of each on the profile's windows (``cached build``, ``rebuild``)."""
+        rebuild, second = self.candidates.rebuild(spec, config, load_if_different=True)
+        if rebuild.identical:
+            return rebuild, {}
+        task = self.task(spec, CALIBRATION_SOURCE)
+        items, limit = self.items(spec, task.name), self.limits(spec).get(task.name)
+        _, tokenizer = self.baseline(spec)
+        perplexities = {}
+        for label, quantized in (("cached build", self.quantized(spec, quant_name, config)), ("rebuild", second)):
+            with dequantized_weights(quantized.model):
+                perplexities[label] = evaluate(quantized.model, tokenizer, task, items, range(limit)).metrics["perplexity"]
+        return rebuild, perplexities
 
     def compare(self, case: Case, metric: str | None = None, n: int | None = None) -> gate.Comparison:
         """Quantized vs baseline on the same first ``n`` items (None: the profile's n), with the paired statistics

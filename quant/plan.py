@@ -11,18 +11,19 @@ from pathlib import Path
 
 import torch
 
-from quant.config import ConfigError, QuantConfig
-from quant.data import DataError
+from quant.config import QuantConfig, UserError
+from quant.data import missing_files
 from quant.gate import detectable_drop, headline_metric, items_to_detect, sequential_design, threshold_of
 from quant.kernels import INT8_KERNELS, KERNEL_GROUP_SIZES, KERNELS
 from quant.kinds import kind_of
+from quant.kinds.harness import offline_problem
 from quant.matrix import Case, Matrix
-from quant.models import ModelUnavailable
 from quant.pipeline import Workbench
-from quant.backends import BackendUnavailable, get_backend
+from quant.backends import get_backend
 from quant.replicas import REPLICAS
 from quant.snapshots import hardware_class
 from quant.stores import look_sizes
+from quant.tasks import HARNESS
 
 
 @dataclasses.dataclass
@@ -156,10 +157,23 @@ def cached_spreads(workbench: Workbench, cases: list[Case]) -> dict[str, float]:
     for case in cases:
         try:
             cached = all(workbench.results.cached(case.model, case.task.name, q) for q in (None, case.quant_name))
-        except (ConfigError, DataError, ModelUnavailable, BackendUnavailable, OSError):
+        except (UserError, OSError):
             continue
         if cached:
             spread = workbench.compare(case).extra.get("spread")
             if spread is not None:
                 spreads[case.id] = spread
     return spreads
+
+
+def unreachable_inputs(cases: list[Case], data_dir: Path | None) -> list[str]:
+    """What keeps these cases from reading their inputs, one line each (empty when all is reachable): the data files
+    of the built-in tasks, an lm-eval task's data off the hub, and each model's weights."""
+    problems = missing_files(sorted({case.task.loader for case in cases if case.task.kind != HARNESS}), data_dir)
+    for task in {case.task.name: case.task for case in cases if case.task.kind == HARNESS}.values():
+        problems += [problem for problem in [offline_problem(task)] if problem]
+    for spec in dict.fromkeys(case.model for case in cases):
+        reason = spec.unavailable_reason()
+        if reason:
+            problems.append(reason)
+    return problems

@@ -51,6 +51,15 @@ class Quantized:
     # subprocess, or a cache entry written before this was recorded
     quantize_peak_bytes: int | None = None
 
+    def time_split(self) -> tuple[float, float, float] | None:
+        """Where a calibrated build's time went, as the in-house methods log it: the Hessians, quantizing and packing
+        the layers, and the rest (running the blocks over the calibration set); None for an uncalibrated one."""
+        if self.quantize_seconds is None or not self.calibration:
+            return None
+        hessians = sum(r.hessian_seconds or 0.0 for r in self.records)
+        layers = sum(r.seconds for r in self.records)
+        return hessians, layers, self.quantize_seconds - hessians - layers
+
     def layer_counts(self) -> dict[str, int]:
         """Layers quantized, and how many of them use a fallback group size (report, snapshot and CLI)."""
         return {"quantized_layers": sum(r.bits is not None for r in self.records),

@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quant.config import ConfigError, QuantConfig
+from quant.config import ConfigError, QuantConfig, UserError
 from quant.memory import PeakAboveHeld
 from quant.methods import LayerRecord
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """A backend's package is not installed (or does not import) here; the message says what to install."""
 
 

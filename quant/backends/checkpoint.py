@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from quant.config import UserError
 from quant.backends.base import BackendUnavailable, kernel_names, packed_layers, records_from_model
 from quant.methods.base import replace_module
 from quant.qlinear import QuantLinear
@@ -30,7 +31,7 @@ SCALES = ("scales", "weight_scale")
 CPU_WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be judged; the message names the file and what to fix or install."""
 
 
