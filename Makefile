@@ -13,7 +13,7 @@ PYTEST_ARGS ?= -m "not slow" --benchmark-skip --durations=15
 # Then the tests that compare different float-operation orders run again on a second CPU code path (AVX2 kernels,
 # one thread): an assumption of bit-identity that holds on one CPU's kernels fails here, not on a user's runner.
 # Its own inductor cache: torch 2.13's cache key leaves out ATEN_CPU_CAPABILITY, and code compiled for the default
-# ISA, served to an avx2 process, generated wrong tokens (tests/test_perf.py, 2026-12-03).
+# ISA, served to an avx2 process, generated wrong tokens (tests/integration/test_perf.py, 2026-12-03).
 SECOND_PATH_ENV ?= ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 \
 	TORCHINDUCTOR_CACHE_DIR=$(abspath .cache/inductor-second-path)
 SECOND_PATH_ARGS ?= -m "float_sensitive and not slow and not gpu" --benchmark-skip -p no:cacheprovider -q
@@ -23,7 +23,7 @@ SECOND_PATH_ARGS ?= -m "float_sensitive and not slow and not gpu" --benchmark-sk
 BENCH_ARGS ?= -m "not slow and not gpu"
 BENCH_THRESHOLD ?= 0.40
 
-.PHONY: report test setup clean-cache bench bench-compare history mutate llmcompressor-env
+.PHONY: report test unit setup clean-cache bench bench-compare history mutate llmcompressor-env
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ setup: $(VENV)/.installed
 
 report: setup
 	$(PY) -m quant report --profile report
+
+# The unit tier alone: no process started, nothing compiled, no model loaded from files (tests/unit/conftest.py
+# refuses them): the quick loop while working.
+unit: setup
+	$(PY) -m pytest tests/unit -m "not slow" --benchmark-skip -q
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

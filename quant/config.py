@@ -88,7 +88,7 @@ class QuantConfig:
     calib_seed: int = 0
     # Calibration samples per forward of a block (None: all at once). Bounds the peak memory of a block's
     # activations. The statistics sum sample by sample, so chunks change no sum's order; a block forward over fewer
-    # rows may still round differently on some kernels, so codes are equal up to rounding ties (tests/rounding.py).
+    # rows may still round differently on some kernels, so codes are equal up to rounding ties (tests/helpers/rounding.py).
     calib_chunk: int | None = None
     layer_overrides: tuple[tuple[str, Any], ...] = ()
     # The output projection stays in full precision unless lm_head_bits is set: then RTN puts it on its own grid

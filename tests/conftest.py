@@ -9,18 +9,12 @@ import torch
 
 from quant.config import DATA_DIR_ENV, data_dir
 from quant.replicas import REPLICAS, save_replica
+from tests.helpers import models
 
 
 @pytest.fixture
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    # hidden 96: group size 64 does not divide it (fallback to 32), 128 exceeds it (per-channel)
-    config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return models.tiny_llama()
 
 
 @pytest.fixture

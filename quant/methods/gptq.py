@@ -10,7 +10,7 @@ accumulates the Hessian of the next linears reached (those reading one input) an
 they are quantized on the last chunk, and a final pass gives the block's output. H sums the tokens sample by
 sample, so for the same inputs it has the same bits however the set is chunked. The inputs themselves come from
 block forwards over chunk-sized batches, which some matmul kernels round differently (AMX for bf16), so the codes
-are the unchunked ones up to rounding ties (tests/rounding.py says how close).
+are the unchunked ones up to rounding ties (tests/helpers/rounding.py says how close).
 """
 from __future__ import annotations
 
