@@ -175,16 +175,48 @@ class QuantConfig:
             raise ConfigError(f"{where}: {error}") from None
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"{line}: {key!r} is written twice (first on line {first}); YAML would keep the second "
+                         "silently: remove one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:  # its own keys: a merged mapping's (<<: *anchor) may be overridden here
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file's content; one ConfigError naming the file (and line) when it is missing, a folder, not YAML, or
+    names a key twice."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle) or {}
+            return yaml.load(handle, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as error:
+        raise ConfigError(f"{path}:{error}") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: a folder, where a YAML file is expected") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def check_profile(profiles: dict[str, Any], profile: str, path: Path, option: str = "--profile") -> None:
+    """Refuse a profile the matrix at ``path`` (its ``profiles``) does not define, naming the option that chose it."""
+    if profile not in profiles:
+        raise ConfigError(f"{option} {profile}: {path} has no such profile; its profiles: {', '.join(sorted(profiles))}")
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:

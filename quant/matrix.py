@@ -11,9 +11,12 @@ import jsonschema
 import yaml
 
 from quant import project
-from quant.config import ConfigError, QuantConfig, load_yaml
+from quant.config import ConfigError, QuantConfig, check_profile, load_yaml
 from quant.backends import get_backend
 from quant.models import ModelSpec, parse_models
+from quant.kinds import kind_of
+from quant.kinds.base import COMMON_OPTIONS
+from quant.kinds.perplexity import DIVERGENCE_METRICS
 from quant.tasks import TaskSpec, load_tasks
 
 # Each gate field's value where neither the matrix's defaults nor the case set it (the reference study's 4-bit
@@ -57,6 +60,10 @@ class Matrix:
             return self.profiles[profile][tier]
         except KeyError:
             raise ConfigError(f"{self.path}: no profiles.{profile}.{tier}; known profiles: {sorted(self.profiles)}") from None
+
+    def check_profile(self, profile: str, option: str = "--profile") -> None:
+        """Refuse a profile this matrix does not define, naming the option that chose it."""
+        check_profile(self.profiles, profile, self.path, option)
 
     def check_names(self, model: str, quants: list[str]) -> None:
         """Refuse a model or quant config name this matrix does not define, naming it and listing the known ones."""
@@ -194,6 +201,42 @@ def task_files(raw: Any, path: Path) -> list[Path]:
     return files
 
 
+def _check_profile_options(profiles: dict[str, Any], tasks: dict[str, TaskSpec], path: Path) -> None:
+    """Each task option a profile overrides is one its task's kind reads (a misspelt one would change nothing)."""
+    for profile, tiers in profiles.items():
+        for tier, limits in tiers.items():
+            for task_name, options in limits.get("options", {}).items():
+                where = ["profiles", profile, tier, "options", task_name]
+                if task_name not in tasks:
+                    raise ConfigError(f"{path}:{_line_of(path, where)}: {_dotted(where)}: no task {task_name!r}; "
+                                      f"known: {sorted(tasks)}")
+                kind = kind_of(tasks[task_name])
+                readable = kind.options | COMMON_OPTIONS
+                for field in sorted(set(options) - readable):
+                    raise ConfigError(f"{path}:{_line_of(path, [*where, field])}: {_dotted([*where, field])}: task "
+                                      f"{task_name!r} (kind {kind.name}) has no option {field!r}; it reads "
+                                      f"{sorted(readable)}")
+
+
+def _check_tolerances(raw: dict[str, Any], tasks: dict[str, TaskSpec], path: Path) -> None:
+    """Each metric a snapshot tolerance names is one that a task of the matrix reports: a misspelt one would leave
+    the metric it meant at its default tolerance. (Any task's: one anchored block of tolerances serves cases of
+    several tasks.) A quantized result holds its kind's metrics, and the divergences from the baseline where the
+    baseline runs beside the model."""
+    known = set()
+    for task in tasks.values():
+        kind = kind_of(task)
+        known |= set(kind.reported(task)) | (set(DIVERGENCE_METRICS) if kind.uses_reference else set())
+    entries = [(["defaults"], raw.get("defaults", {}))]
+    entries += [(["cases", number], entry) for number, entry in enumerate(raw.get("cases", []))]
+    for where, entry in entries:
+        for metric in entry.get("snapshot_tolerance", {}):
+            if metric not in known:
+                at = [*where, "snapshot_tolerance", metric]
+                raise ConfigError(f"{path}:{_line_of(path, at)}: {_dotted(at)}: no task of the matrix reports a "
+                                  f"metric {metric!r}; they report {sorted(known)}")
+
+
 def load_matrix(path: Path | None = None) -> Matrix:
     """The matrix at ``path``, by default the working folder's project's (quant.project), checked against
     matrix.schema.json; its tasks are the built-in ones and those of the task files it names."""
@@ -229,6 +272,8 @@ def load_matrix(path: Path | None = None) -> Matrix:
                     if case.id in cases:
                         raise ConfigError(f"{where}: case {case.id} is already defined by an earlier entry")
                     cases[case.id] = case
+    _check_profile_options(raw.get("profiles", {}), tasks, path)
+    _check_tolerances(raw, tasks, path)
     stale = sorted(set(measured) - set(cases))
     if stale:
         raise ConfigError(f"{path}: measured_tolerances.cases names no case of the matrix: {stale}; remove those "

@@ -114,6 +114,11 @@ def cache_dir() -> Path:
         where = "$XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "~/.cache"
         path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quant"
     path = path.expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{where} points at {path}, which is a file: the cache needs a folder")
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())  # what mkdir would start from
+    if not existing.is_dir():
+        raise ConfigError(f"{where} points at {path}, " + ("which" if existing == path else f"and {existing}")
+                          + " is a file: the cache needs a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where} points at {path}, and {existing} cannot be written by this user: name a folder "
+                          f"it can write ({CACHE_DIR_ENV})")
     return path

@@ -24,7 +24,7 @@ from filelock import FileLock
 from syrupy.data import Snapshot, SnapshotCollection
 from syrupy.extensions.base import AbstractSyrupyExtension
 
-from quant.config import DATA_DIR_ENV, ConfigError, data_dir
+from quant.config import DATA_DIR_ENV, ConfigError, check_profile, data_dir, load_yaml
 from quant.project import MATRIX_ENV, Project
 
 
@@ -248,6 +248,9 @@ def pytest_configure(config: pytest.Config) -> None:
         path = project.require_matrix(path)
         if not path.is_file():
             raise ConfigError(f"{path}: matrix file not found (named by --matrix, ${MATRIX_ENV} or [tool.quant])")
+        # the profile before any case is collected: its YAML alone (the library loads with the cases)
+        check_profile(load_yaml(path).get("profiles", {}), config.getoption("--profile"), path,
+                      f"--profile (or ${PROFILE_ENV})")
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     config.stash[MATRIX], config.stash[PROJECT] = path.resolve(), project

@@ -112,6 +112,9 @@ class RunSettings:
     device: str = "cpu"
     calib_samples: int | None = None  # overrides the profile's count (``quant quantize --calib-samples``)
 
+    def __post_init__(self) -> None:
+        self.matrix.check_profile(self.profile)
+
     def device_for(self, spec: ModelSpec) -> str:
         return "cpu" if spec.tier == "cpu" else self.device
 

@@ -62,22 +62,31 @@ def repack_compressed_tensors(model: nn.Module, folder: Path) -> nn.Module:
 def quantization_config(folder: Path) -> dict[str, Any]:
     """The checkpoint's quantization settings: config.json's ``quantization_config``, else quantize_config.json."""
     config_file = folder / "config.json"
+    if any(folder.glob("*.gguf")):
+        raise CheckpointError(f"{folder}: a GGUF file, which is not a checkpoint format `check` reads (transformers "
+                              "would dequantize it to float on load). It reads a transformers folder (config.json and "
+                              "*.safetensors) quantized as " + ", ".join(FORMATS) + "; llama.cpp's own tools judge "
+                              "a GGUF")
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (a transformers checkpoint folder has a config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_file}: not valid JSON ({error})") from None
+    config = _json_file(config_file)
     if "quantization_config" in config:
         return config["quantization_config"]
     for name in ("quantize_config.json", "quant_config.json"):
         if (folder / name).is_file():
-            return json.loads((folder / name).read_text())
-    if any(folder.glob("*.gguf")):
-        raise CheckpointError(f"{folder}: a GGUF file; transformers would dequantize it to float on load, so it "
-                              "cannot be judged as a quantized model here (llama.cpp's own tools can)")
+            return _json_file(folder / name)
     raise CheckpointError(f"{config_file}: no quantization_config (and no quantize_config.json): this folder "
                           "holds an unquantized model")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); re-export the checkpoint") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: a JSON object was expected, not {type(value).__name__}")
+    return value
 
 
 def detect_format(folder: Path) -> str:
