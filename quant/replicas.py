@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import transformers
+if TYPE_CHECKING:  # loaded when a replica is built: the study models' names are needed without them
+    import torch
+    import transformers
 
 # Small sizes: hidden 192 and intermediate 512 make group size 64 divide every input width and 128 divide only
 # some (192 falls back to g64), and every width tiles for the int4 kernels (multiples of 32).
@@ -31,6 +32,8 @@ class Replica:
     small: dict[str, Any]
 
     def config(self, vocab_size: int, small: bool) -> transformers.PretrainedConfig:
+        import transformers
+
         fields = {**self.full, **(self.small if small else {}), "vocab_size": vocab_size}
         return getattr(transformers, self.config_class)(**fields)
 
@@ -69,17 +72,22 @@ REPLICAS: dict[str, Replica] = {
 
 
 def build_replica(name: str, vocab_size: int, small: bool = False, seed: int = 0,
-                  dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
-    """A randomly initialised replica of the study model ``name`` (a key of REPLICAS), in eval mode."""
+                  dtype: torch.dtype | None = None) -> transformers.PreTrainedModel:
+    """A randomly initialised replica of the study model ``name`` (a key of REPLICAS), in eval mode (float32 unless
+    ``dtype`` says otherwise)."""
+    import torch
+    import transformers
+
     if name not in REPLICAS:
         raise ValueError(f"no replica of {name!r}; known: {sorted(REPLICAS)}")
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(REPLICAS[name].config(vocab_size, small), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(REPLICAS[name].config(vocab_size, small),
+                                                          dtype=dtype or torch.float32)
     return model.eval()
 
 
 def save_replica(name: str, tokenizer: Any, folder: Path, small: bool = False, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> Path:
+                 dtype: torch.dtype | None = None) -> Path:
     """Save a replica with its tokenizer the way a hub checkpoint is laid out, so that ``QUANT_MODEL_<NAME>``
     loads it exactly as it would load the real model's local copy."""
     model = build_replica(name, len(tokenizer), small, seed, dtype)

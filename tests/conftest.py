@@ -1,24 +1,25 @@
-"""Fixtures for unit tests: a tiny random LLaMA that quantizes in a second, a small tokenizer trained on the
-shared WikiText, and small replicas of the study's three models saved as hub checkpoints."""
+"""Fixtures of every tier: a tiny random LLaMA that quantizes in a second, the shared data, and a small tokenizer
+trained on the shared WikiText. (Imports that cost seconds are made by the fixtures that need them.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from quant.config import DATA_DIR_ENV, data_dir
-from quant.replicas import REPLICAS, save_replica
-from tests.helpers import models
 
 
 @pytest.fixture
 def tiny_llama():
-    return models.tiny_llama()
+    from tests.helpers.models import tiny_llama
+
+    return tiny_llama()
 
 
 @pytest.fixture
 def calibration_ids():
+    import torch
+
     return torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
 
 
@@ -45,10 +46,3 @@ def small_tokenizer(shared_data):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(text.splitlines(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="session", params=sorted(REPLICAS))
-def replica_folder(request, small_tokenizer, tmp_path_factory):
-    """(study model name, folder): a small random-weight replica saved with save_pretrained and its tokenizer."""
-    name = request.param
-    return name, save_replica(name, small_tokenizer, tmp_path_factory.mktemp(name), small=True)

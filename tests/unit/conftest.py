@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import multiprocessing.process
 import subprocess
+import sys
 
 import pytest
 import torch
-import transformers
+
+import quant.models
 
 
 def _refused(what: str):
@@ -33,5 +35,9 @@ def unit_tier(monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", _refused("starts a process"))
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refused("starts a process"))
     monkeypatch.setattr(torch, "compile", _stand_in_compiles_only(torch.compile))
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _refused("compiles"), raising=False)
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(_refused("loads a model")))
+    if "torch._inductor" in sys.modules:  # (touching it imports the compiler: seconds per test)
+        monkeypatch.setattr(sys.modules["torch._inductor"], "aoti_compile_and_package", _refused("compiles"))
+    monkeypatch.setattr(quant.models, "_from_pretrained", _refused("loads a model"))  # every model quant loads
+    if "transformers.modeling_utils" in sys.modules:  # (touching it imports transformers' models: seconds per test)
+        monkeypatch.setattr(sys.modules["transformers.modeling_utils"].PreTrainedModel, "from_pretrained",
+                            classmethod(_refused("loads a model")))

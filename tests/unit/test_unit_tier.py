@@ -4,6 +4,10 @@ import sys
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM  # loaded before the guard runs, as a test module's imports are
+
+import quant.models
+from quant.models import ModelSpec
 
 
 def test_a_process_is_refused():
@@ -18,7 +22,7 @@ def test_a_compiler_is_refused_and_a_stand_in_is_not():
 
 
 def test_loading_a_model_from_files_is_refused(tmp_path):
-    from transformers import LlamaForCausalLM
-
+    with pytest.raises(AssertionError, match="unit tier: this test loads a model"):
+        quant.models.load_model(ModelSpec("m", hf_id=str(tmp_path)))
     with pytest.raises(AssertionError, match="unit tier: this test loads a model"):
         LlamaForCausalLM.from_pretrained(tmp_path)
