@@ -217,9 +217,11 @@ class CandidateStore:
                           f"{f', {config.calib_chunk} samples per forward' if config.calib_chunk else ''}")
                        ) if calibrated else None
         folder = cached_dir("quantized", self.parts(spec, config), self._folder_writer(spec, config))
-        return self._load(spec, config, folder, calibration)
+        return self.load(spec, config, folder, calibration)
 
-    def _load(self, spec: ModelSpec, config: QuantConfig, folder: Path, calibration: str | None) -> Quantized:
+    def load(self, spec: ModelSpec, config: QuantConfig, folder: Path, calibration: str | None) -> Quantized:
+        """The model a built folder holds, on this run's device for ``spec`` (a folder built on another device
+        restores here: its key holds the device it was built on)."""
         records, seconds, peak = read_build(folder)
         model, kernel = get_backend(config.backend).load(self.models.baseline(spec)[0], folder, records,
                                                          self.settings.device_for(spec))
@@ -238,7 +240,7 @@ class CandidateStore:
             second = cached_dir("quantized", self.parts(spec, config), self._folder_writer(spec, config), root=Path(root))
             rebuild = compare_builds(first, second)
             differs = load_if_different and not rebuild.identical
-            return rebuild, self._load(spec, config, second, None) if differs else None
+            return rebuild, self.load(spec, config, second, None) if differs else None
 
     def _folder_writer(self, spec: ModelSpec, config: QuantConfig) -> Callable[[Path], None]:
         """What writes the config's candidate into a cache folder: its backend run on the baseline."""

@@ -56,7 +56,7 @@ def test_checkpoint_format_comes_from_its_config(tmp_path):
 
 @pytest.mark.parametrize("files, message", [
     ({}, r"config.json: missing"),
-    ({"config.json": "{"}, r"config.json: not valid JSON"),
+    ({"config.json": "{"}, r"config.json:1: not valid JSON"),
     ({"config.json": json.dumps({"model_type": "llama"})}, r"no quantization_config .* holds an unquantized model"),
     ({"config.json": json.dumps({"model_type": "llama"}), "model.Q4_0.gguf": ""}, r"GGUF .* dequantize it to float"),
     ({"config.json": json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}})},

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
+from quant.cache import key_of
 from quant.cli import main
 from quant.config import QuantConfig
 from quant.kernels import use_fast_kernels
@@ -162,7 +163,8 @@ def test_the_workbench_gates_a_replica_and_restores_it_onto_the_baselines_device
                                                                                 monkeypatch):
     """The pipeline a GPU runner runs, on the CPU: a GPU-tier case's baseline and GPTQ model evaluated by the real
     perplexity and choice evaluators and judged; then a second workbench whose device is ``meta`` restores the
-    cached model and serves it on the fast path, every tensor on that device."""
+    folder built on the CPU and serves it on the fast path, every tensor on that device. (It would build its own:
+    a quantized model's key holds the device it is built on.)"""
     spec, _, _ = replica
     monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path))
     matrix = load_matrix()
@@ -179,12 +181,15 @@ def test_the_workbench_gates_a_replica_and_restores_it_onto_the_baselines_device
     elsewhere = Workbench(matrix, "replica", shared_data, device="meta")
     baseline, _ = elsewhere.baseline(spec)
     baseline.tie_weights()  # (a move to meta unties them; a move to CUDA keeps them)
-    restored = elsewhere.quantized(spec, "gptq-w4g128", matrix.quant["gptq-w4g128"]).model
+    config = workbench.calibration_config(spec, matrix.quant["gptq-w4g128"])
+    built = tmp_path / "quantized" / key_of(workbench.candidates.parts(spec, config))
+    assert key_of(elsewhere.candidates.parts(spec, config)) != built.name
+    restored = elsewhere.candidates.load(spec, config, built, None).model
     assert any(isinstance(m, QuantLinear) for m in restored.modules())
     assert devices(restored) == {META}
     KernelCalls(monkeypatch)
-    served, kernel = elsewhere.runnable(spec, "gptq-w4g128")
-    assert devices(served) == {META} and kernel.startswith("fake meta kernel")
+    served = copy.deepcopy(restored)  # as Workbench.runnable serves a quantized model
+    assert devices(served) == {META} and use_fast_kernels(served).describe().startswith("fake meta kernel")
 
 
 def test_the_replica_command_saves_a_folder_the_matrix_model_loads(small_tokenizer, tmp_path, monkeypatch, capsys):
