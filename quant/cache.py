@@ -1,5 +1,6 @@
 """On-disk cache of expensive results (quantized models, evaluation records), each keyed by a hash of
-what decides its content: its inputs, the code that makes it (``code_of``) and the libraries' versions. Safe when several processes (pytest-xdist workers) want the same entry:
+what decides its content: its inputs, the code that makes it (``code_of``) and the libraries' versions. Safe when
+several processes (pytest-xdist workers) want the same entry:
 one builds it under a file lock while the others wait, and an entry appears only complete, by an atomic
 rename of a finished temporary folder, so an interrupted build leaves nothing behind that is read."""
 from __future__ import annotations
