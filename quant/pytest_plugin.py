@@ -309,11 +309,6 @@ def _matrix(config: pytest.Config) -> Any:
     return config.stash[LOADED]
 
 
-def _device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.fixture(scope="session")
 def matrix(request):
     return _matrix(request.config)
@@ -322,8 +317,9 @@ def matrix(request):
 @pytest.fixture(scope="session")
 def workbench(matrix, request):
     from quant.pipeline import Workbench
+    from quant.snapshots import local_device
     return Workbench(matrix, request.config.getoption("--profile"),
-                     data_dir(request.config.getoption("--data-dir")), _device())
+                     data_dir(request.config.getoption("--data-dir")), local_device())
 
 
 @pytest.fixture(scope="session")
@@ -449,7 +445,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip_slow)
-    if _device() != "cuda":
+    from quant.snapshots import local_device
+
+    if local_device() != "cuda":
         skip = pytest.mark.skip(reason="gpu tier: CUDA is not available on this machine (torch.cuda.is_available() is False)")
         for item in items:
             if "gpu" in item.keywords:
@@ -473,6 +471,7 @@ def print_plan(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The plan of the selected matrix cases (as python -m quant report --dry-run prints it), one per tier."""
     from quant import plan
     from quant.pipeline import Workbench
+    from quant.snapshots import local_device
 
     selected = [item.callspec.params["case"] for item in items if hasattr(item, "callspec")
                 and "case" in item.callspec.params and not any(m.name == "skip" and "slow" in m.kwargs.get(
@@ -480,7 +479,7 @@ def print_plan(config: pytest.Config, items: list[pytest.Item]) -> None:
     cases = list({case.id: case for case in selected}.values())
     write = config.pluginmanager.get_plugin("terminalreporter").write_line
     matrix, profile = _matrix(config), config.getoption("--profile")
-    workbench = Workbench(matrix, profile, data_dir(config.getoption("--data-dir")), _device())
+    workbench = Workbench(matrix, profile, data_dir(config.getoption("--data-dir")), local_device())
     for tier in ("cpu", "gpu"):
         own = [case for case in cases if case.model.tier == tier]
         if own:

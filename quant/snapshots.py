@@ -35,6 +35,11 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def local_device() -> str:
+    """Where GPU-tier models run on this machine: CUDA when torch sees it, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def hardware_class(device: str) -> str:
     """The snapshot folder for this machine: ``cpu``, or the GPU's model (``h100``, ``a100``, ``l4``...)."""
     if not device.startswith("cuda"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quant.commands.options import add_inputs, device
+from quant.commands.options import add_inputs
 
 HELP = ("judge a quantized checkpoint (GPTQ, AWQ, compressed-tensors folder) against its base model on the matrix's "
         "tasks and gates")
@@ -28,12 +28,13 @@ def run(args: argparse.Namespace) -> int:
     from quant.config import ConfigError, data_dir
     from quant.matrix import load_matrix
     from quant.pipeline import Workbench
+    from quant.snapshots import local_device
 
     if not args.candidate.is_dir():
         raise ConfigError(f"--candidate {args.candidate}: not a folder")
     tasks = args.tasks.split(",") if args.tasks else None
     matrix, cases = load_matrix(args.matrix).with_checkpoint(args.base, args.candidate, tasks, args.like)
-    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device())
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), local_device())
     workbench.quantized(cases[0].model, cases[0].quant_name, cases[0].quant)  # a broken checkpoint stops here
     result = report.build(workbench, cases, [], args.command_line)
     json_path, md_path = report.write(result, args.out / cases[0].quant_name)

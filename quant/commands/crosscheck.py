@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import json
 
-from quant.commands.options import add_inputs, device
+from quant.commands.options import add_inputs
 
 HELP = "score the same items with lm-evaluation-harness and compare item by item"
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from quant.matrix import load_matrix
     from quant.pipeline import Workbench
     from quant.qlinear import dequantized_weights
+    from quant.snapshots import local_device
     from quant.tasks import select_items
 
     if args.task not in LM_EVAL_TASKS:
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     matrix.check_names(args.model, [args.quant] if args.quant else [])
     folder = data_dir(args.data_dir)
-    workbench = Workbench(matrix, args.profile, folder, device())
+    workbench = Workbench(matrix, args.profile, folder, local_device())
     spec = matrix.models[args.model]
     task = workbench.task(spec, args.task)
     limit = args.limit if args.limit is not None else workbench.limits(spec).get(args.task)

@@ -32,9 +32,3 @@ def add_benchmark_storage(command: argparse.ArgumentParser) -> None:
     command.add_argument("--storage", type=Path, default=current().benchmarks,
                          help="pytest-benchmark storage folder (default: .benchmarks)")
 
-
-def device() -> str:
-    """Where GPU-tier models run here: CUDA when torch sees it, else the CPU."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from quant.commands.options import add_inputs, device
+from quant.commands.options import add_inputs
 
 HELP = ("time a model's baseline and quant configs side by side: decode eager and compiled, against this machine's "
         "memory roofline")
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from quant.matrix import load_matrix
     from quant.perf import memory_bandwidth
     from quant.pipeline import Workbench
+    from quant.snapshots import local_device
 
     if args.cpp_wrapper and args.compiled != "inductor":
         raise ConfigError(f"--cpp-wrapper is inductor's; it cannot go with --compiled {args.compiled}")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--compiled-prefill compiles with the --compiled backend; it cannot go with --compiled none")
     matrix = load_matrix(args.matrix)
     matrix.check_names(args.model, args.quant or [])
-    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device())
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), local_device())
     spec = matrix.models[args.model]
     variants = [v for v in report.timed_variants([c for c in matrix.cases if c.model is spec])
                 if args.quant is None or v[1] is None]

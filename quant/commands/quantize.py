@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from quant.commands.options import add_inputs, device
+from quant.commands.options import add_inputs
 from quant.config import CALIB_DTYPES
 
 HELP = "quantize one model with one matrix config and print its log"
@@ -29,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from quant.config import data_dir
     from quant.matrix import load_matrix
     from quant.pipeline import CALIBRATION_SOURCE, Workbench
+    from quant.snapshots import local_device
 
     matrix = load_matrix(args.matrix)
     matrix.check_names(args.model, [args.quant])
-    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device(), args.calib_samples)
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), local_device(), args.calib_samples)
     spec = matrix.models[args.model]
     config = matrix.quant[args.quant]
     if args.calib_dtype:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from quant.commands.options import add_inputs, device
+from quant.commands.options import add_inputs
 
 HELP = "evaluate the matrix and write the report"
 
@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from quant.matrix import load_matrix
     from quant.pipeline import Workbench
     from quant.project import current
-    from quant.snapshots import check_hardware, hardware_class
+    from quant.snapshots import check_hardware, hardware_class, local_device
 
     matrix = load_matrix(args.matrix)
-    here = device()
+    here = local_device()
     tier = args.tier or ("gpu" if here == "cuda" else "cpu")
     if args.hardware:
         check_hardware(args.hardware, hardware_class("cuda") if here == "cuda" else None)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from quant.commands.options import add_inputs, device
+from quant.commands.options import add_inputs
 
 HELP = ("quantize one linear at a time (RTN) and rank them by the KL divergence each causes; a heatmap and a "
         "mixed-precision config")
@@ -30,10 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from quant.matrix import load_matrix
     from quant.pipeline import Workbench
     from quant.sensitivity import heatmap, layer_sensitivity, mixed_precision_overrides
+    from quant.snapshots import local_device
 
     matrix = load_matrix(args.matrix)
     matrix.check_names(args.model, [args.quant])
-    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), device())
+    workbench = Workbench(matrix, args.profile, data_dir(args.data_dir), local_device())
     spec = matrix.models[args.model]
     windows = args.windows or workbench.limits(spec)["wikitext"]
     ranking = layer_sensitivity(workbench, spec, args.quant, windows)
